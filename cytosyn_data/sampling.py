@@ -1,0 +1,100 @@
+"""Tile budgets stratified by TCGA tissue-source-site (TSS) and per-slide selection.
+
+The global budget is split across TSS strata in proportion to their share of slides,
+then equally across the slides of a stratum, each capped at its candidate count; what
+a capped slide or stratum cannot take is handed on to the others (water filling).
+Within a slide, tiles are the first ``quota`` of a permutation drawn from a generator
+seeded by (global seed, stable hash of slide_id): adding a slide never changes which
+tiles another slide would pick for a given quota.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+NULL_STRATUM = "(none)"
+
+
+def stable_hash(text: str) -> int:
+    """A 63-bit hash of ``text`` that is the same on every machine and Python run."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
+
+
+def apportion(total: int, weights: np.ndarray, caps: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
+    """Split ``total`` integer units by ``weights``, each share capped at ``caps``.
+
+    Largest-remainder rounding (ties broken by ascending ``tiebreak``); the excess of
+    capped entries is redistributed over the uncapped ones until nothing is left or all
+    are full. Returns int64 shares with sum == min(total, caps.sum()).
+    """
+    weights = np.asarray(weights, dtype=np.float64)
+    caps = np.asarray(caps, dtype=np.int64)
+    tiebreak = np.asarray(tiebreak)
+    share = np.zeros(len(weights), dtype=np.int64)
+    remaining = int(min(total, caps.sum()))
+    while remaining > 0:
+        open_ = (share < caps) & (weights > 0)
+        if not open_.any():
+            open_ = share < caps
+            w = open_.astype(np.float64)
+        else:
+            w = np.where(open_, weights, 0.0)
+        exact = remaining * w / w.sum()
+        base = np.floor(exact).astype(np.int64)
+        left = remaining - int(base.sum())
+        if left:
+            frac = exact - base
+            order = np.lexsort((tiebreak, -frac))
+            order = order[open_[order]][:left]
+            base[order] += 1
+        add = np.minimum(base, caps - share)
+        share += add
+        remaining -= int(add.sum())
+    return share
+
+
+def allocate_quotas(
+    strata: list[str], n_candidates: np.ndarray, slide_ids: list[str], budget: int | None, seed: int
+) -> tuple[np.ndarray, dict[str, int]]:
+    """Per-slide tile quotas and per-stratum totals for a global ``budget``.
+
+    ``strata``: stratum of each slide (TSS or NULL_STRATUM); ``n_candidates``: per slide.
+    ``budget`` None takes every candidate.
+    """
+    n_candidates = np.asarray(n_candidates, dtype=np.int64)
+    if budget is None:
+        quotas = n_candidates.copy()
+    else:
+        names = sorted(set(strata))
+        idx = np.array([names.index(s) for s in strata], dtype=np.int64)
+        n_slides = np.bincount(idx, minlength=len(names)).astype(np.float64)
+        caps = np.bincount(idx, weights=n_candidates, minlength=len(names)).astype(np.int64)
+        tb = np.array([stable_hash(f"{seed}:{s}") for s in names], dtype=np.uint64)
+        per_stratum = apportion(budget, n_slides, caps, tb)
+        quotas = np.zeros(len(strata), dtype=np.int64)
+        for k in range(len(names)):
+            members = np.flatnonzero(idx == k)
+            tbs = np.array([stable_hash(f"{seed}:{slide_ids[i]}") for i in members], dtype=np.uint64)
+            quotas[members] = apportion(
+                int(per_stratum[k]), np.ones(len(members)), n_candidates[members], tbs
+            )
+    totals: dict[str, int] = {}
+    for s, q in zip(strata, quotas):
+        totals[s] = totals.get(s, 0) + int(q)
+    return quotas, dict(sorted(totals.items()))
+
+
+def select_tiles(slide_id: str, n_candidates: int, quota: int, seed: int) -> np.ndarray:
+    """Indices (into the slide's candidates, sorted ascending) of ``quota`` tiles, no replacement."""
+    if quota >= n_candidates:
+        return np.arange(n_candidates, dtype=np.int64)
+    rng = np.random.default_rng([seed, stable_hash(slide_id)])
+    return np.sort(rng.permutation(n_candidates)[:quota]).astype(np.int64)
+
+
+def shard_order(keys: list[str], seed: int) -> np.ndarray:
+    """A global shuffle of tile keys: sort by a keyed hash, so shards mix many slides."""
+    h = np.array([stable_hash(f"{seed}/{k}") for k in keys], dtype=np.uint64)
+    return np.lexsort((np.array(keys, dtype=object).astype(str), h))
