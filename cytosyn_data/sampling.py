@@ -25,33 +25,32 @@ def stable_hash(text: str) -> int:
 def apportion(total: int, weights: np.ndarray, caps: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
     """Split ``total`` integer units by ``weights``, each share capped at ``caps``.
 
-    Largest-remainder rounding (ties broken by ascending ``tiebreak``); the excess of
-    capped entries is redistributed over the uncapped ones until nothing is left or all
-    are full. Returns int64 shares with sum == min(total, caps.sum()).
+    Water filling: entries whose proportional share would exceed their cap take the cap
+    and the rest is shared over the others by weight; largest-remainder rounding, ties
+    broken by ascending ``tiebreak``. Returns int64 shares with sum == min(total, caps.sum()).
     """
     weights = np.asarray(weights, dtype=np.float64)
     caps = np.asarray(caps, dtype=np.int64)
     tiebreak = np.asarray(tiebreak)
-    share = np.zeros(len(weights), dtype=np.int64)
-    remaining = int(min(total, caps.sum()))
-    while remaining > 0:
-        open_ = (share < caps) & (weights > 0)
-        if not open_.any():
-            open_ = share < caps
-            w = open_.astype(np.float64)
-        else:
-            w = np.where(open_, weights, 0.0)
-        exact = remaining * w / w.sum()
-        base = np.floor(exact).astype(np.int64)
-        left = remaining - int(base.sum())
-        if left:
-            frac = exact - base
-            order = np.lexsort((tiebreak, -frac))
-            order = order[open_[order]][:left]
-            base[order] += 1
-        add = np.minimum(base, caps - share)
-        share += add
-        remaining -= int(add.sum())
+    total = int(min(total, caps.sum()))
+    if weights.sum() <= 0:
+        weights = np.ones_like(weights)
+    capped = np.zeros(len(weights), dtype=bool)
+    while True:  # water filling: entries whose exact share reaches their cap take the cap
+        free = ~capped & (weights > 0)
+        rest = total - int(caps[capped].sum())
+        exact = np.zeros(len(weights))
+        if free.any():
+            exact[free] = rest * weights[free] / weights[free].sum()
+        newly = free & (exact >= caps)
+        if not newly.any():
+            break
+        capped |= newly
+    share = np.where(capped, caps, np.floor(exact).astype(np.int64))
+    left = total - int(share.sum())
+    if left > 0:  # largest remainder, ties by ascending tiebreak
+        frac = np.where(capped, -1.0, exact - np.floor(exact))
+        share[np.lexsort((tiebreak, -frac))[:left]] += 1
     return share
 
 

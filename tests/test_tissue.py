@@ -1,0 +1,63 @@
+"""Tissue detection on the real H&E images with pen marks in ../shared/data/images."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cytosyn_data.tissue import TissueParams, pen_mask, tile_tissue_fractions, tissue_mask
+from cytosyn_data.tissue import _drop_small
+
+
+def load(images_dir, name):
+    return np.asarray(Image.open(images_dir / name).convert("RGB"))
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tcga-red-pen.png",
+        "tcga-green-pen.png",
+        "wsi-blue-pen.png",
+        "high-nuclei-score-red-pen-level1.png",
+        "medium-nuclei-score-green-pen-level1.png",
+        "no-tissue-red-pen.png",
+        "no-tissue-green-pen.png",
+    ],
+)
+def test_pen_marks_are_excluded(images_dir, name):
+    rgb = load(images_dir, name)
+    ink = _drop_small(pen_mask(rgb), TissueParams().min_pen_um2 / 64)
+    assert ink.sum() > 0.005 * ink.size, "the image holds a pen mark"
+    mask = tissue_mask(rgb, mpp=8.0)
+    assert not (mask & ink).any()
+
+
+@pytest.mark.parametrize("name", ["no-tissue.png", "no-tissue2.png", "almost-white-1.png", "no-tissue-line.png", "no-tissue-green-pen.png"])
+def test_empty_glass_lines_and_ink_are_not_tissue(images_dir, name):
+    assert tissue_mask(load(images_dir, name), mpp=8.0).mean() < 0.01
+
+
+def test_red_ink_without_tissue_is_mostly_removed(images_dir):
+    rgb = load(images_dir, "no-tissue-red-pen.png")
+    saturated = (np.asarray(Image.fromarray(rgb).convert("HSV"))[..., 1] > 25).mean()
+    assert saturated > 0.6
+    assert tissue_mask(rgb, mpp=8.0).mean() < 0.2  # only the faint halo of the stroke remains
+
+
+@pytest.mark.parametrize(
+    "name,low",
+    [("tcga-lung-rgb.png", 0.6), ("tissue-level0-7352-11762-7864-12274.png", 0.7), ("tcga-red-pen.png", 0.4)],
+)
+def test_tissue_is_found(images_dir, name, low):
+    assert tissue_mask(load(images_dir, name), mpp=8.0).mean() > low
+
+
+def test_tile_fractions_from_integral_image():
+    mask = np.zeros((100, 200), bool)
+    mask[:50, :100] = True  # level 0 is 2000 x 1000 -> 10 level-0 px per mask px
+    x = np.array([0, 500, 1000, 250])
+    y = np.array([0, 0, 0, 250])
+    f = tile_tissue_fractions(mask, x, y, 500.0, (2000, 1000))
+    np.testing.assert_allclose(f, [1.0, 1.0, 0.0, 0.5])
+    f = tile_tissue_fractions(mask, np.array([750]), np.array([250]), 500.0, (2000, 1000))
+    np.testing.assert_allclose(f, [0.25])
