@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import time
@@ -391,7 +392,8 @@ def _map(fn, items, workers: int, desc: str):
         for it in tqdm(items, desc=desc, unit="slide"):
             yield fn(*it)
         return
-    with ProcessPoolExecutor(max_workers=workers) as ex:
+    # spawn, not fork: forking a process that runs polars' thread pool can deadlock
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as ex:
         futs = [ex.submit(fn, *it) for it in items]
         for f in tqdm(futs, desc=desc, unit="slide"):
             yield f.result()

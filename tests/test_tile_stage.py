@@ -220,3 +220,11 @@ def test_kill_and_resume_is_byte_identical(tmp_path, cmu_slide, tcga_slide, kill
     b = pl.read_parquet(ref / "tiles.parquet")
     assert a.equals(b)
     assert not list((out / "shards").glob(".*tmp*"))
+
+
+def test_two_worker_processes_give_the_same_bytes(tmp_path, cmu_slide, tcga_slide):
+    slides = build_slide_table([_table(tmp_path, cmu_slide, tcga_slide, n=2)])
+    cfg = TileConfig(tiles=30, seed=2, shard_size=9)
+    run_tile(slides, tmp_path / "one", cfg, workers=1)
+    run_tile(slides, tmp_path / "two", cfg, workers=2)
+    assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two")
