@@ -1,0 +1,82 @@
+"""Command lines of the model package: ``cytosyn-train`` and ``cytosyn-sample``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    from cytosyn_data.config import load_stage_config
+
+    from .train import NaNLossError, TrainConfig, train
+
+    p = argparse.ArgumentParser(prog="cytosyn-train", description="REPA-E end-to-end training (use `accelerate launch` for several GPUs)")
+    p.add_argument("--shards", nargs="+", required=True, help="shard folder(s), .tar files or brace patterns")
+    p.add_argument("--config", type=Path, required=True, help="pipelines/train_*.yaml")
+    p.add_argument("--out", help="run folder (overrides the config)")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--resume", default="auto", help="'auto' (newest checkpoint in the run folder), a checkpoint folder, or 'none'")
+    args = p.parse_args(argv)
+    conf = load_stage_config(args.config, "train")
+    if args.out:
+        conf["out"] = args.out
+    if args.max_steps:
+        conf["max_steps"] = args.max_steps
+    cfg = TrainConfig.from_dict(conf)
+    try:
+        t = train(cfg, args.shards, resume=None if args.resume == "none" else args.resume)
+    except NaNLossError as exc:
+        print(f"cytosyn-train: stopped: {exc}", file=sys.stderr)
+        return 3
+    print(f"cytosyn-train: step {t.step}; checkpoints in {Path(cfg.out) / 'checkpoints'}, log {Path(cfg.out) / 'log.jsonl'}")
+    return 0
+
+
+def sample_main(argv: list[str] | None = None) -> int:
+    from .generate import Generator, conditions_for_mode, load_reference_features, write_outputs
+
+    p = argparse.ArgumentParser(prog="cytosyn-sample", description="Generate tiles from a cytosyn-train checkpoint")
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--mode", choices=["cond", "uncond", "variations", "interpolate"], default="cond")
+    p.add_argument("--ref-shards", nargs="*", help="shards of reference tiles (cls.npy, or computed with H0-mini)")
+    p.add_argument("--ref-keys", nargs="*", help="keys of the reference tiles (default: the first ones)")
+    p.add_argument("--h0-mini-weights", help="local H0-mini weights when the shards have no cls.npy")
+    p.add_argument("--h0-mini-tiny", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("-n", "--num", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sampler", choices=["sde", "euler", "heun"], default="sde")
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--cfg-scale", type=float, default=2.5)
+    p.add_argument("--guidance-low", type=float, default=0.0)
+    p.add_argument("--guidance-high", type=float, default=0.75)
+    p.add_argument("--interp-steps", type=int, default=8)
+    p.add_argument("--format", choices=["png", "shards"], default="png")
+    p.add_argument("--device")
+    args = p.parse_args(argv)
+    gen = Generator.from_checkpoint(args.checkpoint, args.device)
+    ref_keys, ref = [], None
+    if args.mode != "uncond":
+        if not args.ref_shards:
+            p.error(f"--mode {args.mode} needs --ref-shards")
+        need = {"cond": args.num, "variations": 1, "interpolate": 2}[args.mode]
+        ref_keys, ref = load_reference_features(args.ref_shards, args.ref_keys, args.h0_mini_weights, args.h0_mini_tiny,
+                                                limit=None if args.ref_keys else need)
+    cond = conditions_for_mode(args.mode, ref, args.num, args.interp_steps)
+    n = cond.shape[0] if cond is not None else args.num
+    images = gen.generate(cond, n, args.seed, args.batch_size, args.sampler, args.steps, args.cfg_scale,
+                          args.guidance_low, args.guidance_high)
+    if args.mode == "cond":
+        keys = [f"gen__{ref_keys[i % len(ref_keys)]}__s{args.seed}_{i}" for i in range(n)]
+    else:
+        keys = [f"gen__{args.mode}__s{args.seed}_{i:05d}" for i in range(n)]
+    write_outputs(images, keys, args.out, args.format)
+    print(f"cytosyn-sample: {n} tiles ({args.mode}, {args.sampler} {args.steps} steps, cfg {args.cfg_scale}) -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

@@ -1,0 +1,161 @@
+"""Generation from a trained checkpoint: conditions -> latents (sampler) -> tiles.
+
+Uses the EMA SiT, the EMA VAE and the EMA latent statistics. Sample i's noise depends only
+on (seed, i), so results do not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .grid import save_grid, to_uint8
+from .sampling import SAMPLERS, sit_velocity_fn
+from .sit import SiT, SiTConfig
+from .train import LatentNorm
+from .vae import AutoencoderKL, VAEConfig
+
+
+@dataclass
+class Generator:
+    sit: SiT
+    vae: AutoencoderKL
+    bn: LatentNorm
+    device: torch.device
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | None = None) -> "Generator":
+        """Load the EMA models of a `cytosyn-train` checkpoint folder (safetensors)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not (path / "models.safetensors").exists():
+            raise FileNotFoundError(f"{path}: not a cytosyn-train checkpoint (no models.safetensors)")
+        conf = json.loads((path / "state.json").read_text())["config"]
+        vcfg = VAEConfig(**{**conf["vae"], "ch_mult": tuple(conf["vae"].get("ch_mult", (1, 2, 4, 4)))})
+        scfg = SiTConfig(**conf["sit"])
+        sit, vae, bn = SiT(scfg), AutoencoderKL(vcfg), LatentNorm(vcfg.z_channels, conf["bn_momentum"], conf["bn_eps"])
+        tensors = load_file(str(path / "models.safetensors"))
+        for name, m in (("ema_sit", sit), ("ema_vae", vae), ("ema_bn", bn)):
+            sub = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
+            m.load_state_dict(sub)
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return cls(sit.eval().to(dev), vae.eval().to(dev), bn.eval().to(dev), dev)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        cond: torch.Tensor | None,
+        n: int,
+        seed: int = 0,
+        batch_size: int = 64,
+        sampler: str = "sde",
+        steps: int = 250,
+        cfg_scale: float = 2.5,
+        guidance_low: float = 0.0,
+        guidance_high: float = 0.75,
+        dtype: torch.dtype = torch.float32,
+    ) -> np.ndarray:
+        """``n`` tiles as uint8 [n, H, W, 3]; ``cond`` [n, D] (None: unconditional)."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; known: {sorted(SAMPLERS)}")
+        c, s = self.sit.cfg.in_channels, self.sit.cfg.input_size
+        fn = sit_velocity_fn(self.sit, dtype)
+        out = []
+        for start in range(0, n, batch_size):
+            idx = range(start, min(n, start + batch_size))
+            noise = torch.stack(
+                [torch.randn(c, s, s, generator=torch.Generator().manual_seed(seed * 1_000_003 + i)) for i in idx]
+            ).to(self.device)
+            y = cond[start : start + len(idx)].to(self.device) if cond is not None else None
+            kw = dict(steps=steps, cfg_scale=cfg_scale if y is not None else 1.0, guidance_low=guidance_low, guidance_high=guidance_high)
+            if sampler == "sde":  # per-sample path noise: results do not depend on the batch size
+                kw["generator"] = [torch.Generator().manual_seed(seed * 1_000_003 + i + 2**40) for i in idx]
+            z = SAMPLERS[sampler](fn, noise, y, **kw)
+            images = self.vae.decode(self.bn.denormalize(z.float()))
+            out.append(to_uint8(images))
+        return np.concatenate(out) if out else np.zeros((0, 8 * s, 8 * s, 3), np.uint8)
+
+
+def conditions_for_mode(mode: str, ref: torch.Tensor | None, n: int, steps_between: int = 8) -> torch.Tensor | None:
+    """Condition rows for a generation mode.
+
+    cond: one sample per reference row (``n`` rows, cycling); uncond: None; variations: the
+    first reference repeated ``n`` times; interpolate: ``steps_between`` points on the line
+    between the first two references.
+    """
+    if mode == "uncond":
+        return None
+    if ref is None or ref.shape[0] == 0:
+        raise ValueError(f"mode {mode!r} needs reference features")
+    if mode == "cond":
+        return ref[torch.arange(n) % ref.shape[0]]
+    if mode == "variations":
+        return ref[:1].expand(n, -1).clone()
+    if mode == "interpolate":
+        if ref.shape[0] < 2:
+            raise ValueError("mode 'interpolate' needs two reference tiles")
+        w = torch.linspace(0, 1, steps_between).view(-1, 1)
+        return (1 - w) * ref[0:1] + w * ref[1:2]
+    raise ValueError(f"unknown mode {mode!r}; known: cond, uncond, variations, interpolate")
+
+
+def write_outputs(images: np.ndarray, keys: list[str], out: Path, fmt: str = "png") -> None:
+    """PNG files ``{key}.png`` or one WebDataset shard, plus ``grid.png``."""
+    from cytosyn_data.png import encode_png
+    from cytosyn_data.shards import atomic_write_bytes, write_tar_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "png":
+        for key, img in zip(keys, images):
+            atomic_write_bytes(out / f"{key}.png", encode_png(img), durable=False)
+    elif fmt == "shards":
+        members = []
+        for key, img in zip(keys, images):
+            members += [(f"{key}.png", encode_png(img)), (f"{key}.json", json.dumps({"key": key}).encode())]
+        write_tar_atomic(out / "generated-000000.tar", members)
+    else:
+        raise ValueError(f"unknown output format {fmt!r}")
+    save_grid(images[:64], out / "grid.png")
+
+
+def load_reference_features(shards, keys: list[str] | None, h0_weights: str | None = None, tiny: bool = False,
+                            limit: int | None = None) -> tuple[list[str], torch.Tensor]:
+    """CLS features of reference tiles: the shards' ``cls.npy``, else computed with H0-mini."""
+    import webdataset as wds
+
+    from .data import shard_urls
+    from .h0mini import build_h0_mini, h0_mini_features
+
+    model = None
+    names, feats = [], []
+    for sample in wds.WebDataset(shard_urls(shards), shardshuffle=False):
+        if keys and sample["__key__"] not in keys:
+            continue
+        if "cls.npy" in sample:
+            f = torch.from_numpy(np.load(io.BytesIO(sample["cls.npy"])).astype(np.float32))
+        else:
+            if model is None:
+                if not (h0_weights or tiny):
+                    raise FileNotFoundError("reference shards have no cls.npy and no --h0-mini-weights was given")
+                model = build_h0_mini(h0_weights, tiny=tiny)
+            from cytosyn_data.png import decode_png
+
+            img = torch.from_numpy(decode_png(sample["png"]).copy()).permute(2, 0, 1)[None].float() / 255
+            f = h0_mini_features(model, img)[0][0]
+        names.append(sample["__key__"])
+        feats.append(f)
+        if limit and len(names) >= limit:
+            break
+    if keys:
+        missing = sorted(set(keys) - set(names))
+        if missing:
+            raise KeyError(f"reference keys not found in the shards: {missing[:5]}")
+        order = [names.index(k) for k in keys]
+        names, feats = [names[i] for i in order], [feats[i] for i in order]
+    return names, torch.stack(feats) if feats else torch.zeros(0)

@@ -1,0 +1,168 @@
+"""Model package: gradient flow of REPA-E, a CPU smoke run with exact resume, sampling."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from cytosyn_model.checkpoint import load_into, map_state_dict
+from cytosyn_model.cli import sample_main, train_main
+from cytosyn_model.data import make_loader
+from cytosyn_model.h0mini import build_h0_mini, resize_tokens
+from cytosyn_model.losses import LPIPS
+from cytosyn_model.train import NaNLossError, TrainConfig, Trainer, train
+from cytosyn_model.vae import AutoencoderKL, VAEConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_conf(out: Path, **over) -> TrainConfig:
+    d = yaml.safe_load((ROOT / "pipelines" / "train_tiny.yaml").read_text())["train"]
+    d.update(out=str(out), **over)
+    return TrainConfig.from_dict(d)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, cmu_slide, tcga_slide):
+    from cytosyn_data.cli import main
+
+    out = tmp_path_factory.mktemp("tiles")
+    table = out / "slides.csv"
+    table.write_text(f"path,mpp\n{cmu_slide},\n{tcga_slide},0.25\n")
+    assert main(["tile", "--slides", str(table), "--out", str(out), "--tiles", "64", "--shard-size", "16"]) == 0
+    return out / "shards"
+
+
+def _batch(shards, n=4):
+    return next(iter(make_loader(shards, n, seed=0, shuffle_buffer=1)))
+
+
+def _grads(module):
+    return [p.grad for p in module.parameters()]
+
+
+def test_gradient_flow_of_the_three_passes(tmp_path, shards):
+    tr = Trainer(tiny_conf(tmp_path, gan_start_step=0))
+    batch = _batch(shards)
+    x = batch["image"]
+    cls, tok = tr._features(batch)
+    rec, post, z = tr.vae(x)
+    t = torch.rand(4)
+    noise = torch.randn_like(z)
+    drop = torch.zeros(4, dtype=torch.bool)
+
+    # the SiT loss gives no gradient to the VAE
+    tr.sit_losses(z, noise, t, cls, tok, drop)["sit_total"].backward(retain_graph=True)
+    assert all(g is None for g in _grads(tr.vae))
+    assert any(g is not None and g.abs().sum() > 0 for g in _grads(tr.sit))
+    tr.sit.zero_grad(set_to_none=True)
+
+    # the VAE step (SiT frozen as in train_step) gives none to the SiT ...
+    for p in tr.sit.parameters():
+        p.requires_grad_(False)
+    for p in tr.disc.parameters():
+        p.requires_grad_(False)
+    losses = tr.vae_losses(x, rec, post, z, noise, t, cls, tok, drop, gan_on=True)
+    losses["vae_total"].backward(retain_graph=True)
+    assert all(g is None for g in _grads(tr.sit)) and all(g is None for g in _grads(tr.disc))
+    # ... and the alignment loss alone reaches the VAE encoder (not the decoder)
+    tr.vae.zero_grad(set_to_none=True)
+    losses["align_vae"].backward()
+    enc = [g for g in _grads(tr.vae.encoder) if g is not None]
+    assert enc and sum(float(g.abs().sum()) for g in enc) > 0
+    assert all(g is None for g in _grads(tr.vae.decoder))
+
+
+def test_smoke_training_losses_fall_resume_is_exact_and_samples_are_written(tmp_path, shards):
+    conf = dict(max_steps=20, lr=1e-3, log_every=1, ckpt_every=10, sample_every=10, gan_start_step=8)
+    full = train(tiny_conf(tmp_path / "full", **conf), shards)
+    log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 21))
+    first, last = log[:5], log[-5:]
+    for term in ("l1", "denoise"):
+        assert np.mean([r[term] for r in last]) < np.mean([r[term] for r in first]), term
+    assert "gan_d" in log[-1] and "gan_d" not in log[0]
+    assert (tmp_path / "full" / "samples" / "step_0000020.png").exists()
+    assert full.step == 20
+
+    # stopped after step 10 (its checkpoint), resumed: step 11 on has identical losses
+    part = tiny_conf(tmp_path / "part", **conf)
+    train(part, shards, stop_after=10)
+    train(part, shards)  # resume='auto' finds step_0000010
+    resumed = [json.loads(line) for line in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in resumed] == list(range(1, 21))
+    for a, b in zip(log[10:], resumed[10:]):
+        for k in ("l1", "kl", "denoise", "align_sit", "gan_d", "grad_norm_sit"):
+            assert a[k] == b[k], (a["step"], k)
+
+
+def test_nan_loss_stops_with_the_step_and_term(tmp_path, shards):
+    tr = Trainer(tiny_conf(tmp_path))
+    batch = _batch(shards)
+    batch["image"] = batch["image"].clone()
+    batch["image"][0, 0, 0, 0] = float("nan")
+    batch["cls"], batch["tok"] = tr._features(_batch(shards))
+    with pytest.raises(NaNLossError, match=r"step 1: loss term 'l1' is nan"):
+        tr.train_step(batch)
+
+
+def test_cli_train_then_sample_all_modes(tmp_path, shards):
+    cfg = tmp_path / "c.yaml"
+    d = yaml.safe_load((ROOT / "pipelines" / "train_tiny.yaml").read_text())
+    d["train"].update(max_steps=3, ckpt_every=3, sample_every=3)
+    cfg.write_text(yaml.safe_dump(d))
+    assert train_main(["--shards", str(shards), "--config", str(cfg), "--out", str(tmp_path / "run")]) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "step_0000003"
+    common = ["--checkpoint", str(ckpt), "--ref-shards", str(shards), "--h0-mini-tiny", "--steps", "4", "--batch-size", "3"]
+    assert sample_main(common + ["--out", str(tmp_path / "c"), "--mode", "cond", "-n", "5", "--sampler", "sde"]) == 0
+    pngs = sorted((tmp_path / "c").glob("gen__*.png"))
+    assert len(pngs) == 5 and (tmp_path / "c" / "grid.png").exists()
+    from PIL import Image
+
+    assert Image.open(pngs[0]).size == (224, 224)
+    assert sample_main(common + ["--out", str(tmp_path / "i"), "--mode", "interpolate", "--interp-steps", "4", "--sampler", "heun"]) == 0
+    assert len(list((tmp_path / "i").glob("gen__*.png"))) == 4
+    assert sample_main(common + ["--out", str(tmp_path / "v"), "--mode", "variations", "-n", "3", "--format", "shards"]) == 0
+    assert (tmp_path / "v" / "generated-000000.tar").exists()
+    assert sample_main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "u"), "--mode", "uncond", "-n", "2", "--steps", "3", "--sampler", "euler"]) == 0
+    # the batch size does not change the samples
+    assert sample_main(common + ["--out", str(tmp_path / "c2"), "--mode", "cond", "-n", "5", "--sampler", "sde", "--batch-size", "5"]) == 0
+    for p in pngs:
+        assert p.read_bytes() == (tmp_path / "c2" / p.name).read_bytes()
+
+
+def test_repa_e_style_checkpoints_load(tmp_path):
+    vae = AutoencoderKL(VAEConfig(ch=16, ch_mult=(1, 1, 2, 2), num_res_blocks=1))
+    wrapped = {"state_dict": {f"module.vae.{k}": v.clone() for k, v in vae.state_dict().items()}}
+    torch.save(wrapped, tmp_path / "e2e.pt")
+    fresh = AutoencoderKL(VAEConfig(ch=16, ch_mult=(1, 1, 2, 2), num_res_blocks=1))
+    load_into(fresh, tmp_path / "e2e.pt", "vae", prefix="vae.")
+    for k, v in vae.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v)
+    assert map_state_dict({"ema._orig_mod.blocks.0.w": torch.zeros(1)}) .keys() == {"blocks.0.w"}
+    with pytest.raises(FileNotFoundError, match="vae: weights file not found at"):
+        load_into(fresh, tmp_path / "missing.safetensors", "vae")
+
+
+def test_lpips_module_and_missing_weights_message():
+    with pytest.raises(FileNotFoundError, match="lpips_weight: 0"):
+        LPIPS(None, None)
+    lp = LPIPS(random_init=True)
+    a = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert torch.allclose(lp(a, a), torch.zeros(2))
+    assert (lp(a, a.flip(-1)) > 0).all()
+
+
+def test_h0_mini_tokens_and_missing_weights():
+    with pytest.raises(FileNotFoundError, match="H0-mini: weights file not found"):
+        build_h0_mini("/nonexistent/h0-mini.safetensors")
+    tok = torch.randn(2, 256, 8)
+    grid = tok.transpose(1, 2).reshape(2, 8, 16, 16)
+    ref = F.interpolate(grid, size=(14, 14), mode="bicubic", antialias=True).reshape(2, 8, 196).transpose(1, 2)
+    assert torch.equal(resize_tokens(tok), ref)
