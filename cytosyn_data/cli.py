@@ -78,12 +78,146 @@ def cmd_merge(args) -> int:
     return 0
 
 
+def _add_curate(sub) -> None:
+    p = sub.add_parser("curate", help="artifact scoring: frozen iBOT ViT-S + 5-fold linear probe")
+    cs = p.add_subparsers(dest="curate_cmd", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--run", required=True, type=Path, help="tile run folder (shards/, tiles.parquet)")
+    common.add_argument("--backbone-weights", help="local iBOT/DINO ViT-S/16 checkpoint")
+    common.add_argument("--tiny-backbone", action="store_true", help=argparse.SUPPRESS)
+    common.add_argument("--mean-patch", action="store_true", help="concatenate the mean patch token to CLS")
+    common.add_argument("--device")
+    f = cs.add_parser("fit", parents=[common], help="grouped stratified 5-fold CV of the linear probe")
+    f.add_argument("--annotations", required=True, type=Path, help="CSV/parquet with key, label")
+    f.add_argument("--seed", type=int, default=0)
+    a = cs.add_parser("apply", parents=[common], help="score every tile with the mean of the 5 probes")
+    a.add_argument("--threshold", type=float, default=0.5)
+    s = cs.add_parser("sheet", help="contact sheets with keys for labelling")
+    s.add_argument("--run", required=True, type=Path)
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--seed", type=int, default=0)
+    w = cs.add_parser("weak-labels", help="starting labels from pixel checks (pen, background, blur)")
+    w.add_argument("--run", required=True, type=Path)
+    w.add_argument("--out", required=True, type=Path)
+
+
+def cmd_curate(args) -> int:
+    import numpy as np
+    import polars as pl
+
+    from . import curate as C
+
+    work = args.run / "curate"
+    if args.curate_cmd in ("fit", "apply"):
+        keys, x = C.compute_features(args.run / "shards", work, args.backbone_weights, args.tiny_backbone,
+                                     args.mean_patch, args.device)
+    if args.curate_cmd == "fit":
+        ann = C.read_annotations(args.annotations)
+        pos = {k: i for i, k in enumerate(keys)}
+        missing = [k for k in ann["key"] if k not in pos]
+        if missing:
+            print(f"error: {len(missing)} annotated keys are not in the shards, e.g. {missing[:3]}", file=sys.stderr)
+            return 2
+        rows = np.array([pos[k] for k in ann["key"]])
+        res = C.fit_probes(x[rows], ann["is_artifact"].to_numpy(), C.slide_of(ann["key"]), args.seed)
+        C.save_probes(work / "probes.npz", res["probes"])
+        m = pl.DataFrame(res["metrics"])
+        m.write_csv(work / "cv_metrics.csv")
+        print(m)
+        print(f"mean AUC {m['auc'].mean():.3f}, mean balanced accuracy {m['balanced_accuracy'].mean():.3f}")
+        return 0
+    if args.curate_cmd == "apply":
+        cur = C.apply_probes(keys, x, C.load_probes(work / "probes.npz"), args.threshold)
+        cur.write_parquet(args.run / "curation.parquet")
+        tiles = pl.read_parquet(args.run / "tiles.parquet") if (args.run / "tiles.parquet").exists() else None
+        rep = C.removal_report(cur, tiles)
+        top = cur.sort("artifact_prob", descending=True).head(64)
+        pngs = C.pngs_for(args.run / "shards", top["key"].to_list())
+        C.contact_sheet([pngs[k] for k in top["key"]], [f"{p:.2f} {k}" for k, p in zip(top["key"], top["artifact_prob"])],
+                        work / "top_artifacts.png")
+        text = ["# curation report", "", f"- tiles scored: {cur.height}; removed (mean of 5 fold probabilities >= "
+                f"{args.threshold}): {int((~cur['keep']).sum())}", "", "| tss | slide_type | tiles | removed | fraction |",
+                "|---|---|---|---|---|"]
+        text += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.3f} |" for r in rep.iter_rows()]
+        (work / "report.md").write_text("\n".join(text) + "\n")
+        print("\n".join(text))
+        return 0
+    if args.curate_cmd == "sheet":
+        tiles = pl.read_parquet(args.run / "tiles.parquet").sample(min(args.n, 10**9), seed=args.seed, shuffle=True)
+        keys = tiles["key"].to_list()[: args.n]
+        pngs = C.pngs_for(args.run / "shards", keys)
+        out = C.contact_sheet([pngs[k] for k in keys], keys, work / f"sheet_seed{args.seed}.png")
+        pl.DataFrame({"key": keys, "label": [""] * len(keys)}).write_csv(work / f"sheet_seed{args.seed}.csv")
+        print(f"contact sheet {out} and a label template {work / f'sheet_seed{args.seed}.csv'}")
+        return 0
+    if args.curate_cmd == "weak-labels":
+        import webdataset as wds
+
+        from .png import decode_png
+
+        urls = sorted(str(p) for p in (args.run / "shards").glob("*.tar"))
+        rows = [(s["__key__"], C.weak_label(decode_png(s["png"]))) for s in wds.WebDataset(urls, shardshuffle=False)]
+        pl.DataFrame(rows, schema=["key", "label"], orient="row").write_csv(args.out)
+        print(f"weak labels for {len(rows)} tiles -> {args.out} (a starting point: review before fitting)")
+        return 0
+    return 2
+
+
+def _add_split(sub) -> None:
+    p = sub.add_parser("split", help="train / val_in / val_out / guidance, split shards and leakage audit")
+    p.add_argument("--run", required=True, type=Path, help="tile run folder")
+    p.add_argument("--out", type=Path, help="default: RUN/splits")
+    p.add_argument("--curation", type=Path, help="default: RUN/curation.parquet when present")
+    p.add_argument("--val-out-fraction", type=float, default=0.1)
+    p.add_argument("--val-in-fraction", type=float, default=0.02)
+    p.add_argument("--guidance-tiles", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-size", type=int, default=10_000)
+    p.add_argument("--jpeg-quality", type=int, help="also write JPEG copies (ablation), e.g. 70")
+    p.add_argument("--expand-px", type=int, default=0, help="also write tiles expanded by this many px per side (16)")
+
+
+def cmd_split(args) -> int:
+    from .split import SplitConfig, run_split
+
+    cfg = SplitConfig(args.val_out_fraction, args.val_in_fraction, args.guidance_tiles, args.seed, args.shard_size,
+                      args.jpeg_quality, args.expand_px)
+    res = run_split(args.run, args.out, cfg, args.curation)
+    print(res["sizes"])
+    print(f"split shards: {res['counts']}; audit: {'OK' if res['ok'] else 'LEAKAGE'}")
+    return 0 if res["ok"] else 1
+
+
+def _add_features(sub) -> None:
+    p = sub.add_parser("features", help="H0-mini CLS and 14x14 tokens into the shards (cls.npy, tok.npy)")
+    p.add_argument("--shards", required=True, type=Path, help="folder of shards (rewritten in place, atomically)")
+    p.add_argument("--h0-mini-weights", help="local H0-mini weights (safetensors or torch)")
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device")
+
+
+def cmd_features(args) -> int:
+    import os
+
+    from .features import add_features
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    res = add_features(args.shards, args.h0_mini_weights, args.tiny, args.batch_size, args.device, rank, world)
+    print(f"features: {res.shards_done} shard(s) written, {res.shards_skipped} already done, {res.tiles} tiles, "
+          f"{res.tiles / res.seconds if res.seconds > 0 and res.tiles else 0:.1f} tiles/s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cytosyn-data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_tile(sub)
     m = sub.add_parser("merge", help="join the part tables of a run split with --num-shards")
     m.add_argument("--out", required=True, type=Path)
+    _add_curate(sub)
+    _add_split(sub)
+    _add_features(sub)
     return parser
 
 
@@ -93,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_tile(args)
     if args.command == "merge":
         return cmd_merge(args)
-    return args.func(args)
+    return {"curate": cmd_curate, "split": cmd_split, "features": cmd_features}[args.command](args)
 
 
 if __name__ == "__main__":

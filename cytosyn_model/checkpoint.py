@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-_WRAPPER_KEYS = ("state_dict", "ema", "model", "module")
+_WRAPPER_KEYS = ("state_dict", "ema", "teacher", "model", "module")
 _PREFIXES = ("module.", "_orig_mod.", "model.", "ema.", "net.")
 
 

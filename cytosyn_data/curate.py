@@ -1,0 +1,266 @@
+"""`cytosyn-data curate`: artifact scoring with a frozen iBOT ViT-S/16 and a 5-fold linear probe.
+
+- features: CLS (optionally concatenated with the mean patch token) of a frozen ViT-S/16
+  (timm ``vit_small_patch16_224``, weights from a local iBOT/DINO checkpoint), cached per shard
+  folder in ``curate/features.npy`` + ``curate/features_keys.parquet`` with the backbone identity.
+- fit: 5-fold cross-validation of a scikit-learn logistic regression (standardised features),
+  folds grouped by slide (no slide in two folds) and stratified by label; per-fold and mean AUC
+  and balanced accuracy; the 5 fitted probes saved as plain arrays (``probes.npz``, no pickle).
+- apply: artifact probability = mean of the 5 fold probabilities; ``curation.parquet`` with the
+  per-fold probabilities, the mean, ``keep`` and the threshold; a report of the removed fraction per
+  TSS and slide type; a contact sheet of the highest-scored tiles.
+- sheet / weak-labels: contact sheets with keys for labelling, and weak labels from pixel checks
+  (pen ink, background, blur) as a documented starting point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+
+from .png import decode_png, encode_png
+from .shards import atomic_write_bytes
+
+IBOT_MEAN = (0.485, 0.456, 0.406)
+IBOT_STD = (0.229, 0.224, 0.225)
+N_FOLDS = 5
+
+
+# ------------------------------------------------------------------ backbone
+def map_ibot_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """iBOT / DINO checkpoints -> timm ViT keys: drop wrappers (teacher/student/backbone/module) and heads."""
+    out = {}
+    for k, v in state.items():
+        for p in ("module.", "backbone.", "teacher.", "student.", "encoder."):
+            if k.startswith(p):
+                k = k[len(p):]
+        if k.startswith(("head", "heads.", "fc.")) or "last_layer" in k or k.startswith("mask"):
+            continue
+        out[k] = v
+    return out
+
+
+def build_backbone(weights: str | Path | None = None, tiny: bool = False) -> torch.nn.Module:
+    """Frozen ViT-S/16 (384-d); ``tiny`` is a 2-block random model for tests only."""
+    import timm
+
+    kwargs = dict(pretrained=False, num_classes=0, img_size=224)
+    if tiny:
+        kwargs.update(embed_dim=48, depth=2, num_heads=3)
+    if not tiny and weights is None:
+        raise FileNotFoundError("curate: no backbone weights given (--backbone-weights, a local iBOT ViT-S/16 checkpoint)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = timm.create_model("vit_small_patch16_224", **kwargs)
+    if weights is not None:
+        from cytosyn_model.checkpoint import load_state_dict
+
+        raw = load_state_dict(weights, "iBOT ViT-S/16")  # unwraps teacher / state_dict / model
+        res = model.load_state_dict(map_ibot_keys(raw), strict=False)
+        if res.missing_keys:
+            raise ValueError(f"{weights}: not a ViT-S/16 checkpoint (missing {res.missing_keys[:4]})")
+    return model.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def tile_features(model, pngs: list[bytes], mean_patch: bool = False, device="cpu", batch_size: int = 128) -> np.ndarray:
+    """float32 [N, D] (or [N, 2D] with the mean patch token) for PNG tiles."""
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    mean = torch.tensor(IBOT_MEAN, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(IBOT_STD, device=dev).view(1, 3, 1, 1)
+    outs = []
+    for i in range(0, len(pngs), batch_size):
+        x = torch.from_numpy(np.stack([decode_png(p) for p in pngs[i : i + batch_size]])).to(dev)
+        x = (x.permute(0, 3, 1, 2).float() / 255 - mean) / std
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            tokens = model.forward_features(x)
+        f = tokens[:, 0]
+        if mean_patch:
+            f = torch.cat([f, tokens[:, model.num_prefix_tokens:].mean(1)], dim=-1)
+        outs.append(f.float().cpu().numpy())
+    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+
+def compute_features(shard_dir: Path, out_dir: Path, weights=None, tiny=False, mean_patch=False, device=None,
+                     batch_size: int = 128) -> tuple[list[str], np.ndarray]:
+    """Features of every tile in the shards, cached in ``out_dir`` (reused when the backbone matches)."""
+    import webdataset as wds
+
+    ident = "tiny" if tiny else hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
+    ident += "+meanpatch" if mean_patch else ""
+    meta_path = out_dir / "features.json"
+    if meta_path.exists() and json.loads(meta_path.read_text()).get("backbone") == ident:
+        keys = pl.read_parquet(out_dir / "features_keys.parquet")["key"].to_list()
+        return keys, np.load(out_dir / "features.npy")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_backbone(weights, tiny).to(device)
+    urls = sorted(str(p) for p in Path(shard_dir).glob("*.tar"))
+    if not urls:
+        raise FileNotFoundError(f"{shard_dir}: no .tar shards")
+    keys, feats, buf_k, buf_p = [], [], [], []
+    for sample in tqdm(wds.WebDataset(urls, shardshuffle=False), desc="curate features", unit="tile"):
+        buf_k.append(sample["__key__"])
+        buf_p.append(sample["png"])
+        if len(buf_p) == batch_size:
+            feats.append(tile_features(model, buf_p, mean_patch, device, batch_size))
+            keys += buf_k
+            buf_k, buf_p = [], []
+    if buf_p:
+        feats.append(tile_features(model, buf_p, mean_patch, device, batch_size))
+        keys += buf_k
+    x = np.concatenate(feats).astype(np.float32)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.save(buf, x)
+    atomic_write_bytes(out_dir / "features.npy", buf.getvalue())
+    pl.DataFrame({"key": keys}).write_parquet(out_dir / "features_keys.parquet")
+    atomic_write_bytes(meta_path, json.dumps({"backbone": ident, "n": len(keys)}).encode())
+    return keys, x
+
+
+# ----------------------------------------------------------------------- fit
+def read_annotations(path: str | Path) -> pl.DataFrame:
+    """key, label (usable / artifact / an artifact class), with is_artifact = label != usable."""
+    path = Path(path)
+    df = pl.read_csv(path) if path.suffix == ".csv" else pl.read_parquet(path)
+    if not {"key", "label"} <= set(df.columns):
+        raise ValueError(f"{path}: annotations need columns key and label (have {df.columns})")
+    return df.select("key", pl.col("label").cast(pl.String)).with_columns(is_artifact=pl.col("label") != "usable")
+
+
+def slide_of(keys) -> list[str]:
+    return [k.split("__")[0] for k in keys]
+
+
+def fit_probes(x: np.ndarray, y: np.ndarray, groups: list[str], seed: int = 0, c: float = 1.0) -> dict:
+    """Grouped, stratified 5-fold CV of a standardised logistic regression.
+
+    Returns fold assignments, per-fold AUC / balanced accuracy on the held-out fold, and the
+    5 probes as arrays (mean, scale, coef, intercept).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+    from sklearn.model_selection import StratifiedGroupKFold
+    from sklearn.preprocessing import StandardScaler
+
+    cv = StratifiedGroupKFold(n_splits=N_FOLDS, shuffle=True, random_state=seed)
+    fold_of = np.full(len(y), -1)
+    probes, metrics = [], []
+    for f, (tr, te) in enumerate(cv.split(x, y, groups)):
+        fold_of[te] = f
+        if len(set(y[tr])) < 2:
+            raise ValueError(f"fold {f}: its training part holds one class only; annotate more slides")
+        scaler = StandardScaler().fit(x[tr])
+        clf = LogisticRegression(C=c, max_iter=2000, class_weight="balanced").fit(scaler.transform(x[tr]), y[tr])
+        p = clf.predict_proba(scaler.transform(x[te]))[:, 1]
+        auc = roc_auc_score(y[te], p) if len(set(y[te])) == 2 else float("nan")
+        bacc = balanced_accuracy_score(y[te], p >= 0.5)
+        metrics.append({"fold": f, "n_test": int(len(te)), "auc": float(auc), "balanced_accuracy": float(bacc)})
+        probes.append((scaler.mean_, scaler.scale_, clf.coef_[0], clf.intercept_[0]))
+    return {"fold_of": fold_of, "metrics": metrics, "probes": probes}
+
+
+def save_probes(path: Path, probes: list) -> None:
+    arrays = {}
+    for i, (m, s, w, b) in enumerate(probes):
+        arrays.update({f"mean{i}": m, f"scale{i}": s, f"coef{i}": w, f"intercept{i}": np.array([b])})
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_probes(path: Path) -> list:
+    z = np.load(path, allow_pickle=False)
+    n = len([k for k in z.files if k.startswith("coef")])
+    return [(z[f"mean{i}"], z[f"scale{i}"], z[f"coef{i}"], float(z[f"intercept{i}"][0])) for i in range(n)]
+
+
+def probe_probabilities(x: np.ndarray, probes: list) -> np.ndarray:
+    """[N, folds] artifact probabilities of each fold's probe (logistic of the linear score)."""
+    cols = []
+    for m, s, w, b in probes:
+        z = ((x - m) / s) @ w + b
+        cols.append(1.0 / (1.0 + np.exp(-z)))
+    return np.stack(cols, axis=1)
+
+
+# ---------------------------------------------------------------------- apply
+def apply_probes(keys: list[str], x: np.ndarray, probes: list, threshold: float) -> pl.DataFrame:
+    """curation table: key, p_fold0..4, artifact_prob (fold mean), keep, threshold."""
+    p = probe_probabilities(x, probes)
+    mean = p.mean(axis=1)
+    cols = {"key": keys, **{f"p_fold{i}": p[:, i] for i in range(p.shape[1])}}
+    return pl.DataFrame(cols).with_columns(
+        artifact_prob=pl.Series(mean), keep=pl.Series(mean < threshold), threshold=pl.lit(threshold)
+    )
+
+
+def contact_sheet(pngs: list[bytes], labels: list[str], path: Path, cols: int = 8, thumb: int = 160) -> Path:
+    """A grid of tiles with their labels (keys, scores) printed under each, as PNG."""
+    rows = max(1, -(-len(pngs) // cols))
+    cell_h = thumb + 28
+    sheet = np.full((rows * cell_h, cols * thumb, 3), 255, np.uint8)
+    for i, (png, text) in enumerate(zip(pngs, labels)):
+        r, c = divmod(i, cols)
+        img = cv2.resize(decode_png(png), (thumb, thumb), interpolation=cv2.INTER_AREA)
+        sheet[r * cell_h : r * cell_h + thumb, c * thumb : (c + 1) * thumb] = img
+        for j, line in enumerate([text[k : k + 26] for k in range(0, min(len(text), 52), 26)]):
+            cv2.putText(sheet, line, (c * thumb + 2, r * cell_h + thumb + 11 + 12 * j), cv2.FONT_HERSHEY_SIMPLEX,
+                        0.32, (0, 0, 0), 1, cv2.LINE_AA)
+    atomic_write_bytes(path, encode_png(sheet), durable=False)
+    return path
+
+
+def pngs_for(shard_dir: Path, keys: list[str]) -> dict[str, bytes]:
+    from .tar_index import MemberReader, index_shards
+
+    idx = index_shards(sorted(Path(shard_dir).glob("*.tar"))).filter((pl.col("ext") == "png") & pl.col("key").is_in(keys))
+    with MemberReader() as r:
+        return {k: r.read(s, o, n) for k, s, o, n in zip(idx["key"], idx["shard"], idx["offset"], idx["size"])}
+
+
+def removal_report(cur: pl.DataFrame, tiles: pl.DataFrame | None) -> pl.DataFrame:
+    """Removed fraction per TSS and slide type."""
+    if tiles is not None:
+        cur = cur.join(tiles.select("key", "tss", "slide_type"), on="key", how="left")
+    else:
+        from .barcode import parse_slide_name
+
+        names = [parse_slide_name(s) for s in slide_of(cur["key"])]
+        cur = cur.with_columns(tss=pl.Series([n.tss for n in names], dtype=pl.String),
+                               slide_type=pl.Series([n.slide_type for n in names], dtype=pl.String))
+    return (
+        cur.with_columns(pl.col("tss").fill_null("(none)"), pl.col("slide_type").fill_null("(none)"))
+        .group_by("tss", "slide_type")
+        .agg(tiles=pl.len(), removed=(~pl.col("keep")).sum(), removed_fraction=(~pl.col("keep")).mean())
+        .sort("tss", "slide_type")
+    )
+
+
+# ------------------------------------------------------------------ weak labels
+def weak_label(rgb: np.ndarray, blur_threshold: float = 40.0) -> str:
+    """Pixel-check label for bootstrapping annotations: pen, background, blur or usable.
+
+    pen: > 15% ink pixels (tissue.pen_mask); background: < 30% saturated pixels; blur: variance of
+    the Laplacian of the grey image below ``blur_threshold``. A starting point for a person to
+    correct, not ground truth.
+    """
+    from .tissue import pen_mask
+
+    if pen_mask(rgb).mean() > 0.15:
+        return "pen"
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    if (hsv[..., 1] > 25).mean() < 0.3:
+        return "background"
+    if cv2.Laplacian(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), cv2.CV_64F).var() < blur_threshold:
+        return "blur"
+    return "usable"

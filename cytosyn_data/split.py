@@ -1,0 +1,280 @@
+"""`cytosyn-data split`: train / val_in / val_out, a guidance subset, split shards, leakage audit.
+
+- val_out: whole patients held out (a patient's slides never straddle the sides): about
+  ``val_out_fraction`` of the patients of each project (at least one per project that has two
+  or more), picked round-robin over TSS strata in a seeded hash order.
+- val_in: tiles of training slides held out of training (``val_in_fraction`` per slide), checked
+  geometrically (level-0 squares) never to overlap a training tile.
+- guidance: a TSS-stratified subset of the training tiles (they stay in train; ``guidance`` flag).
+- Tiles removed by curation (``curation.parquet`` keep == false) are left out of every split.
+Shards per split under ``splits/{split}/`` are a pure re-sharding of the tile shards (bytes
+copied, members in a keyed-hash global shuffle, fixed tar metadata): byte-reproducible.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from tqdm.auto import tqdm
+
+from .sampling import NULL_STRATUM, apportion, shard_order, stable_hash
+from .shards import atomic_write_bytes, remove_stale_tmp, write_tar_atomic
+from .tar_index import MemberReader, index_shards
+
+SPLITS_SCHEMA = {"key": pl.String, "slide_id": pl.String, "patient": pl.String, "tss": pl.String,
+                 "split": pl.String, "guidance": pl.Boolean}
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    val_out_fraction: float = 0.1
+    val_in_fraction: float = 0.02
+    guidance_tiles: int = 1000
+    seed: int = 0
+    shard_size: int = 10_000
+    jpeg_quality: int | None = None  # also write JPEG copies of every split (ablation), e.g. 70
+    expand_px: int = 0  # also write tiles expanded by this many px per side (16 -> 256x256), re-read from the slides
+
+
+def choose_val_out(slides: pl.DataFrame, fraction: float, seed: int) -> set[str]:
+    """Patients held out: per project, ceil(fraction * patients) (>= 1 when the project has >= 2),
+    taken round-robin over TSS strata in the order of a seeded hash."""
+    df = slides.filter(pl.col("status") == "ok").with_columns(
+        patient=pl.coalesce("patient", "slide_id"),
+        project=pl.col("project").fill_null(NULL_STRATUM),
+        tss=pl.col("tss").fill_null(NULL_STRATUM),
+    )
+    held: set[str] = set()
+    for (_,), proj in df.group_by("project", maintain_order=True):
+        patients = proj.group_by("patient").agg(pl.col("tss").first()).to_dicts()
+        n = len(patients)
+        if n < 2:
+            continue
+        want = min(n - 1, max(1, math.ceil(fraction * n)))
+        by_tss: dict[str, list[str]] = {}
+        for p in sorted(patients, key=lambda r: stable_hash(f"{seed}/val_out/{r['patient']}")):
+            by_tss.setdefault(p["tss"], []).append(p["patient"])
+        order = sorted(by_tss, key=lambda s: stable_hash(f"{seed}/tss/{s}"))
+        while want > 0:
+            for s in order:
+                if want and by_tss[s]:
+                    held.add(by_tss[s].pop(0))
+                    want -= 1
+    return held
+
+
+#: level-0 pixels two squares may share without counting as overlap: neighbouring tiles read at a
+#: level whose downsample is not an integer (e.g. 2.0005) have rounded level-0 corners.
+TOL = 1.0
+
+
+def overlapping(a: pl.DataFrame, b: pl.DataFrame) -> pl.DataFrame:
+    """Rows of ``a`` whose level-0 square (x, y, footprint) overlaps any square of ``b`` on the same
+    slide by more than ``TOL`` pixels in both directions."""
+    hits = []
+    for (sid,), pa in a.group_by("slide_id"):
+        pb = b.filter(pl.col("slide_id") == sid)
+        if pb.height == 0:
+            continue
+        fp = float(max(pa["footprint"].max(), pb["footprint"].max()))
+        buckets: dict[tuple[int, int], list[tuple[float, float, float]]] = {}
+        for x, y, f in zip(pb["x"], pb["y"], pb["footprint"]):
+            buckets.setdefault((int(x // fp), int(y // fp)), []).append((x, y, f))
+        for key, x, y, f in zip(pa["key"], pa["x"], pa["y"], pa["footprint"]):
+            bx, by = int(x // fp), int(y // fp)
+            for dx in (-1, 0, 1):
+                for dy in (-1, 0, 1):
+                    for (ox, oy, of) in buckets.get((bx + dx, by + dy), ()):
+                        if x < ox + of - TOL and ox < x + f - TOL and y < oy + of - TOL and oy < y + f - TOL:
+                            hits.append(key)
+    return a.filter(pl.col("key").is_in(hits))
+
+
+def assign_splits(slides: pl.DataFrame, tiles: pl.DataFrame, curation: pl.DataFrame | None, cfg: SplitConfig) -> pl.DataFrame:
+    """splits table: key, slide_id, patient, tss, split (train/val_in/val_out), guidance."""
+    t = tiles.with_columns(patient=pl.coalesce("patient", "slide_id"))
+    if curation is not None:
+        removed = curation.filter(~pl.col("keep"))["key"]
+        t = t.filter(~pl.col("key").is_in(removed.implode()))
+    held = choose_val_out(slides, cfg.val_out_fraction, cfg.seed)
+    t = t.with_columns(split=pl.when(pl.col("patient").is_in(list(held))).then(pl.lit("val_out")).otherwise(pl.lit("train")))
+    # val_in: a seeded fraction of each training slide's tiles
+    t = t.with_columns(_h=pl.col("key").map_elements(lambda k: stable_hash(f"{cfg.seed}/val_in/{k}"), return_dtype=pl.UInt64))
+    t = t.with_columns(_rank=pl.col("_h").rank("ordinal").over("slide_id"), _n=pl.len().over("slide_id"))
+    n_in = (pl.col("_n") * cfg.val_in_fraction).floor()
+    t = t.with_columns(split=pl.when((pl.col("split") == "train") & (pl.col("_rank") <= n_in)).then(pl.lit("val_in")).otherwise(pl.col("split")))
+    train = t.filter(pl.col("split") == "train")
+    clash = overlapping(t.filter(pl.col("split") == "val_in"), train)
+    t = t.with_columns(split=pl.when(pl.col("key").is_in(clash["key"].implode())).then(pl.lit("excluded")).otherwise(pl.col("split")))
+    # guidance: TSS-stratified subset of train
+    train = t.filter(pl.col("split") == "train").with_columns(stratum=pl.col("tss").fill_null(NULL_STRATUM))
+    counts = train.group_by("stratum").len().sort("stratum")
+    quotas = apportion(cfg.guidance_tiles, counts["len"].to_numpy().astype(float), counts["len"].to_numpy(),
+                       np.array([stable_hash(f"{cfg.seed}/g/{s}") for s in counts["stratum"]], dtype=np.uint64))
+    chosen = []
+    for s, q in zip(counts["stratum"], quotas):
+        part = train.filter(pl.col("stratum") == s).sort("_h")
+        chosen += part["key"][: int(q)].to_list()
+    t = t.with_columns(guidance=pl.col("key").is_in(chosen))
+    return t.filter(pl.col("split") != "excluded").select(list(SPLITS_SCHEMA)).cast(SPLITS_SCHEMA).sort("key")
+
+
+def audit(splits: pl.DataFrame, tiles: pl.DataFrame) -> dict:
+    """Leakage audit: patients/slides shared by train and val_out, train/val_in overlaps, sizes per TSS."""
+    s = splits.join(tiles.select("key", "x", "y", "footprint"), on="key", how="left")
+    train, vo, vi = (s.filter(pl.col("split") == n) for n in ("train", "val_out", "val_in"))
+    shared_patients = sorted(set(train["patient"]) & set(vo["patient"]))
+    shared_slides = sorted(set(train["slide_id"]) & set(vo["slide_id"]))
+    overlaps = overlapping(vi, train)
+    sizes = s.with_columns(pl.col("tss").fill_null(NULL_STRATUM)).group_by("tss", "split").len().sort("tss", "split")
+    return {
+        "shared_patients_train_val_out": shared_patients,
+        "shared_slides_train_val_out": shared_slides,
+        "overlapping_val_in_tiles": overlaps["key"].to_list(),
+        "sizes": sizes,
+        "guidance": int(s["guidance"].sum()),
+        "ok": not shared_patients and not shared_slides and overlaps.height == 0,
+    }
+
+
+def write_audit(path: Path, result: dict) -> None:
+    sizes = result["sizes"].pivot(on="split", index="tss", values="len").fill_null(0)
+    lines = ["# split leakage audit", "",
+             f"- shared patients train/val_out: {len(result['shared_patients_train_val_out'])}",
+             f"- shared slides train/val_out: {len(result['shared_slides_train_val_out'])}",
+             f"- val_in tiles overlapping a train tile (level-0 squares): {len(result['overlapping_val_in_tiles'])}",
+             f"- guidance tiles: {result['guidance']}",
+             f"- verdict: {'OK, no leakage' if result['ok'] else 'LEAKAGE'}", "", "## tiles per TSS and split", "",
+             "| " + " | ".join(sizes.columns) + " |", "|" + "---|" * len(sizes.columns)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in sizes.iter_rows()]
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+def _jpeg(png: bytes, quality: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    with Image.open(io.BytesIO(png)) as im:
+        im.convert("RGB").save(buf, format="JPEG", quality=quality, subsampling=2, optimize=False)
+    return buf.getvalue()
+
+
+def write_split_shards(
+    splits: pl.DataFrame, index: pl.DataFrame, out: Path, cfg: SplitConfig, expanded: dict[str, bytes] | None = None
+) -> dict[str, int]:
+    """Re-shard each split (and the guidance subset) into ``out/{split}/{split}-{i:06d}.tar``.
+
+    Members are copied byte for byte; with ``jpeg_quality`` a ``{split}_jpeg{q}`` copy holds
+    ``{key}.jpg`` instead of ``.png``; with ``expanded`` a ``{split}_expand`` copy holds the
+    expanded PNGs.
+    """
+    counts = {}
+    groups = {name: splits.filter(pl.col("split") == name)["key"].to_list() for name in ("train", "val_in", "val_out")}
+    groups["guidance"] = splits.filter(pl.col("guidance"))["key"].to_list()
+    idx = index.sort("shard", "offset")
+    by_key = {k: g for (k,), g in idx.group_by("key", maintain_order=True)}
+    with MemberReader() as reader:
+        for name, keys in groups.items():
+            keys = [keys[i] for i in shard_order(keys, cfg.seed)] if keys else []
+            variants = [(name, None)]
+            if cfg.jpeg_quality:
+                variants.append((f"{name}_jpeg{cfg.jpeg_quality}", "jpeg"))
+            if expanded is not None:
+                variants.append((f"{name}_expand{cfg.expand_px}", "expand"))
+            for folder, kind in variants:
+                d = out / folder
+                d.mkdir(parents=True, exist_ok=True)
+                remove_stale_tmp(d)
+                n_shards = max(1, -(-len(keys) // cfg.shard_size))
+                for i in tqdm(range(n_shards), desc=f"split {folder}", unit="shard", leave=False):
+                    path = d / f"{folder}-{i:06d}.tar"
+                    if path.exists():
+                        continue
+
+                    def members(chunk=keys[i * cfg.shard_size : (i + 1) * cfg.shard_size], kind=kind):
+                        for k in chunk:
+                            if kind == "expand" and k not in expanded:
+                                continue  # its expanded square leaves the slide
+                            for row in by_key[k].iter_rows(named=True):
+                                data = reader.read(row["shard"], row["offset"], row["size"])
+                                if kind == "jpeg" and row["ext"] == "png":
+                                    yield f"{k}.jpg", _jpeg(data, cfg.jpeg_quality)
+                                elif kind == "expand" and row["ext"] == "png":
+                                    yield f"{k}.png", expanded[k]
+                                elif kind is None or row["ext"] != "png":
+                                    yield f"{k}.{row['ext']}", data
+
+                    write_tar_atomic(path, members())
+                counts[folder] = len(keys) if kind != "expand" else sum(k in expanded for k in keys)
+    return counts
+
+
+def expanded_tiles(slides: pl.DataFrame, tiles: pl.DataFrame, keys: list[str], expand_px: int, tile_size: int = 224) -> dict[str, bytes]:
+    """PNG tiles of (tile_size + 2 * expand_px) px around the same centres, re-read from the slides
+    with each slide's recorded read plan (same level, same resampling)."""
+    from .png import encode_png
+    from .wsi import RESAMPLE_FILTERS, open_slide
+
+    import cv2
+
+    out = {}
+    want = tiles.filter(pl.col("key").is_in(keys))
+    info = {r["slide_id"]: r for r in slides.to_dicts()}
+    for (sid,), part in want.group_by("slide_id"):
+        s_info = info[sid]
+        with open_slide(s_info["path"]) as s:
+            level = int(s_info["read_level"])
+            ds = s.level_downsamples[level]
+            level_fp = s_info["footprint"] / ds  # tile side in level pixels
+            scale = level_fp / tile_size
+            pad_level = int(round(expand_px * scale))
+            size_level = int(round(level_fp)) + 2 * pad_level
+            for key, x, y in zip(part["key"], part["x"], part["y"]):
+                x0 = int(round(x - pad_level * ds))
+                y0 = int(round(y - pad_level * ds))
+                lw, lh = s.level_dimensions[level]
+                if x0 < 0 or y0 < 0 or x0 / ds + size_level > lw or y0 / ds + size_level > lh:
+                    continue  # the expanded square leaves the slide: not written
+                region = s.read_rgb((x0, y0), level, (size_level, size_level))
+                target = tile_size + 2 * expand_px
+                if region.shape[0] != target:
+                    region = cv2.resize(region, (target, target), interpolation=RESAMPLE_FILTERS["area"])
+                out[key] = encode_png(region)
+    return out
+
+
+def run_split(tile_run: str | Path, out: str | Path | None = None, cfg: SplitConfig = SplitConfig(),
+              curation: str | Path | None = None) -> dict:
+    """Assign splits for a tile run folder and write ``splits.parquet``, split shards and ``splits/audit.md``."""
+    run = Path(tile_run)
+    out = Path(out) if out else run / "splits"
+    slides = pl.read_parquet(run / "slides.parquet")
+    tiles = pl.read_parquet(run / "tiles.parquet")
+    cur = None
+    cur_path = Path(curation) if curation else run / "curation.parquet"
+    if cur_path.exists():
+        cur = pl.read_parquet(cur_path)
+    splits = assign_splits(slides, tiles, cur, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".splits.parquet.tmp"
+    splits.write_parquet(tmp)
+    tmp.replace(run / "splits.parquet" if out == run / "splits" else out / "splits.parquet")
+    result = audit(splits, tiles)
+    write_audit(out / "audit.md", result)
+    index = index_shards(sorted((run / "shards").glob("*.tar")))
+    missing = set(splits["key"]) - set(index["key"])
+    if missing:
+        raise RuntimeError(f"{run / 'shards'}: {len(missing)} tiles of tiles.parquet are not in the shards, e.g. {sorted(missing)[:3]}")
+    expanded = None
+    if cfg.expand_px:
+        expanded = expanded_tiles(slides, tiles, splits["key"].to_list(), cfg.expand_px)
+    counts = write_split_shards(splits, index, out, cfg, expanded)
+    atomic_write_bytes(out / "counts.json", json.dumps(counts, indent=1, sort_keys=True).encode())
+    result["counts"] = counts
+    return result
