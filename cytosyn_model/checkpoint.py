@@ -39,10 +39,6 @@ def load_state_dict(path: str | Path, what: str = "weights") -> dict[str, torch.
 
 def map_state_dict(state: dict[str, torch.Tensor], prefix: str | None = None) -> dict[str, torch.Tensor]:
     """Strip wrapper prefixes; with ``prefix`` (e.g. ``vae.``) keep only that sub-module's keys."""
-    if prefix is not None:
-        sub = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        if sub:
-            state = sub
     out = {}
     for k, v in state.items():
         changed = True
@@ -53,6 +49,10 @@ def map_state_dict(state: dict[str, torch.Tensor], prefix: str | None = None) ->
                     k = k[len(p):]
                     changed = True
         out[k] = v
+    if prefix is not None:
+        sub = {k[len(prefix):]: v for k, v in out.items() if k.startswith(prefix)}
+        if sub:
+            out = sub
     return out
 
 
