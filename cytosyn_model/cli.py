@@ -78,5 +78,24 @@ def sample_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def eval_main(argv: list[str] | None = None) -> int:
+    from cytosyn_data.config import load_stage_config
+
+    from .eval.run import EvalConfig, evaluate
+
+    p = argparse.ArgumentParser(prog="cytosyn-eval", description="FD / FLD / precision-recall / cosine of generated vs real tiles")
+    p.add_argument("--config", type=Path, required=True, help="pipelines/eval.yaml (section 'eval')")
+    p.add_argument("--out", help="output folder (overrides the config)")
+    args = p.parse_args(argv)
+    conf = load_stage_config(args.config, "eval")
+    if args.out:
+        conf["out"] = args.out
+    cfg = EvalConfig.from_dict(conf)
+    df = evaluate(cfg)
+    print(df)
+    print(f"cytosyn-eval: {df.height} values -> {Path(cfg.out) / 'metrics.parquet'}, report {Path(cfg.out) / 'report.md'}")
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(train_main())

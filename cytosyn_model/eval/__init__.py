@@ -1,0 +1,1 @@
+"""Evaluation of generated tiles: extractor registry, feature caching, metrics, reports (`cytosyn-eval`)."""

@@ -1,0 +1,219 @@
+"""Metrics between feature sets (rows = samples). All accumulate in float64.
+
+- Frechet distance (exact): ||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr sqrt(sqrt(S1) S2 sqrt(S1)),
+  the trace from the eigenvalues of the symmetric matrix sqrt(S1) S2 sqrt(S1) (no sqrtm).
+- FLD (Jiralerspong et al. 2023): a mixture of isotropic Gaussians centred on the generated
+  samples, bandwidths fitted by maximum likelihood on one half of the real set, scored by the
+  negative log-likelihood per dimension of the other half, minus the same score with real
+  samples as centres (so a generated set drawn from the real distribution scores about 0).
+- Precision / recall (Kynkaanniemi et al. 2019), k = 3, with batched distances.
+- Sample-wise cosine similarity; bootstrap mean and standard deviation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+# ------------------------------------------------------------------ moments
+class RunningMoments:
+    """Streaming mean and covariance in float64 (no full feature matrix kept): add(batch [n, d])."""
+
+    def __init__(self, dim: int):
+        self.n = 0
+        self.sum = np.zeros(dim, np.float64)
+        self.outer = np.zeros((dim, dim), np.float64)
+
+    def add(self, x: np.ndarray) -> None:
+        x = np.asarray(x, np.float64)
+        self.n += x.shape[0]
+        self.sum += x.sum(0)
+        self.outer += x.T @ x
+
+    def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
+        if self.n < 2:
+            raise ValueError("need at least two samples for a covariance")
+        mu = self.sum / self.n
+        cov = (self.outer - self.n * np.outer(mu, mu)) / (self.n - 1)
+        return mu, cov
+
+
+def mean_cov(x: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    m = RunningMoments(x.shape[1])
+    for i in range(0, len(x), chunk):
+        m.add(x[i : i + chunk])
+    return m.mean_cov()
+
+
+# ----------------------------------------------------------------------- FD
+def _sqrt_psd(s: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((s + s.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1, s1, mu2, s2) -> float:
+    """Frechet distance between N(mu1, s1) and N(mu2, s2) (float64, symmetric eigen-decompositions)."""
+    mu1, mu2, s1, s2 = (np.asarray(a, np.float64) for a in (mu1, mu2, s1, s2))
+    r1 = _sqrt_psd(s1)
+    m = r1 @ s2 @ r1
+    eig = np.linalg.eigvalsh((m + m.T) / 2)
+    tr_sqrt = np.sqrt(np.clip(eig, 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt)
+
+
+def frechet_distance_scipy(mu1, s1, mu2, s2) -> float:
+    """The usual reference (pytorch-fid): scipy.linalg.sqrtm of s1 @ s2."""
+    from scipy import linalg
+
+    covmean = linalg.sqrtm(s1 @ s2).real
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def fd_from_features(a: np.ndarray, b: np.ndarray) -> float:
+    return frechet_distance(*mean_cov(a), *mean_cov(b))
+
+
+# ---------------------------------------------------------- distances (torch)
+def _device(device):
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def pairwise_sqdist_chunks(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096):
+    """Yield (start, squared distances [chunk, len(b)]) of rows of ``a`` to ``b`` (float32 on device)."""
+    bn = (b * b).sum(1)
+    for i in range(0, a.shape[0], chunk):
+        x = a[i : i + chunk]
+        d = (x * x).sum(1, keepdim=True) + bn[None] - 2 * x @ b.T
+        yield i, d.clamp_min_(0)
+
+
+def kth_nn_radii(x: torch.Tensor, k: int = 3, chunk: int = 4096) -> torch.Tensor:
+    """Distance of each row to its k-th nearest other row (self excluded)."""
+    out = torch.empty(x.shape[0], device=x.device)
+    for i, d in pairwise_sqdist_chunks(x, x, chunk):
+        idx = torch.arange(d.shape[0], device=x.device)
+        d[idx, idx + i] = float("inf")
+        out[i : i + d.shape[0]] = d.topk(k, dim=1, largest=False).values[:, -1].sqrt()
+    return out
+
+
+def _coverage(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, chunk: int) -> float:
+    inside = 0
+    r2 = radii * radii
+    for _, d in pairwise_sqdist_chunks(query, ref, chunk):
+        inside += int((d <= r2[None]).any(dim=1).sum())
+    return inside / query.shape[0]
+
+
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, device=None, chunk: int = 4096) -> tuple[float, float]:
+    """Improved precision and recall (k-NN manifolds, k=3)."""
+    dev = _device(device)
+    r = torch.as_tensor(np.asarray(real, np.float32), device=dev)
+    f = torch.as_tensor(np.asarray(fake, np.float32), device=dev)
+    precision = _coverage(f, r, kth_nn_radii(r, k, chunk), chunk)
+    recall = _coverage(r, f, kth_nn_radii(f, k, chunk), chunk)
+    return precision, recall
+
+
+def precision_recall_bruteforce(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
+    """Reference implementation with scipy's cdist (small sets only)."""
+    from scipy.spatial.distance import cdist
+
+    def radii(x):
+        d = cdist(x, x)
+        np.fill_diagonal(d, np.inf)
+        return np.sort(d, axis=1)[:, k - 1]
+
+    rr, rf = radii(real), radii(fake)
+    p = np.mean((cdist(fake, real) <= rr[None]).any(1))
+    r = np.mean((cdist(real, fake) <= rf[None]).any(1))
+    return float(p), float(r)
+
+
+# ---------------------------------------------------------------------- FLD
+def _mog_loglik(x: torch.Tensor, centres: torch.Tensor, log_var: torch.Tensor, chunk: int) -> torch.Tensor:
+    """log p(x) [n] under the equal-weight mixture of N(centre_j, exp(log_var_j) I)."""
+    d = x.shape[1]
+    out = torch.empty(x.shape[0], device=x.device, dtype=torch.float64)
+    const = -0.5 * d * (math.log(2 * math.pi) + log_var) - math.log(centres.shape[0])
+    for i, sq in pairwise_sqdist_chunks(x, centres, chunk):
+        logits = const[None] - 0.5 * sq.double() / log_var.exp()[None]
+        out[i : i + sq.shape[0]] = torch.logsumexp(logits, dim=1)
+    return out
+
+
+def fit_bandwidths(train: torch.Tensor, centres: torch.Tensor, iters: int = 20, chunk: int = 2048) -> torch.Tensor:
+    """Per-centre log-variances maximising the likelihood of ``train`` (EM on the variances only)."""
+    d = train.shape[1]
+    log_var = torch.full((centres.shape[0],), float(train.var(0).mean().log()), device=train.device, dtype=torch.float64)
+    for _ in range(iters):
+        num = torch.zeros(centres.shape[0], device=train.device, dtype=torch.float64)
+        den = torch.zeros_like(num)
+        const = -0.5 * d * log_var
+        for _, sq in pairwise_sqdist_chunks(train, centres, chunk):
+            sq = sq.double()
+            resp = torch.softmax(const[None] - 0.5 * sq / log_var.exp()[None], dim=1)
+            num += (resp * sq).sum(0)
+            den += resp.sum(0)
+        var = num / (d * den.clamp_min(1e-12))
+        log_var = torch.where(den > 1e-8, var.clamp_min(1e-12).log(), log_var)
+    return log_var
+
+
+def fld(real: np.ndarray, fake: np.ndarray, real_train: np.ndarray | None = None, seed: int = 0, iters: int = 20,
+        device=None, chunk: int = 2048) -> float:
+    """Feature likelihood divergence (x100, nats per dimension).
+
+    Bandwidths of the mixture centred on ``fake`` are fitted on ``real_train`` (the model's training
+    features; without it, a seeded half of ``real``) and the mixture is scored on the held-out real
+    features. The same score with real centres is subtracted, so a sample of the real distribution
+    scores about 0; a worse fit scores higher, and so do memorised copies of training samples (their
+    bandwidths collapse on the points they copy and explain no held-out sample).
+    """
+    dev = _device(device)
+    rng = np.random.default_rng(seed)
+    if real_train is None:
+        perm = rng.permutation(len(real))
+        half = len(real) // 2
+        real_train, real = real[perm[:half]], real[perm[half:]]
+    train = torch.as_tensor(np.asarray(real_train, np.float32), device=dev)
+    test = torch.as_tensor(np.asarray(real, np.float32), device=dev)
+    f = torch.as_tensor(np.asarray(fake, np.float32), device=dev)
+    lv = fit_bandwidths(train, f, iters, chunk)
+    nll_fake = float(-_mog_loglik(test, f, lv, chunk).mean() / test.shape[1])
+    return 100.0 * (nll_fake - nll_reference(train, test, len(fake), iters, chunk, rng))
+
+
+def nll_reference(train, test, m, iters, chunk, rng) -> float:
+    """NLL per dimension of ``test`` under m centres resampled from ``train`` (fitted leaving them out)."""
+    d = train.shape[1]
+    idx = rng.permutation(train.shape[0])
+    k = min(m, train.shape[0] // 2)
+    centres, fit_on = train[idx[:k]], train[idx[k:]]
+    lv = fit_bandwidths(fit_on, centres, iters, chunk)
+    return float(-_mog_loglik(test, centres, lv, chunk).mean() / d)
+
+
+# -------------------------------------------------------------- other metrics
+def cosine_similarity_pairs(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean cosine similarity of row i of ``a`` with row i of ``b``."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    num = (a * b).sum(1)
+    den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.mean(num / np.maximum(den, 1e-12)))
+
+
+def bootstrap(metric: Callable[[np.ndarray], float], pool: np.ndarray, n: int, draws: int = 50, seed: int = 0) -> tuple[float, float, list[float]]:
+    """Mean and std of ``metric`` over ``draws`` draws of min(n, len(pool)) rows of ``pool`` without replacement."""
+    rng = np.random.default_rng(seed)
+    m = min(n, len(pool))
+    values = [metric(pool[np.sort(rng.choice(len(pool), m, replace=False))]) for _ in range(draws)]
+    spread = np.asarray(values) - values[0]  # exact zero when every draw gives the same value
+    return float(values[0] + spread.mean()), float(spread.std()), values

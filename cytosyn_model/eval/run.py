@@ -1,0 +1,265 @@
+"""`cytosyn-eval`: features of real and generated tile sets per extractor, metrics, report and plots.
+
+Config (``pipelines/eval.yaml``, section ``eval``)::
+
+    out: runs/eval
+    real: {val_in: splits/val_in, val_out: splits/val_out}     # shard folders or PNG folders
+    real_train: splits/train        # optional: FLD bandwidths are fitted on it (else half of each real set)
+    generated: {sde250: {path: gen/sde250, steps: 250}}
+    extractors: {inception_v3: /weights/inception.pth, uni: /weights/uni.bin}
+    metrics: [fd, fld, pr, cosine]
+    bootstrap: {draws: 50, n: 50000}                         # of the FD of each generated set
+    preprocess: {real: [], generated: []}                    # jpeg70, centercrop224, ...
+    batch_size: 64
+    seed: 0
+
+Features are cached per (set, extractor identity incl. weights, preprocessing) under
+``out/cache/``; their mean and covariance are accumulated in float64 while streaming.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+
+from .extractors import REGISTRY, build_extractor, center_crop, jpeg_roundtrip
+from .metrics import RunningMoments, bootstrap, cosine_similarity_pairs, fld, frechet_distance, mean_cov, precision_recall
+
+METRICS_SCHEMA = {"metric": pl.String, "extractor": pl.String, "set": pl.String, "reference": pl.String,
+                  "value": pl.Float64, "std": pl.Float64}
+
+
+@dataclass
+class EvalConfig:
+    out: str = "runs/eval"
+    real: dict = field(default_factory=dict)
+    real_train: str | None = None
+    generated: dict = field(default_factory=dict)
+    extractors: dict = field(default_factory=dict)
+    tiny_extractors: bool = False  # tests only: random small extractors
+    metrics: list = field(default_factory=lambda: ["fd", "fld", "pr", "cosine"])
+    bootstrap: dict = field(default_factory=lambda: {"draws": 50, "n": 50000})
+    preprocess: dict = field(default_factory=lambda: {"real": [], "generated": []})
+    batch_size: int = 64
+    device: str | None = None
+    seed: int = 0
+    max_images: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "EvalConfig":
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown eval config keys: {sorted(unknown)}")
+        return cls(**d)
+
+
+def preprocessor(name: str):
+    """``jpeg70`` -> JPEG round trip at quality 70; ``centercrop224`` -> central crop; ``png`` -> none."""
+    m = re.fullmatch(r"jpeg(\d+)", name)
+    if m:
+        return jpeg_roundtrip(int(m.group(1)))
+    m = re.fullmatch(r"centercrop(\d+)", name)
+    if m:
+        return center_crop(int(m.group(1)))
+    if name == "png":
+        return lambda img: img
+    raise ValueError(f"unknown preprocessing {name!r} (jpegQ, centercropN, png)")
+
+
+def iter_images(source: str | Path, limit: int | None = None):
+    """(key, uint8 [H, W, 3]) from a folder of shards (.png or .jpg members) or of PNG/JPEG files."""
+    from PIL import Image
+
+    src = Path(source)
+    tars = sorted(src.glob("*.tar")) if src.is_dir() else ([src] if src.suffix == ".tar" else [])
+    n = 0
+    if tars:
+        import webdataset as wds
+
+        for s in wds.WebDataset([str(t) for t in tars], shardshuffle=False):
+            data = s.get("png") or s.get("jpg")
+            if data is None:
+                continue
+            yield s["__key__"], np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            n += 1
+            if limit and n >= limit:
+                return
+    elif src.is_dir():
+        for p in sorted(q for q in src.iterdir() if q.suffix.lower() in (".png", ".jpg", ".jpeg") and q.stem != "grid"):
+            yield p.stem, np.asarray(Image.open(p).convert("RGB"))
+            n += 1
+            if limit and n >= limit:
+                return
+    else:
+        raise FileNotFoundError(f"{src}: no shards or images here")
+
+
+def set_features(extractor, name: str, source, preprocess: list[str], cache: Path, batch_size: int, device,
+                 weights: str | None, limit: int | None = None) -> tuple[list[str], np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Features [N, D] float32 of one set (cached), its keys, and its float64 (mean, cov)."""
+    spec = extractor.spec
+    tag = f"{name}-{spec.name}-{spec.identity(weights)}-{'+'.join(preprocess) or 'png'}"
+    folder = cache / tag
+    if (folder / "done.json").exists():
+        keys = pl.read_parquet(folder / "keys.parquet")["key"].to_list()
+        m = np.load(folder / "moments.npz")
+        return keys, np.load(folder / "features.npy"), (m["mean"], m["cov"])
+    fns = [preprocessor(p) for p in preprocess]
+    keys, chunks, batch_k, batch_i = [], [], [], []
+    moments = None
+
+    def flush():
+        nonlocal moments
+        x = torch.from_numpy(np.stack(batch_i)).permute(0, 3, 1, 2).float().div(255).to(device)
+        f = extractor(x).cpu().numpy()
+        if moments is None:
+            moments = RunningMoments(f.shape[1])
+        moments.add(f)
+        chunks.append(f.astype(np.float32))
+        keys.extend(batch_k)
+        batch_k.clear()
+        batch_i.clear()
+
+    for key, img in tqdm(iter_images(source, limit), desc=f"{name}/{spec.name}", unit="img", leave=False):
+        for fn in fns:
+            img = fn(img)
+        batch_k.append(key)
+        batch_i.append(np.ascontiguousarray(img))
+        if len(batch_i) == batch_size:
+            flush()
+    if batch_i:
+        flush()
+    if not keys:
+        raise ValueError(f"set {name}: no images in {source}")
+    feats = np.concatenate(chunks)
+    mu, cov = moments.mean_cov()
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "features.npy", feats)
+    np.savez(folder / "moments.npz", mean=mu, cov=cov)
+    pl.DataFrame({"key": keys}).write_parquet(folder / "keys.parquet")
+    (folder / "done.json").write_text(json.dumps({"set": name, "source": str(source), "extractor": spec.name,
+                                                  "preprocess": preprocess, "n": len(keys)}))
+    return keys, feats, (mu, cov)
+
+
+def reference_key(generated_key: str) -> str | None:
+    """``gen__{refkey}__s{seed}_{i}`` (cytosyn-sample's cond mode) -> refkey."""
+    parts = generated_key.split("__")
+    return "__".join(parts[1:-1]) if len(parts) >= 4 and parts[0] == "gen" else None
+
+
+def evaluate(cfg: EvalConfig) -> pl.DataFrame:
+    """Every metric for every (extractor, generated set, real set); writes metrics.parquet, report.md, plots."""
+    out = Path(cfg.out)
+    cache = out / "cache"
+    out.mkdir(parents=True, exist_ok=True)
+    dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = []
+    pre_r, pre_g = cfg.preprocess.get("real", []), cfg.preprocess.get("generated", [])
+    for ename, weights in cfg.extractors.items():
+        extractor = build_extractor(ename, weights, tiny=cfg.tiny_extractors).to(dev)
+        real = {n: set_features(extractor, n, p, pre_r, cache, cfg.batch_size, dev, weights, cfg.max_images)
+                for n, p in cfg.real.items()}
+        train = None
+        if cfg.real_train and "fld" in cfg.metrics:
+            train = set_features(extractor, "real_train", cfg.real_train, pre_r, cache, cfg.batch_size, dev, weights, cfg.max_images)[1]
+        for gname, g in cfg.generated.items():
+            gpath = g["path"] if isinstance(g, dict) else g
+            gkeys, gf, (gmu, gcov) = set_features(extractor, f"gen_{gname}", gpath, pre_g, cache, cfg.batch_size, dev, weights, cfg.max_images)
+            for rname, (rkeys, rf, (rmu, rcov)) in real.items():
+                if "fd" in cfg.metrics:
+                    fd = frechet_distance(gmu, gcov, rmu, rcov)
+                    std = None
+                    b = cfg.bootstrap or {}
+                    if b.get("draws", 0) > 1:
+                        _, std, _ = bootstrap(lambda x: frechet_distance(*mean_cov(x), rmu, rcov), gf, b.get("n", len(gf)),
+                                              b["draws"], cfg.seed)
+                    rows.append(("fd", ename, gname, rname, fd, std))
+                if "pr" in cfg.metrics:
+                    p, r = precision_recall(rf, gf, device=dev)
+                    rows += [("precision", ename, gname, rname, p, None), ("recall", ename, gname, rname, r, None)]
+                if "fld" in cfg.metrics:
+                    rows.append(("fld", ename, gname, rname, fld(rf, gf, real_train=train, seed=cfg.seed, device=dev), None))
+                if "cosine" in cfg.metrics:
+                    pos = {k: i for i, k in enumerate(rkeys)}
+                    pairs = [(pos[rk], j) for j, k in enumerate(gkeys) if (rk := reference_key(k)) in pos]
+                    if pairs:
+                        ri, gi = map(list, zip(*pairs))
+                        rows.append(("cosine", ename, gname, rname, cosine_similarity_pairs(rf[ri], gf[gi]), None))
+    df = pl.DataFrame(rows, schema=METRICS_SCHEMA, orient="row")
+    df.write_parquet(out / "metrics.parquet")
+    write_report(cfg, df, out)
+    return df
+
+
+def write_report(cfg: EvalConfig, df: pl.DataFrame, out: Path) -> None:
+    """report.md (tables and the choices that change the numbers), fd.png, fd_vs_steps.png, grid.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = ["# cytosyn-eval report", "",
+             f"- real sets: {', '.join(f'{k} = {v}' for k, v in cfg.real.items())}",
+             f"- generated sets: {', '.join(cfg.generated)}",
+             f"- preprocessing: real {cfg.preprocess.get('real') or ['png']}, generated {cfg.preprocess.get('generated') or ['png']}",
+             f"- bootstrap: {cfg.bootstrap}; seed {cfg.seed}", "", "## Extractors", "",
+             "| extractor | input | resize | normalisation | feature |", "|---|---|---|---|---|"]
+    for e in cfg.extractors:
+        s = REGISTRY[e]
+        lines.append(f"| {e} | {s.input_size} | {s.resize} (antialias) | mean {s.mean} std {s.std} | {s.feature} |")
+    lines += ["", "## Metrics", "", "| metric | extractor | set | reference | value | std |", "|---|---|---|---|---|---|"]
+    for r in df.iter_rows():
+        lines.append("| " + " | ".join("" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)) for v in r) + " |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    fd = df.filter(pl.col("metric") == "fd")
+    if fd.height:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        labels = [f"{e}\n{g} vs {r}" for e, g, r in zip(fd["extractor"], fd["set"], fd["reference"])]
+        ax.bar(range(fd.height), fd["value"], yerr=fd["std"].fill_null(0).to_numpy())
+        ax.set_xticks(range(fd.height), labels, fontsize=6, rotation=45, ha="right")
+        ax.set_ylabel("Frechet distance")
+        fig.tight_layout()
+        fig.savefig(out / "fd.png", dpi=120)
+        plt.close(fig)
+        steps = {g: v["steps"] for g, v in cfg.generated.items() if isinstance(v, dict) and "steps" in v}
+        if len(steps) > 1:
+            fig, ax = plt.subplots(figsize=(5, 3.5))
+            for (e, r), part in fd.filter(pl.col("set").is_in(list(steps))).group_by("extractor", "reference"):
+                xs = [steps[g] for g in part["set"]]
+                order = np.argsort(xs)
+                ax.plot(np.array(xs)[order], part["value"].to_numpy()[order], marker="o", label=f"{e} vs {r}")
+            ax.set_xlabel("sampling steps")
+            ax.set_ylabel("Frechet distance")
+            ax.legend(fontsize=6)
+            fig.tight_layout()
+            fig.savefig(out / "fd_vs_steps.png", dpi=120)
+            plt.close(fig)
+    _side_by_side(cfg, out)
+
+
+def _side_by_side(cfg: EvalConfig, out: Path, n: int = 8) -> None:
+    """grid.png: real tiles (top row) above generated tiles (bottom row), first of each set."""
+    from PIL import Image
+
+    from ..grid import save_grid
+
+    if not cfg.real or not cfg.generated:
+        return
+    real = [img for _, (_, img) in zip(range(n), iter_images(next(iter(cfg.real.values()))))]
+    g = next(iter(cfg.generated.values()))
+    gen = [img for _, (_, img) in zip(range(n), iter_images(g["path"] if isinstance(g, dict) else g))]
+    k = min(len(real), len(gen))
+    if k:
+        size = real[0].shape[0]
+        gen = [img if img.shape[:2] == (size, size) else np.asarray(Image.fromarray(img).resize((size, size))) for img in gen]
+        save_grid(np.stack(real[:k] + gen[:k]), out / "grid.png", cols=k)

@@ -1,0 +1,137 @@
+"""Evaluation metrics against references, and an end-to-end run with tiny extractors."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+import yaml
+from scipy import linalg
+
+from cytosyn_model.cli import eval_main
+from cytosyn_model.eval.extractors import REGISTRY, build_extractor
+from cytosyn_model.eval.metrics import (
+    RunningMoments,
+    bootstrap,
+    cosine_similarity_pairs,
+    fld,
+    frechet_distance,
+    frechet_distance_scipy,
+    mean_cov,
+    precision_recall,
+    precision_recall_bruteforce,
+)
+
+
+def test_fd_equals_scipy_sqrtm_reference():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(3000, 64)) @ rng.normal(size=(64, 64)) * 0.3
+    b = rng.normal(size=(2500, 64)) @ rng.normal(size=(64, 64)) * 0.3 + 0.1
+    m1, s1 = mean_cov(a)
+    m2, s2 = mean_cov(b)
+    ours, ref = frechet_distance(m1, s1, m2, s2), frechet_distance_scipy(m1, s1, m2, s2)
+    assert abs(ours - ref) / ref < 1e-6
+    # covariance accumulated in chunks equals numpy's
+    np.testing.assert_allclose(s1, np.cov(a, rowvar=False), rtol=1e-9, atol=1e-12)
+
+
+def test_fd_closed_form_for_known_gaussians():
+    d = 5
+    mu1, mu2 = np.zeros(d), np.arange(d, dtype=float)
+    s1, s2 = np.diag(np.full(d, 4.0)), np.diag(np.arange(1, d + 1, dtype=float))
+    want = float(mu2 @ mu2 + np.sum((2.0 - np.sqrt(np.arange(1, d + 1))) ** 2))
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(want, rel=1e-12)
+    q = linalg.qr(np.random.default_rng(1).normal(size=(d, d)))[0]  # rotation-invariant
+    assert frechet_distance(mu1, q @ s1 @ q.T, q @ mu2, q @ s2 @ q.T) == pytest.approx(want, rel=1e-9)
+    assert frechet_distance(mu2, s2, mu2, s2) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_precision_recall_match_brute_force_and_identical_sets():
+    rng = np.random.default_rng(2)
+    real = rng.normal(size=(400, 8))
+    fake = rng.normal(size=(300, 8)) * 1.3 + 0.4
+    assert precision_recall(real, fake, chunk=97) == pytest.approx(precision_recall_bruteforce(real, fake))
+    assert precision_recall(real, real) == (1.0, 1.0)
+
+
+def test_fld_is_minimal_for_real_samples_and_flags_copies():
+    rng = np.random.default_rng(3)
+    d = 12
+    cov = np.eye(d) + 0.3
+    train = rng.multivariate_normal(np.zeros(d), cov, 1500)
+    test = rng.multivariate_normal(np.zeros(d), cov, 800)
+    good = rng.multivariate_normal(np.zeros(d), cov, 800)
+    shifted = [rng.multivariate_normal(np.full(d, s), cov, 800) for s in (1.0, 0.5, 0.25)]
+    values = [fld(test, x, real_train=train) for x in shifted + [good]]
+    assert values[0] > values[1] > values[2] > -3.0  # decreases as the set approaches the real one
+    assert values[1] > values[3] and abs(values[3]) < 3.0  # ... to about 0 for a real sample
+    copies = fld(test, train[:800], real_train=train)
+    assert copies > values[-1] + 5.0
+
+
+def test_bootstrap_std_is_zero_for_identical_draws():
+    pool = np.random.default_rng(4).normal(size=(100, 3))
+    mean, std, values = bootstrap(lambda x: float(x.mean()), pool, n=100, draws=5)
+    assert std == 0.0 and len(set(values)) == 1
+    _, std2, _ = bootstrap(lambda x: float(x.mean()), pool, n=50, draws=5)
+    assert std2 > 0
+
+
+def test_cosine_and_running_moments():
+    a = np.array([[1.0, 0.0], [0.0, 2.0]])
+    assert cosine_similarity_pairs(a, a * 3) == pytest.approx(1.0)
+    assert cosine_similarity_pairs(a, -a) == pytest.approx(-1.0)
+    m = RunningMoments(2)
+    m.add(a)
+    m.add(a + 1)
+    mu, cov = m.mean_cov()
+    np.testing.assert_allclose(cov, np.cov(np.vstack([a, a + 1]), rowvar=False))
+
+
+def test_every_extractor_builds_tiny_and_names_missing_weights():
+    import torch
+
+    for name in REGISTRY:
+        f = build_extractor(name, tiny=True)(torch.rand(2, 3, 224, 224))
+        assert f.shape[0] == 2 and torch.isfinite(f).all()
+        with pytest.raises(FileNotFoundError, match=f"extractor {name}: weights file not found"):
+            build_extractor(name, "/missing/weights.pth")
+
+
+def test_end_to_end_on_cmu_tiles_with_jpeg_ablation(tmp_path, cmu_slide):
+    from cytosyn_data.cli import main
+    from cytosyn_data.png import decode_png, encode_png
+    from cytosyn_data.shards import iter_tar_members
+
+    assert main(["tile", "--slides", str(cmu_slide), "--out", str(tmp_path / "run"), "--tiles", "all", "--shard-size", "20"]) == 0
+    real = {n: b for p in sorted((tmp_path / "run" / "shards").glob("*.tar")) for n, b in iter_tar_members(p)}
+    keys = sorted(n[:-4] for n in real if n.endswith(".png"))
+    # 'generated' tiles named as cytosyn-sample's cond mode names them: flipped copies of the real ones
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    for i, k in enumerate(keys):
+        img = decode_png(real[f"{k}.png"])[:, ::-1]
+        (gen / f"gen__{k}__s0_{i}.png").write_bytes(encode_png(np.ascontiguousarray(img)))
+    base = {"real": {"cmu": str(tmp_path / "run" / "shards")}, "generated": {"flip": {"path": str(gen), "steps": 250}},
+            "extractors": {"inception_v3": None, "uni": None}, "tiny_extractors": True,
+            "bootstrap": {"draws": 3, "n": 20}, "batch_size": 16}
+    for name, pre in (("png", {"real": [], "generated": []}), ("jpeg", {"real": ["jpeg70"], "generated": []})):
+        cfg = tmp_path / f"{name}.yaml"
+        cfg.write_text(yaml.safe_dump({"eval": {**base, "out": str(tmp_path / name), "preprocess": pre}}))
+        assert eval_main(["--config", str(cfg)]) == 0
+    a = pl.read_parquet(tmp_path / "png" / "metrics.parquet")
+    b = pl.read_parquet(tmp_path / "jpeg" / "metrics.parquet")
+    assert set(a["metric"]) == {"fd", "fld", "precision", "recall", "cosine"}
+    assert set(a["extractor"]) == {"inception_v3", "uni"}
+    fd = a.filter(pl.col("metric") == "fd")
+    assert (fd["value"] >= 0).all() and fd["std"].is_not_null().all()
+    cos = a.filter(pl.col("metric") == "cosine")["value"]
+    assert (cos > 0.5).all()  # features of a tile and of its mirror image stay close
+    # the JPEG ablation changes the real features and so the numbers
+    fd_png = fd.filter(pl.col("extractor") == "uni")["value"].item()
+    fd_jpeg = b.filter((pl.col("metric") == "fd") & (pl.col("extractor") == "uni"))["value"].item()
+    assert fd_png != fd_jpeg
+    assert "jpeg70" in (tmp_path / "jpeg" / "report.md").read_text()
+    for f in ("report.md", "fd.png", "grid.png"):
+        assert (tmp_path / "png" / f).exists()
+    assert len(list((tmp_path / "png" / "cache").iterdir())) == 4  # (real, generated) x 2 extractors, cached
