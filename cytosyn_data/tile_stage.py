@@ -22,7 +22,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -638,9 +637,3 @@ def merge_parts(out: str | Path) -> dict[str, int]:
         _write_parquet_atomic(df.sort(key), out / f"{table}.parquet")
         counts[table] = df.height
     return counts
-
-
-def clear_work(out: Path) -> None:
-    """Remove the work folder of a finished run (detection caches and staging)."""
-    shutil.rmtree(Path(out) / "work", ignore_errors=True)
-
