@@ -18,10 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import openslide
 import polars as pl
-from PIL import Image
 
 from cytosyn_data.slide_table import build_slide_table
 from cytosyn_data.tile_stage import TileConfig, run_tile

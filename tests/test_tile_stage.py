@@ -161,7 +161,7 @@ def test_tss_stratified_budget_and_stable_picks(tmp_path, cmu_slide, tcga_slide)
     # a copy of the slides under other ids picks other tiles; the same id picks the same ones
     picks = {sid: set(g["key"].str.split("__").list.get(1)) for (sid,), g in tiles.group_by("slide_id")}
     assert picks["cmu-0"] != picks["cmu-1"]
-    res2 = run_tile(build_slide_table([table]), tmp_path / "b", TileConfig(tiles=40, seed=7))
+    run_tile(build_slide_table([table]), tmp_path / "b", TileConfig(tiles=40, seed=7))
     assert shard_bytes(tmp_path / "a") == shard_bytes(tmp_path / "b")
 
 
