@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from . import qc
 from .png import encode_png
 from .sampling import NULL_STRATUM, allocate_quotas, select_tiles, shard_order
-from .shards import atomic_write_bytes, remove_stale_tmp, write_tar_atomic
+from .shards import atomic_write_bytes, remove_stale_tmp, tmp_path, write_tar_atomic
 from .tissue import TissueParams, tile_tissue_fractions, tissue_mask
 from .wsi import RESAMPLE_NAMES, ReadPlan, SlideError, make_read_plan, open_slide, resize_to_tile, resolve_mpp
 
@@ -220,14 +220,19 @@ def extract_slide(info: dict, selected: pl.DataFrame, cfg: TileConfig, work: Pat
         plan = _plan_from_info(info, cfg)
         r = plan.region
         sel = selected.sort(["row", "col"])  # row-major: neighbouring TIFF tiles stay cached
-        out: list[bytes] = []
-        with _open_for_reads(info) as s:
-            for x, y in zip(sel["x"].to_list(), sel["y"].to_list()):
+        lengths, digests = [], []
+        final = stage / f"{sid}.bin"
+        tmp = tmp_path(final)
+        with _open_for_reads(info) as s, open(tmp, "wb", buffering=1 << 22) as fh:
+            for x, y in zip(sel["x"].to_list(), sel["y"].to_list()):  # streamed: memory stays flat
                 tile = resize_to_tile(s.read_rgb((x, y), plan.level, (r, r)), plan)
-                out.append(encode_png(tile, cfg.png_encoder))
-        lengths = np.array([len(p) for p in out], dtype=np.int64)
+                png = encode_png(tile, cfg.png_encoder)
+                fh.write(png)
+                lengths.append(len(png))
+                digests.append(hashlib.sha256(png).hexdigest())
+        os.replace(tmp, final)
+        lengths = np.array(lengths, dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        atomic_write_bytes(stage / f"{sid}.bin", b"".join(out), durable=False)
         index = pl.DataFrame(
             {
                 "key": sel["key"],
@@ -235,7 +240,7 @@ def extract_slide(info: dict, selected: pl.DataFrame, cfg: TileConfig, work: Pat
                 "y": sel["y"],
                 "offset": offsets,
                 "length": lengths,
-                "sha256": [hashlib.sha256(p).hexdigest() for p in out],
+                "sha256": digests,
             },
             schema=STAGING_SCHEMA,
         )
