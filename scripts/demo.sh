@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Demo: install cytosyn into .venv and run the pipeline on the shared real slides
+# Demo: install cytosyn into .venv and run the pipeline end to end on the shared real slides
 # (or on a generated slide when ../shared is absent). Outputs land in demo_out/.
+# The model part uses random tiny networks (no pretrained weights can be downloaded here): it shows
+# the mechanics, not image quality.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
@@ -12,3 +14,9 @@ python scripts/make_demo_slides.py demo_out/slides.csv
 cytosyn-data tile --slides demo_out/slides.csv --out demo_out/tiles --tiles 120 --shard-size 50 \
   --config pipelines/tile.yaml || echo "(some slides failed: see demo_out/tiles/report.md)"
 cat demo_out/tiles/report.md
+cytosyn-data split --run demo_out/tiles --val-out-fraction 0.5 --guidance-tiles 8 --shard-size 50
+cytosyn-data features --shards demo_out/tiles/splits/train --tiny --batch-size 16   # random tiny H0-mini
+cytosyn-train --shards demo_out/tiles/splits/train --config pipelines/train_tiny.yaml --out demo_out/train --max-steps 10
+cytosyn-sample --checkpoint demo_out/train/checkpoints/step_0000010 --out demo_out/samples --mode cond \
+  --ref-shards demo_out/tiles/splits/train -n 4 --steps 20 --sampler heun
+echo "demo outputs: demo_out/tiles (shards, qc/, report.md), demo_out/tiles/splits, demo_out/train, demo_out/samples/grid.png"
