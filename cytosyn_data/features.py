@@ -56,6 +56,8 @@ def encode_tiles(model, pngs: list[bytes], device, batch_size: int, dtype) -> tu
     """PNG tiles -> (CLS float16 [N, D], tokens float16 [N, 196, D])."""
     from cytosyn_model.h0mini import h0_mini_features
 
+    if not pngs:
+        raise ValueError("no PNG tiles to encode")
     cls_out, tok_out = [], []
     for i in range(0, len(pngs), batch_size):
         imgs = np.stack([decode_png(p) for p in pngs[i : i + batch_size]])
@@ -102,6 +104,9 @@ def add_features(
         members = [(n, b) for n, b in iter_tar_members(shard) if not n.endswith(FEATURE_EXTS)]
         keys = [n[: -len(".png")] for n, _ in members if n.endswith(".png")]
         pngs = [b for n, b in members if n.endswith(".png")]
+        if not pngs:  # nothing to add (e.g. an empty split)
+            skipped += 1
+            continue
         if model is None:
             model = build_h0_mini(weights, tiny=tiny).to(model_dev)
         cls, tok = encode_tiles(model, pngs, model_dev, batch_size, dtype)

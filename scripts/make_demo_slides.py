@@ -37,8 +37,9 @@ def main(table: str) -> None:
             {"path": str(SHARED / "tcga-cr-7395-01a-01-ts1.svs"), "slide_id": None, "mpp": 0.25},
         ]
     else:
-        generated_slide(out.parent / "generated-0.25mpp.tif")
-        rows = [{"path": str(out.parent / "generated-0.25mpp.tif"), "slide_id": None, "mpp": None}]
+        slide = (out.parent / "generated-0.25mpp.tif").resolve()
+        generated_slide(slide)
+        rows = [{"path": str(slide), "slide_id": None, "mpp": None}]
     pl.DataFrame(rows, schema={"path": pl.String, "slide_id": pl.String, "mpp": pl.Float64}).write_csv(out)
     print(f"slide table: {out} ({len(rows)} slides)")
 
