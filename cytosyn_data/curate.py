@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -95,7 +94,9 @@ def compute_features(shard_dir: Path, out_dir: Path, weights=None, tiny=False, m
     """Features of every tile in the shards, cached in ``out_dir`` (reused when the backbone matches)."""
     import webdataset as wds
 
-    ident = "tiny" if tiny else hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:16]
+    from cytosyn_model.checkpoint import file_digest
+
+    ident = "tiny" if tiny else file_digest(weights)
     ident += "+meanpatch" if mean_patch else ""
     meta_path = out_dir / "features.json"
     if meta_path.exists() and json.loads(meta_path.read_text()).get("backbone") == ident:

@@ -10,7 +10,6 @@ Several processes (``accelerate launch``) take shards ``i % world == rank``.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import time
@@ -44,11 +43,9 @@ class FeatureResult:
 def _model_identity(weights: str | None, tiny: bool) -> str:
     if tiny:
         return "h0-mini-tiny-random"
-    h = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return f"h0-mini:{h.hexdigest()[:16]}"
+    from cytosyn_model.checkpoint import file_digest
+
+    return f"h0-mini:{file_digest(weights)}"
 
 
 @torch.no_grad()

@@ -36,7 +36,7 @@ from .png import encode_png
 from .sampling import NULL_STRATUM, allocate_quotas, select_tiles, shard_order
 from .shards import atomic_write_bytes, remove_stale_tmp, tmp_path, write_tar_atomic
 from .tissue import TissueParams, tile_tissue_fractions, tissue_mask
-from .wsi import RESAMPLE_NAMES, ReadPlan, SlideError, make_read_plan, open_slide, resize_to_tile, resolve_mpp
+from .wsi import RESAMPLE_NAMES, ReadPlan, SlideError, level_pixel, make_read_plan, open_slide, resize_to_tile, resolve_mpp
 
 
 @dataclass(frozen=True)
@@ -265,8 +265,8 @@ class _TiffOnly:
         self._ds = info["level_downsamples"]
 
     def read_rgb(self, location, level, size):
-        ds = self._ds[level]
-        return self._r.read(level, int(location[0] // ds), int(location[1] // ds), size[0], size[1])
+        lx, ly = level_pixel(location, self._ds[level])
+        return self._r.read(level, lx, ly, size[0], size[1])
 
     def __enter__(self):
         return self

@@ -61,8 +61,7 @@ class SlideHandle:
         Returns uint8 [h, w, 3].
         """
         if self._fast is not None:
-            ds = self.level_downsamples[level]
-            lx, ly = int(location[0] // ds), int(location[1] // ds)
+            lx, ly = level_pixel(location, self.level_downsamples[level])
             lw, lh = self.level_dimensions[level]
             if lx + size[0] <= lw and ly + size[1] <= lh:
                 return self._fast.read(level, lx, ly, size[0], size[1])
@@ -103,6 +102,11 @@ class SlideHandle:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def level_pixel(location: tuple[int, int], downsample: float) -> tuple[int, int]:
+    """Level-0 pixel -> the level pixel that contains it (floor of location / downsample)."""
+    return int(location[0] // downsample), int(location[1] // downsample)
 
 
 def composite_on_white(pixels: np.ndarray) -> np.ndarray:

@@ -7,12 +7,29 @@ Published REPA-E / CytoSyn / SD-VAE checkpoints wrap their tensors in various pr
 
 from __future__ import annotations
 
+import functools
+import hashlib
 from pathlib import Path
 
 import torch
 
 _WRAPPER_KEYS = ("state_dict", "ema", "teacher", "model", "module")
 _PREFIXES = ("module.", "_orig_mod.", "model.", "ema.", "net.")
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime: float) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 (16 hex) of a weights file: the identity under which derived features are cached."""
+    st = Path(path).stat()
+    return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime)
 
 
 def load_state_dict(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:

@@ -35,10 +35,11 @@ class ExtractorSpec:
 
     def identity(self, weights: str | None) -> str:
         """Hash of the spec and the weights file: the key of cached features."""
+        from ..checkpoint import file_digest
+
         h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
         if weights:
-            h.update(Path(weights).read_bytes()[:1 << 20])
-            h.update(str(Path(weights).stat().st_size).encode())
+            h.update(file_digest(weights).encode())
         return h.hexdigest()[:16]
 
 
