@@ -106,6 +106,7 @@ def cmd_curate(args) -> int:
     import polars as pl
 
     from . import curate as C
+    from .report import markdown_table
 
     work = args.run / "curate"
     if args.curate_cmd in ("fit", "apply"):
@@ -136,9 +137,8 @@ def cmd_curate(args) -> int:
         C.contact_sheet([pngs[k] for k in top["key"]], [f"{p:.2f} {k}" for k, p in zip(top["key"], top["artifact_prob"])],
                         work / "top_artifacts.png")
         text = ["# curation report", "", f"- tiles scored: {cur.height}; removed (mean of 5 fold probabilities >= "
-                f"{args.threshold}): {int((~cur['keep']).sum())}", "", "| tss | slide_type | tiles | removed | fraction |",
-                "|---|---|---|---|---|"]
-        text += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.3f} |" for r in rep.iter_rows()]
+                f"{args.threshold}): {int((~cur['keep']).sum())}", "",
+                markdown_table(rep.rename({"removed_fraction": "fraction"}), "{:.3f}")]
         (work / "report.md").write_text("\n".join(text) + "\n")
         print("\n".join(text))
         return 0

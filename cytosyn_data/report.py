@@ -9,11 +9,20 @@ import polars as pl
 from .shards import atomic_write_bytes
 
 
-def _table(df: pl.DataFrame) -> str:
+def markdown_table(df: pl.DataFrame, float_fmt: str | None = None) -> str:
+    """A markdown table of ``df`` (nulls empty; floats through ``float_fmt`` when given)."""
+
+    def cell(v) -> str:
+        if v is None:
+            return ""
+        if float_fmt and isinstance(v, float):
+            return float_fmt.format(v)
+        return str(v)
+
     cols = df.columns
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for row in df.iter_rows():
-        lines.append("| " + " | ".join("" if v is None else str(v) for v in row) + " |")
+        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
     return "\n".join(lines)
 
 
@@ -49,15 +58,15 @@ def write_tile_report(path: Path, result, slides: pl.DataFrame, tiles: pl.DataFr
 
 ## Selection per TSS
 
-{_table(per_tss)}
+{markdown_table(per_tss)}
 
 ## Stratum quotas (global, all jobs)
 
-{_table(quotas)}
+{markdown_table(quotas)}
 
 ## Failed slides
 
-{_table(failed) if failed.height else 'none'}
+{markdown_table(failed) if failed.height else 'none'}
 """
     atomic_write_bytes(path, text.encode())
     return text

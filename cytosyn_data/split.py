@@ -23,6 +23,7 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
+from .report import markdown_table
 from .sampling import NULL_STRATUM, apportion, shard_order, stable_hash
 from .shards import atomic_write_bytes, remove_stale_tmp, write_tar_atomic
 from .tar_index import MemberReader, index_shards
@@ -151,8 +152,7 @@ def write_audit(path: Path, result: dict) -> None:
              f"- val_in tiles overlapping a train tile (level-0 squares): {len(result['overlapping_val_in_tiles'])}",
              f"- guidance tiles: {result['guidance']}",
              f"- verdict: {'OK, no leakage' if result['ok'] else 'LEAKAGE'}", "", "## tiles per TSS and split", "",
-             "| " + " | ".join(sizes.columns) + " |", "|" + "---|" * len(sizes.columns)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in sizes.iter_rows()]
+             markdown_table(sizes)]
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 

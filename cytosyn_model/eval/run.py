@@ -205,6 +205,8 @@ def write_report(cfg: EvalConfig, df: pl.DataFrame, out: Path) -> None:
     """report.md (tables and the choices that change the numbers), fd.png, fd_vs_steps.png, grid.png."""
     import matplotlib
 
+    from cytosyn_data.report import markdown_table
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -217,9 +219,7 @@ def write_report(cfg: EvalConfig, df: pl.DataFrame, out: Path) -> None:
     for e in cfg.extractors:
         s = REGISTRY[e]
         lines.append(f"| {e} | {s.input_size} | {s.resize} (antialias) | mean {s.mean} std {s.std} | {s.feature} |")
-    lines += ["", "## Metrics", "", "| metric | extractor | set | reference | value | std |", "|---|---|---|---|---|---|"]
-    for r in df.iter_rows():
-        lines.append("| " + " | ".join("" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v)) for v in r) + " |")
+    lines += ["", "## Metrics", "", markdown_table(df, "{:.4f}")]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     fd = df.filter(pl.col("metric") == "fd")
     if fd.height:
