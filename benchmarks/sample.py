@@ -15,7 +15,7 @@ import torch
 
 from cytosyn_model.generate import Generator
 from cytosyn_model.sit import SiT, SiTConfig
-from cytosyn_model.train import LatentNorm
+from cytosyn_model.latent_norm import LatentNorm
 from cytosyn_model.vae import AutoencoderKL, VAEConfig
 
 

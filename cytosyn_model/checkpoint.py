@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,8 +33,11 @@ def file_digest(path: str | Path) -> str:
     return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime)
 
 
-def load_state_dict(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
-    """Tensors of a .safetensors file or a torch checkpoint (weights_only); clear error if missing."""
+def read_weights_file(path: str | Path, what: str = "weights") -> dict:
+    """The object of a .safetensors file or a torch checkpoint (``weights_only=True``, which also
+    admits the ``argparse.Namespace`` that REPA-E stores under ``args``); clear error if missing."""
+    import argparse
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
@@ -44,13 +48,21 @@ def load_state_dict(path: str | Path, what: str = "weights") -> dict[str, torch.
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    for key in _WRAPPER_KEYS:
-        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        obj = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(obj, dict):
         raise ValueError(f"{what}: {path} holds no state dict")
+    return obj
+
+
+def load_state_dict(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
+    """Tensors of a weights file, unwrapped from the first ``state_dict``/``ema``/``teacher``/``model``/
+    ``module`` key that holds a dict."""
+    obj = read_weights_file(path, what)
+    for key in _WRAPPER_KEYS:
+        if key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+            break
     return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
 
 
@@ -73,15 +85,172 @@ def map_state_dict(state: dict[str, torch.Tensor], prefix: str | None = None) ->
     return out
 
 
-def load_into(module: torch.nn.Module, path: str | Path, what: str, prefix: str | None = None, strict: bool = True):
-    """Load a (possibly REPA-E style) checkpoint into ``module``; returns (missing, unexpected)."""
-    state = map_state_dict(load_state_dict(path, what), prefix)
+def strict_load(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, source,
+                allow_missing: tuple[str, ...] = ()) -> None:
+    """Load ``state`` into ``module``; any missing (outside ``allow_missing`` prefixes), unexpected or
+    mis-shaped key is one ValueError that lists them all."""
     own = module.state_dict()
-    state = {k: v for k, v in state.items() if not k.endswith("pos_embed") or k in own}
-    result = module.load_state_dict(state, strict=False)
-    if strict and (result.missing_keys or result.unexpected_keys):
-        raise ValueError(
-            f"{what}: {path} does not match the model: missing {result.missing_keys[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
-    return result.missing_keys, result.unexpected_keys
+    missing = [k for k in own if k not in state and not k.startswith(allow_missing)]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in state
+              if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = [f"{name} ({len(keys)}): {', '.join(keys)}" for name, keys in
+                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if keys]
+        raise ValueError(f"{what}: {source} does not match the model: " + "; ".join(parts))
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+
+
+def load_into(module: torch.nn.Module, path: str | Path, what: str, prefix: str | None = None):
+    """Load a (possibly wrapped, prefixed) checkpoint into ``module`` strictly (see :func:`strict_load`)."""
+    strict_load(module, map_state_dict(load_state_dict(path, what), prefix), what, path)
+
+
+# ------------------------------------------------------------------ the VAE
+def _pick(obj: dict, keys: tuple[str, ...]) -> dict | None:
+    for key in keys:
+        if isinstance(obj.get(key), dict):
+            return obj[key]
+    return None
+
+
+def _with_prefix(state: dict, prefixes: tuple[str, ...]) -> dict | None:
+    for p in prefixes:
+        sub = {k[len(p):]: v for k, v in state.items() if k.startswith(p)}
+        if sub:
+            return sub
+    return None
+
+
+def vae_state_from(obj: dict) -> dict[str, torch.Tensor]:
+    """The VAE tensors (latent-diffusion names) of: a full REPA-E training checkpoint (its ``vae``),
+    an E2E-VAE / SD-VAE state dict (``state_dict``, ``first_stage_model.`` prefix), a cytosyn
+    checkpoint (``vae.``), or a diffusers ``AutoencoderKL`` file (converted)."""
+    state = _pick(obj, ("vae", "state_dict")) or obj
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    state = map_state_dict(state)
+    state = _with_prefix(state, ("first_stage_model.", "vae.")) or state
+    if any(".down_blocks." in k or ".up_blocks." in k or ".mid_block." in k for k in state):
+        state = diffusers_to_ldm_vae(state)
+    return {k: v for k, v in state.items() if not k.startswith("loss.")}
+
+
+def load_vae(vae: torch.nn.Module, path: str | Path) -> None:
+    """Initialise ``vae`` from any layout of :func:`vae_state_from` (strict)."""
+    strict_load(vae, vae_state_from(read_weights_file(path, "vae_init")), "vae_init", path)
+
+
+_DIFFUSERS_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+                   "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
+
+
+def _diffusers_key(k: str, levels: int) -> str:
+    import re
+
+    k = k.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+    k = re.sub(r"mid_block\.resnets\.(\d)", lambda m: f"mid.block_{int(m.group(1)) + 1}", k)
+    k = re.sub(r"mid_block\.attentions\.0\.", "mid.attn_1.", k)
+    for src, dst in _DIFFUSERS_ATTN.items():
+        k = k.replace(f"mid.attn_1.{src}.", f"mid.attn_1.{dst}.")
+    k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", k)
+    k = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
+    k = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.",
+               lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.block.", k)
+    k = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
+               lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.upsample.", k)
+    return k
+
+
+def diffusers_to_ldm_vae(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """diffusers ``AutoencoderKL`` names -> latent-diffusion names (up blocks reversed; the mid
+    attention's linear q/k/v/out become 1x1 convolutions)."""
+    import re
+
+    ups = {int(m.group(1)) for k in state if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))}
+    levels = max(ups) + 1 if ups else 0
+    out = {}
+    for k, v in state.items():
+        new = _diffusers_key(k, levels)
+        if ".mid.attn_1." in new and new.endswith(".weight") and v.dim() == 2:
+            v = v[:, :, None, None]
+        out[new] = v
+    return out
+
+
+# ------------------------------------------------------------------ the SiT
+_CLASS_EMBEDDER = "y_embedder.embedding_table.weight"
+
+
+@dataclass
+class SiTLoadReport:
+    """What :func:`load_sit` did: loaded tensor count, REPA-E keys skipped (with the reason), our keys
+    kept at their initialisation, and the latent statistics found in the checkpoint (mean, var)."""
+
+    source: str
+    loaded: int
+    skipped: dict[str, str]
+    kept_at_init: list[str]
+    latent_stats: tuple[torch.Tensor, torch.Tensor] | None
+
+    def summary(self) -> str:
+        skipped = "; ".join(f"skipped {k} ({why})" for k, why in self.skipped.items()) or "nothing skipped"
+        kept = f"; kept at initialisation: {', '.join(self.kept_at_init)}" if self.kept_at_init else ""
+        stats = "; latent statistics from its BatchNorm" if self.latent_stats is not None else ""
+        return f"loaded {self.loaded} tensors from {self.source}; {skipped}{kept}{stats}"
+
+
+def sit_state_from(obj: dict, which: str = "ema") -> dict[str, torch.Tensor]:
+    """SiT tensors of a REPA-E training checkpoint (``ema`` or ``model``), a cytosyn checkpoint
+    (``ema_sit.`` / ``sit.``), or a plain SiT state dict."""
+    other = "model" if which == "ema" else "ema"
+    state = _pick(obj, (which, other, "state_dict")) or obj
+    state = map_state_dict({k: v for k, v in state.items() if isinstance(v, torch.Tensor)})
+    sub = _with_prefix(state, (f"{which}_sit.", "sit.") if which == "ema" else ("sit.", "ema_sit."))
+    if sub is not None:
+        bn = _with_prefix(state, ("ema_bn.bn.", "bn.bn.") if which == "ema" else ("bn.bn.", "ema_bn.bn."))
+        state = {**sub, **{f"bn.{k}": v for k, v in (bn or {}).items()}}
+    return state
+
+
+def load_sit(sit: torch.nn.Module, path: str | Path, which: str = "ema") -> SiTLoadReport:
+    """Initialise our SiT trunk (blocks, embedders of x and t, pos_embed, projector, final layer)
+    from a REPA-E or cytosyn checkpoint. REPA-E's class-label embedder is skipped (CytoSyn conditions
+    on the H0-mini CLS), our condition embedder then keeps its initialisation; REPA-E's latent
+    BatchNorm statistics are returned for :class:`LatentNorm`. Anything else that does not fit is an
+    error listing the keys (see :func:`strict_load`)."""
+    state = sit_state_from(read_weights_file(path, "sit_init"), which)
+    skipped = {}
+    if _CLASS_EMBEDDER in state:
+        state.pop(_CLASS_EMBEDDER)
+        skipped[_CLASS_EMBEDDER] = "REPA-E class-label embedder; CytoSyn conditions on the H0-mini CLS"
+    stats = None
+    if "bn.running_mean" in state:
+        stats = (state.pop("bn.running_mean"), state.pop("bn.running_var"))
+        state.pop("bn.num_batches_tracked", None)
+    kept = [k for k in sit.state_dict() if k.startswith("y_embedder.") and k not in state]
+    strict_load(sit, state, "sit_init", path, allow_missing=("y_embedder.",) if skipped else ())
+    return SiTLoadReport(str(path), len(state), skipped, kept, stats)
+
+
+def load_latent_stats(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel latent (mean, var) from REPA-E's ``*-latents-stats.pt`` (``latents_bias`` = mean,
+    ``latents_scale`` = 1/std), a file with ``mean`` and ``std`` (or ``var``), or a checkpoint whose
+    latent BatchNorm carries ``running_mean``/``running_var``."""
+    obj = read_weights_file(path, "latent_stats")
+    flat = map_state_dict({k: v for k, v in obj.items() if isinstance(v, torch.Tensor)})
+    if "latents_bias" in flat and "latents_scale" in flat:
+        return flat["latents_bias"].reshape(-1).float(), flat["latents_scale"].reshape(-1).float().pow(-2)
+    if "mean" in flat and ("std" in flat or "var" in flat):
+        var = flat["var"] if "var" in flat else flat["std"].pow(2)
+        return flat["mean"].reshape(-1).float(), var.reshape(-1).float()
+    stats = _batchnorm_stats(obj)
+    if stats is not None:
+        return stats
+    raise ValueError(f"latent_stats: {path} holds no latents_bias/latents_scale, mean/std or BatchNorm running statistics")
+
+
+def _batchnorm_stats(obj: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+    state = sit_state_from(obj)
+    if "bn.running_mean" in state and "bn.running_var" in state:
+        return state["bn.running_mean"].float(), state["bn.running_var"].float()
+    return None

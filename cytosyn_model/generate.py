@@ -17,7 +17,7 @@ import torch
 from .grid import save_grid, to_uint8
 from .sampling import SAMPLERS, sit_velocity_fn
 from .sit import SiT, SiTConfig
-from .train import LatentNorm
+from .latent_norm import LatentNorm
 from .vae import AutoencoderKL, VAEConfig
 
 

@@ -2,7 +2,8 @@
 
 ``model(x, t, y)`` returns the velocity eps - x for latents ``x`` [B, ...] at times ``t``
 [B]; ``y`` is the condition or None (the null condition). Classifier-free guidance is
-applied only while ``guidance_low <= t <= guidance_high`` (guidance interval).
+applied only while ``guidance_low <= t <= guidance_high`` (guidance interval) and the scale is
+above 1, as in REPA/REPA-E's ``samplers.py``.
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> to
     return -(x + (1 - tt) * v) / tt
 
 
-def guided_velocity(
-    model: ModelFn, x: torch.Tensor, t: float, y, scale: float, low: float, high: float
-) -> torch.Tensor:
-    """Velocity with classifier-free guidance inside [low, high]; the conditional one elsewhere."""
+def guidance_active(t: float, y, scale: float, low: float, high: float) -> bool:
+    """CFG applies when there is a condition, ``scale`` > 1 and ``low <= t <= high`` (REPA's samplers)."""
+    return y is not None and scale > 1.0 and low <= t <= high
+
+
+def guided_velocity(model: ModelFn, x: torch.Tensor, t: float, y, scale: float, guided: bool) -> torch.Tensor:
+    """Velocity at time ``t``: ``uncond + scale (cond - uncond)`` when ``guided``, else the conditional one."""
     tb = torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
-    if y is None or scale == 1.0 or not (low <= t <= high):
+    if not guided:
         return model(x, tb, y)
     both = model(torch.cat([x, x]), torch.cat([tb, tb]), _cat_null(y))
     cond, uncond = both.chunk(2)
@@ -63,7 +67,8 @@ def euler_maruyama(
     for i in range(steps):
         t_cur, t_next = float(ts[i]), float(ts[i + 1])
         dt = t_next - t_cur
-        v = guided_velocity(model, x, t_cur, y, cfg_scale, guidance_low, guidance_high).to(torch.float64)
+        guided = guidance_active(t_cur, y, cfg_scale, guidance_low, guidance_high)
+        v = guided_velocity(model, x, t_cur, y, cfg_scale, guided).to(torch.float64)
         tb = torch.full((x.shape[0],), t_cur, device=x.device, dtype=torch.float64)
         diffusion = 2.0 * t_cur
         drift = v - 0.5 * diffusion * score_from_velocity(v, x, tb)
@@ -87,7 +92,8 @@ def ode_euler(model: ModelFn, noise: torch.Tensor, y=None, steps: int = 50, cfg_
     x = noise.to(torch.float64)
     ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     for i in range(steps):
-        v = guided_velocity(model, x, float(ts[i]), y, cfg_scale, guidance_low, guidance_high)
+        guided = guidance_active(float(ts[i]), y, cfg_scale, guidance_low, guidance_high)
+        v = guided_velocity(model, x, float(ts[i]), y, cfg_scale, guided)
         x = x + (float(ts[i + 1]) - float(ts[i])) * v.to(torch.float64)
     return x.to(noise.dtype)
 
@@ -95,15 +101,18 @@ def ode_euler(model: ModelFn, noise: torch.Tensor, y=None, steps: int = 50, cfg_
 @torch.no_grad()
 def ode_heun(model: ModelFn, noise: torch.Tensor, y=None, steps: int = 50, cfg_scale: float = 1.0,
              guidance_low: float = 0.0, guidance_high: float = 0.75) -> torch.Tensor:
-    """Heun's second-order method on the probability-flow ODE (Euler on the last step to t=0)."""
+    """Heun's second-order method on the probability-flow ODE (Euler on the last step to t=0).
+
+    Whether CFG applies is decided from t_cur for both evaluations of a step, as REPA's ``euler_sampler``."""
     x = noise.to(torch.float64)
     ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     for i in range(steps):
         t_cur, t_next = float(ts[i]), float(ts[i + 1])
-        v = guided_velocity(model, x, t_cur, y, cfg_scale, guidance_low, guidance_high).to(torch.float64)
+        guided = guidance_active(t_cur, y, cfg_scale, guidance_low, guidance_high)
+        v = guided_velocity(model, x, t_cur, y, cfg_scale, guided).to(torch.float64)
         x_euler = x + (t_next - t_cur) * v
-        if t_next > 0:
-            v2 = guided_velocity(model, x_euler, t_next, y, cfg_scale, guidance_low, guidance_high).to(torch.float64)
+        if i < steps - 1:
+            v2 = guided_velocity(model, x_euler, t_next, y, cfg_scale, guided).to(torch.float64)
             x = x + (t_next - t_cur) * 0.5 * (v + v2)
         else:
             x = x_euler

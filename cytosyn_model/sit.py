@@ -136,15 +136,22 @@ def build_projector(hidden: int, projector_dim: int, z_dim: int) -> nn.Sequentia
 
 
 def sincos_pos_embed_2d(dim: int, grid: int) -> np.ndarray:
-    """Fixed 2D sine-cosine position embedding, [grid*grid, dim] (MAE/DiT layout)."""
-    gh, gw = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="xy")
+    """Fixed 2D sine-cosine position embedding, [grid*grid, dim] float64, token i = row * grid + col.
 
-    def one(d, pos):
+    The MAE/DiT/SiT/REPA layout (``get_2d_sincos_pos_embed``): the first ``dim/2`` channels encode
+    the column (x), the last ``dim/2`` the row (y); each half is [sin | cos] over ``dim/4`` frequencies
+    1 / 10000^(k / (dim/4)).
+    """
+    if dim % 4:
+        raise ValueError(f"hidden size {dim} must be divisible by 4 for the 2D sin-cos embedding")
+    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+
+    def one(d: int, pos: np.ndarray) -> np.ndarray:
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
         out = pos.reshape(-1)[:, None] * omega[None]
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
-    return np.concatenate([one(dim // 2, gw), one(dim // 2, gh)], axis=1)
+    return np.concatenate([one(dim // 2, cols), one(dim // 2, rows)], axis=1)
 
 
 class SiT(nn.Module):
@@ -158,11 +165,10 @@ class SiT(nn.Module):
         self.t_embedder = TimestepEmbedder(hidden)
         self.y_embedder = ConditionEmbedder(cfg.cond_dim, hidden, cfg.class_dropout, cfg.learn_null)
         n = self.x_embedder.num_patches
-        self.register_buffer(
-            "pos_embed",
-            torch.from_numpy(sincos_pos_embed_2d(hidden, int(n**0.5))).float().unsqueeze(0),
-            persistent=False,
-        )
+        # a frozen parameter, as in SiT/REPA: it is part of the state dict, and REPA-E's training loop
+        # (requires_grad(model, True) after the VAE step) makes it trainable from the first SiT update
+        pos = torch.from_numpy(sincos_pos_embed_2d(hidden, int(n**0.5))).float().unsqueeze(0)
+        self.pos_embed = nn.Parameter(pos, requires_grad=False)
         self.blocks = nn.ModuleList(SiTBlock(hidden, heads, cfg.mlp_ratio, cfg.qk_norm) for _ in range(depth))
         self.projectors = nn.ModuleList([build_projector(hidden, cfg.projector_dim, cfg.z_dim)])
         self.final_layer = FinalLayer(hidden, cfg.patch_size, cfg.in_channels)

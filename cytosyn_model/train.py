@@ -1,14 +1,18 @@
 """REPA-E end-to-end training of the VAE and the SiT (`cytosyn-train`).
 
-One step, in the stop-gradient order of REPA-E (with CytoSyn's EMA of the VAE):
-1. encode the images with the VAE (posterior sample z);
-2. VAE step, SiT frozen: L1 + LPIPS + KL + PatchGAN generator loss on the reconstruction,
-   plus ``proj_coeff_vae`` x the alignment loss of the SiT run only up to its REPA block on
-   batch-normalised z (batch statistics), same t and noise as step 4;
-3. discriminator step (hinge) on real images vs. detached reconstructions;
-4. SiT step on detached z (BatchNorm updates its running statistics): velocity loss +
-   ``proj_coeff_sit`` x alignment loss;
-5. EMA update of the SiT, the VAE and the latent statistics.
+One step has the phases of REPA-E's ``train_repae.py`` (each a method below, compared with the
+reference code in tests/test_repa_e_reference.py), plus CytoSyn's EMA of the VAE:
+1. ``encode``: posterior sample z of the images (VAE in train mode);
+2. ``vae_phase``: SiT and discriminator frozen; the SiT in eval mode (running latent statistics, no
+   condition dropped) gives the alignment loss on z; L1 + LPIPS + KL + GAN + ``proj_coeff_vae`` x
+   alignment updates the VAE;
+3. ``disc_phase``: ``disc_factor`` x hinge loss (0 before ``gan_start_step``) updates the discriminator;
+4. ``sit_phase``: on z.detach(), SiT and latent BatchNorm in train mode (batch statistics, running
+   ones updated, conditions dropped with the step's mask): velocity loss + ``proj_coeff_sit`` x
+   alignment updates the SiT;
+5. ``ema_phase``: EMA of the SiT (with its frozen-then-trainable ``pos_embed``), the VAE and the
+   latent statistics.
+The same t and path noise serve steps 2 and 4 (:class:`StepNoise`).
 """
 
 from __future__ import annotations
@@ -22,13 +26,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .h0mini import build_h0_mini, h0_mini_features
-from .losses import LPIPS, PatchDiscriminator, diffusion_loss, hinge_d_loss, hinge_g_loss, interpolate, repa_loss
+from .latent_norm import LatentNorm
+from .losses import (
+    LPIPS, PatchDiscriminator, VAELossWeights, diffusion_loss, discriminator_loss, interpolate, repa_loss,
+    vae_generator_losses,
+)
 from .sit import SiT, SiTConfig
 from .vae import AutoencoderKL, VAEConfig
+
+__all__ = ["LatentNorm", "NaNLossError", "StepNoise", "TrainConfig", "Trainer", "ema_update", "train"]
 
 
 @dataclass
@@ -38,12 +47,16 @@ class TrainConfig:
     out: str = "runs/train"
     vae: dict = field(default_factory=dict)  # VAEConfig fields
     sit: dict = field(default_factory=dict)  # SiTConfig fields
-    vae_init: str | None = None  # pretrained VAE weights (safetensors / torch), optional
-    sit_init: str | None = None
+    vae_init: str | None = None  # VAE weights: REPA-E checkpoint/E2E-VAE, SD-VAE (LDM) or diffusers layout
+    sit_init: str | None = None  # SiT trunk weights: REPA-E checkpoint (its ``ema``) or a cytosyn checkpoint
+    latent_stats: str | None = None  # per-channel latent mean/std file (REPA-E ``*-latents-stats.pt``)
     batch_size: int = 256  # per process
     max_steps: int = 400_000
-    lr: float = 1e-4
+    lr: float = 1e-4  # SiT
+    vae_lr: float | None = None  # default: lr
+    disc_lr: float | None = None  # default: lr
     betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     mixed_precision: str = "no"  # "no" | "bf16" | "fp16"
@@ -56,8 +69,9 @@ class TrainConfig:
     lpips_lin_weights: str | None = None
     lpips_random_init: bool = False  # tests only
     kl_weight: float = 1e-6
-    gan_weight: float = 0.1
-    gan_start_step: int = 0  # our VAE may start from scratch: delay the GAN
+    gan_weight: float = 0.1  # REPA-E discriminator_weight
+    disc_factor: float = 1.0  # REPA-E discriminator_factor
+    gan_start_step: int = 0  # REPA-E discriminator_start
     disc_channels: int = 64
     bn_momentum: float = 0.1
     bn_eps: float = 1e-4
@@ -83,28 +97,30 @@ class TrainConfig:
             d["betas"] = tuple(d["betas"])
         return cls(**d)
 
+    def loss_weights(self) -> VAELossWeights:
+        return VAELossWeights(l1=self.l1_weight, lpips=self.lpips_weight, kl=self.kl_weight, gan=self.gan_weight)
 
-class LatentNorm(nn.Module):
-    """BatchNorm without affine parameters on the latents [B, 4, h, w].
 
-    ``forward`` in train mode uses batch statistics and updates the running ones; in eval
-    mode it uses the running ones. ``batch_normalize`` uses batch statistics without
-    touching the running ones (the VAE's alignment pass). ``denormalize`` inverts eval mode.
-    """
+@dataclass
+class StepNoise:
+    """The randomness of one step: posterior-sample noise and path noise [B, C, h, w], t [B] in [0, 1),
+    condition-drop mask [B] (bool). Drawn once, shared by the VAE and SiT phases."""
 
-    def __init__(self, channels: int = 4, momentum: float = 0.1, eps: float = 1e-4):
-        super().__init__()
-        self.bn = nn.BatchNorm2d(channels, affine=False, momentum=momentum, eps=eps)
+    posterior: torch.Tensor
+    t: torch.Tensor
+    path: torch.Tensor
+    drop: torch.Tensor
 
-    def forward(self, z):
-        return self.bn(z)
-
-    def batch_normalize(self, z):
-        return F.batch_norm(z, None, None, training=True, eps=self.bn.eps)
-
-    def denormalize(self, z):
-        bn = self.bn
-        return z * torch.sqrt(bn.running_var + bn.eps).view(1, -1, 1, 1) + bn.running_mean.view(1, -1, 1, 1)
+    @classmethod
+    def draw(cls, batch: int, latent: tuple[int, int, int], drop_prob: float, device,
+             generator: torch.Generator | None = None) -> "StepNoise":
+        shape = (batch, *latent)
+        return cls(
+            posterior=torch.randn(shape, device=device, generator=generator),
+            t=torch.rand(batch, device=device, generator=generator),
+            path=torch.randn(shape, device=device, generator=generator),
+            drop=torch.rand(batch, device=device, generator=generator) < drop_prob,
+        )
 
 
 def _requires_grad(module: nn.Module, flag: bool) -> None:
@@ -114,18 +130,39 @@ def _requires_grad(module: nn.Module, flag: bool) -> None:
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema = decay * ema + (1 - decay) * model, over parameters and float buffers (BN statistics)."""
+    """ema = decay * ema + (1 - decay) * model over parameters and float buffers (BN statistics);
+    other buffers are copied. The arithmetic of REPA-E's ``update_ema``."""
     for pe, pm in zip(ema.parameters(), model.parameters()):
-        pe.lerp_(pm.detach().to(pe.dtype), 1.0 - decay)
+        pe.mul_(decay).add_(pm.detach().to(pe.dtype), alpha=1 - decay)
     for be, bm in zip(ema.buffers(), model.buffers()):
         if be.dtype.is_floating_point:
-            be.lerp_(bm.to(be.dtype), 1.0 - decay)
+            be.mul_(decay).add_(bm.to(be.dtype), alpha=1 - decay)
         else:
             be.copy_(bm)
 
 
 class NaNLossError(FloatingPointError):
     """A loss term became NaN or infinite; the message names the step and the term."""
+
+
+def build_models(cfg: TrainConfig) -> dict[str, nn.Module]:
+    """VAE, SiT, latent norm and discriminator of a run, initialised from ``vae_init`` / ``sit_init`` /
+    ``latent_stats`` when given (see checkpoint.py; what is skipped is printed)."""
+    from . import checkpoint
+
+    vae_cfg = VAEConfig(**{**cfg.vae, "ch_mult": tuple(cfg.vae.get("ch_mult", (1, 2, 4, 4)))})
+    vae, sit = AutoencoderKL(vae_cfg), SiT(SiTConfig(**cfg.sit))
+    bn = LatentNorm(vae_cfg.z_channels, cfg.bn_momentum, cfg.bn_eps)
+    if cfg.vae_init:
+        checkpoint.load_vae(vae, cfg.vae_init)
+    if cfg.sit_init:
+        report = checkpoint.load_sit(sit, cfg.sit_init)
+        print(f"cytosyn-train: sit_init: {report.summary()}")
+        if report.latent_stats is not None:
+            bn.set_statistics(*report.latent_stats)
+    if cfg.latent_stats:
+        bn.set_statistics(*checkpoint.load_latent_stats(cfg.latent_stats))
+    return {"vae": vae, "sit": sit, "bn": bn, "disc": PatchDiscriminator(cfg.disc_channels)}
 
 
 class Trainer:
@@ -139,38 +176,24 @@ class Trainer:
         self.acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
         set_seed(cfg.seed, device_specific=True)
         self.device = self.acc.device
-        self.vae_cfg = VAEConfig(**{**cfg.vae, "ch_mult": tuple(cfg.vae.get("ch_mult", (1, 2, 4, 4)))})
-        self.sit_cfg = SiTConfig(**cfg.sit)
-        vae = AutoencoderKL(self.vae_cfg)
-        sit = SiT(self.sit_cfg)
-        if cfg.vae_init:
-            from .checkpoint import load_into
-
-            load_into(vae, cfg.vae_init, "vae_init", prefix="vae.")
-        if cfg.sit_init:
-            from .checkpoint import load_into
-
-            load_into(sit, cfg.sit_init, "sit_init", prefix="sit.")
-        bn = LatentNorm(self.vae_cfg.z_channels, cfg.bn_momentum, cfg.bn_eps)
+        m = build_models(cfg)
+        self.vae_cfg, self.sit_cfg = m["vae"].cfg, m["sit"].cfg
         if self.acc.num_processes > 1:
-            bn = nn.SyncBatchNorm.convert_sync_batchnorm(bn)
-        disc = PatchDiscriminator(cfg.disc_channels)
+            m["bn"] = nn.SyncBatchNorm.convert_sync_batchnorm(m["bn"])
         self.lpips = None
         if cfg.lpips_weight > 0:
             self.lpips = LPIPS(cfg.lpips_vgg_weights, cfg.lpips_lin_weights, random_init=cfg.lpips_random_init).to(self.device)
         self.h0 = None
-        self.ema_vae = copy.deepcopy(vae).requires_grad_(False).eval().to(self.device)
-        self.ema_sit = copy.deepcopy(sit).requires_grad_(False).eval().to(self.device)
-        self.ema_bn = copy.deepcopy(bn).requires_grad_(False).eval().to(self.device)
+        self.ema_vae = copy.deepcopy(m["vae"]).requires_grad_(False).eval().to(self.device)
+        self.ema_sit = copy.deepcopy(m["sit"]).requires_grad_(False).eval().to(self.device)
+        self.ema_bn = copy.deepcopy(m["bn"]).requires_grad_(False).eval().to(self.device)
 
-        def adamw(m):
-            return torch.optim.AdamW(
-                [p for p in m.parameters() if p.requires_grad], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay
-            )
+        def adamw(module, lr):  # every parameter, as REPA-E: pos_embed becomes trainable after step 1
+            return torch.optim.AdamW(module.parameters(), lr=lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
 
-        opt_vae, opt_sit, opt_disc = adamw(vae), adamw(sit), adamw(disc)
+        opts = adamw(m["vae"], cfg.vae_lr or cfg.lr), adamw(m["sit"], cfg.lr), adamw(m["disc"], cfg.disc_lr or cfg.lr)
         self.vae, self.sit, self.disc, self.bn, self.opt_vae, self.opt_sit, self.opt_disc = self.acc.prepare(
-            vae, sit, disc, bn.to(self.device), opt_vae, opt_sit, opt_disc
+            m["vae"], m["sit"], m["disc"], m["bn"].to(self.device), *opts
         )
         self.step = 0
         self.out = Path(cfg.out)
@@ -192,102 +215,117 @@ class Trainer:
             cls, tok = h0_mini_features(self.h0, images01)
         return cls.float(), tok.float()
 
+    def draw_noise(self, batch: int, generator: torch.Generator | None = None) -> StepNoise:
+        s = self.sit_cfg.input_size
+        return StepNoise.draw(batch, (self.vae_cfg.z_channels, s, s), self.sit_cfg.class_dropout, self.device, generator)
+
+    def disc_factor(self) -> float:
+        """REPA-E's discriminator factor at this step: ``disc_factor`` from ``gan_start_step`` on, else 0."""
+        return self.cfg.disc_factor if self.step >= self.cfg.gan_start_step else 0.0
+
     def _check(self, name: str, value: torch.Tensor) -> None:
         if not torch.isfinite(value).all():
             raise NaNLossError(f"step {self.step + 1}: loss term '{name}' is {value.item()}")
-
-    # ------------------------------------------------------------------ step
-    def vae_losses(self, x, rec, post, z, noise, t, cls, tok, drop, gan_on: bool) -> dict[str, torch.Tensor]:
-        """Loss terms of the VAE step; the SiT and the discriminator must be frozen by the caller.
-
-        The alignment pass runs the (unwrapped) SiT only up to its REPA block on the batch-
-        normalised latents, so its gradient reaches the VAE encoder and no SiT parameter.
-        """
-        cfg = self.cfg
-        zero = torch.zeros((), device=self.device)
-        sit_raw = self.acc.unwrap_model(self.sit)
-        with self.acc.autocast():
-            l1 = (rec.float() - x.float()).abs().mean()
-            lp = self.lpips(rec.float(), x.float()).mean() if self.lpips is not None else zero
-            kl = post.kl().mean() / z[0].numel()
-            g = hinge_g_loss(self.acc.unwrap_model(self.disc)(rec)) if gan_on else zero
-            xt, _ = interpolate(self.acc.unwrap_model(self.bn).batch_normalize(z), noise, t)
-            _, zs = sit_raw(xt, t, cls, drop=drop, align_only=True)
-            align = repa_loss(zs, tok)
-        total = cfg.l1_weight * l1 + cfg.lpips_weight * lp + cfg.kl_weight * kl + cfg.gan_weight * g + cfg.proj_coeff_vae * align
-        return {"l1": l1, "lpips": lp, "kl": kl, "gan_g": g, "align_vae": align, "vae_total": total}
-
-    def sit_losses(self, z, noise, t, cls, tok, drop) -> dict[str, torch.Tensor]:
-        """Loss terms of the SiT step on detached latents (BatchNorm in train mode)."""
-        self.sit.train()
-        self.bn.train()
-        with self.acc.autocast():
-            xt, v_target = interpolate(self.bn(z.detach()), noise, t)
-            v_pred, zs = self.sit(xt, t, cls, drop=drop)
-            denoise = diffusion_loss(v_pred, v_target)
-            align = repa_loss(zs, tok)
-        return {"denoise": denoise, "align_sit": align, "sit_total": denoise + self.cfg.proj_coeff_sit * align}
 
     def _record(self, logs: dict, losses: dict[str, torch.Tensor]) -> None:
         for name, v in losses.items():
             self._check(name, v)
             logs[name] = float(v.detach())
 
-    def train_step(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, float]:
-        """One REPA-E step (see the module docstring); returns the loss terms and grad norms."""
-        cfg = self.cfg
-        x = batch["image"].to(self.device)
-        cls, tok = self._features(batch)
-        b = x.shape[0]
-        sit_raw = self.acc.unwrap_model(self.sit)
-        disc_raw = self.acc.unwrap_model(self.disc)
-        logs: dict[str, float] = {}
-        gan_on = self.step >= cfg.gan_start_step and cfg.gan_weight > 0
+    def _update(self, loss: torch.Tensor, model: nn.Module, opt: torch.optim.Optimizer) -> float:
+        """backward, clip to ``grad_clip``, optimiser step, zero the gradients; returns the pre-clip norm."""
+        self.acc.backward(loss)
+        norm = self.acc.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(norm)
 
-        # 1. encode (through the DDP wrapper, so VAE gradients are synced); one t, noise, drop
+    # ------------------------------------------------------------------ phases
+    def encode(self, x: torch.Tensor, noise: StepNoise):
+        """Phase 1: (reconstruction, posterior, z) of images [B, 3, H, W] in [-1, 1], through the
+        (DDP-wrapped) VAE so that its gradients are synchronised."""
         self.vae.train()
         with self.acc.autocast():
-            rec, post, z = self.vae(x, generator=generator)
-        t = torch.rand(b, device=self.device, generator=generator)
-        noise = torch.randn(z.shape, device=self.device, generator=generator, dtype=z.dtype)
-        drop = torch.rand(b, device=self.device, generator=generator) < self.sit_cfg.class_dropout
+            return self.vae(x, noise=noise.posterior)
 
-        # 2. VAE step with the SiT and the discriminator frozen
+    def vae_losses(self, x, rec, post, z, noise: StepNoise, cls, tok) -> dict[str, torch.Tensor]:
+        """Loss terms of phase 2; the caller has frozen the SiT and the discriminator.
+
+        The alignment pass runs the unwrapped SiT in eval mode up to its REPA block on the latents
+        normalised with the running statistics, with no condition dropped (REPA-E's ``model.eval()``)."""
+        sit_raw, bn_raw = self.acc.unwrap_model(self.sit), self.acc.unwrap_model(self.bn)
+        sit_raw.eval()
+        bn_raw.eval()
+        disc = self.acc.unwrap_model(self.disc)
+        losses = vae_generator_losses(x, rec, post, self.cfg.loss_weights(), self.lpips, disc, self.disc_factor())
+        with self.acc.autocast():
+            xt, _ = interpolate(bn_raw(z), noise.path, noise.t)
+            _, zs = sit_raw(xt, noise.t, cls, align_only=True)
+            align = repa_loss(zs, tok)
+        losses["align_vae"] = align
+        losses["vae_total"] = losses.pop("vae_rec") + self.cfg.proj_coeff_vae * align
+        return losses
+
+    def vae_phase(self, x, rec, post, z, noise: StepNoise, cls, tok, logs: dict) -> None:
+        sit_raw, disc_raw = self.acc.unwrap_model(self.sit), self.acc.unwrap_model(self.disc)
         _requires_grad(sit_raw, False)
         _requires_grad(disc_raw, False)
-        losses = self.vae_losses(x, rec, post, z, noise, t, cls, tok, drop, gan_on)
+        losses = self.vae_losses(x, rec, post, z, noise, cls, tok)
         self._record(logs, losses)
-        self.opt_vae.zero_grad(set_to_none=True)
-        self.acc.backward(losses["vae_total"])
-        logs["grad_norm_vae"] = float(self.acc.clip_grad_norm_(self.vae.parameters(), cfg.grad_clip))
-        self.opt_vae.step()
-        _requires_grad(sit_raw, True)
+        logs["grad_norm_vae"] = self._update(losses["vae_total"], self.vae, self.opt_vae)
         _requires_grad(disc_raw, True)
+
+    def disc_phase(self, x, rec, logs: dict) -> None:
+        """Phase 3 (skipped when ``gan_weight`` is 0); runs with factor 0 before ``gan_start_step`` as REPA-E."""
+        if self.cfg.gan_weight <= 0:
+            return
+        factor = self.disc_factor()
+        d_loss = discriminator_loss(self.disc, x, rec, factor)
+        self._check("gan_d", d_loss)
+        norm = self._update(d_loss, self.disc, self.opt_disc)
+        if factor > 0:
+            logs.update(gan_d=float(d_loss.detach()), grad_norm_disc=norm)
+
+    def sit_losses(self, z, noise: StepNoise, cls, tok) -> dict[str, torch.Tensor]:
+        """Loss terms of phase 4 on detached latents (SiT and BatchNorm in train mode)."""
+        self.sit.train()
+        self.bn.train()
+        with self.acc.autocast():
+            xt, v_target = interpolate(self.bn(z.detach()), noise.path, noise.t)
+            v_pred, zs = self.sit(xt, noise.t, cls, drop=noise.drop)
+            denoise = diffusion_loss(v_pred, v_target)
+            align = repa_loss(zs, tok)
+        return {"denoise": denoise, "align_sit": align, "sit_total": denoise + self.cfg.proj_coeff_sit * align}
+
+    def sit_phase(self, z, noise: StepNoise, cls, tok, logs: dict) -> None:
+        sit_raw = self.acc.unwrap_model(self.sit)
+        _requires_grad(sit_raw, True)  # REPA-E's requires_grad(model, True): pos_embed included
         if not self.sit_cfg.learn_null:
             sit_raw.y_embedder.null.requires_grad_(False)
-
-        # 3. discriminator step
-        if gan_on:
-            with self.acc.autocast():
-                d_loss = hinge_d_loss(self.disc(x), self.disc(rec.detach()))
-            self._record(logs, {"gan_d": d_loss})
-            self.opt_disc.zero_grad(set_to_none=True)
-            self.acc.backward(d_loss)
-            logs["grad_norm_disc"] = float(self.acc.clip_grad_norm_(self.disc.parameters(), cfg.grad_clip))
-            self.opt_disc.step()
-
-        # 4. SiT step on detached latents
-        losses = self.sit_losses(z, noise, t, cls, tok, drop)
+        losses = self.sit_losses(z, noise, cls, tok)
         self._record(logs, losses)
-        self.opt_sit.zero_grad(set_to_none=True)
-        self.acc.backward(losses["sit_total"])
-        logs["grad_norm_sit"] = float(self.acc.clip_grad_norm_(self.sit.parameters(), cfg.grad_clip))
-        self.opt_sit.step()
+        logs["grad_norm_sit"] = self._update(losses["sit_total"], self.sit, self.opt_sit)
 
-        # 5. EMA of SiT, VAE and latent statistics
-        ema_update(self.ema_sit, sit_raw, cfg.ema_decay)
-        ema_update(self.ema_vae, self.acc.unwrap_model(self.vae), cfg.ema_decay)
-        ema_update(self.ema_bn, self.acc.unwrap_model(self.bn), cfg.ema_decay)
+    def ema_phase(self) -> None:
+        u = self.acc.unwrap_model
+        ema_update(self.ema_sit, u(self.sit), self.cfg.ema_decay)
+        ema_update(self.ema_vae, u(self.vae), self.cfg.ema_decay)
+        ema_update(self.ema_bn, u(self.bn), self.cfg.ema_decay)
+
+    def train_step(self, batch: dict, noise: StepNoise | None = None,
+                   generator: torch.Generator | None = None) -> dict[str, float]:
+        """One REPA-E step (see the module docstring); returns the loss terms and grad norms.
+
+        ``noise``: the step's randomness (else drawn from ``generator`` / the global RNG)."""
+        x = batch["image"].to(self.device)
+        cls, tok = self._features(batch)
+        noise = noise or self.draw_noise(x.shape[0], generator)
+        logs: dict[str, float] = {}
+        rec, post, z = self.encode(x, noise)
+        self.vae_phase(x, rec, post, z, noise, cls, tok, logs)
+        self.disc_phase(x, rec, logs)
+        self.sit_phase(z, noise, cls, tok, logs)
+        self.ema_phase()
         self.step += 1
         return logs
 

@@ -152,9 +152,11 @@ class DiagonalGaussian:
         self.logvar = logvar.clamp(-30.0, 20.0)
         self.std = torch.exp(0.5 * self.logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * noise
+    def sample(self, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """mean + std * noise; ``noise`` [B, C, H, W] is drawn (from ``generator``) when not given."""
+        if noise is None:
+            noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise.to(self.mean.dtype)
 
     def mode(self) -> torch.Tensor:
         return self.mean
@@ -195,8 +197,11 @@ class AutoencoderKL(nn.Module):
         """z: [B, 4, h, w] -> images [B, 3, 8h, 8w] (about [-1, 1])."""
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None):
-        """Returns (reconstruction [B, 3, H, W], posterior, latent z [B, 4, H/8, W/8])."""
+    def forward(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None,
+                noise: torch.Tensor | None = None):
+        """Returns (reconstruction [B, 3, H, W], posterior, latent z [B, 4, H/8, W/8]).
+
+        ``noise``: the standard-normal draw of the posterior sample (else drawn from ``generator``)."""
         post = self.encode(x)
-        z = post.sample(generator) if sample else post.mode()
+        z = post.sample(generator, noise) if sample else post.mode()
         return self.decode(z), post, z

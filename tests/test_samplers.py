@@ -2,7 +2,7 @@
 
 import torch
 
-from cytosyn_model.sampling import euler_maruyama, guided_velocity, ode_euler, ode_heun
+from cytosyn_model.sampling import euler_maruyama, guidance_active, guided_velocity, ode_euler, ode_heun
 
 MU, S = 1.5, 0.5  # data ~ N(MU, S^2) per coordinate
 
@@ -42,9 +42,12 @@ def test_cfg_outside_the_interval_equals_the_conditional_model():
     x = torch.randn(8, 1, dtype=torch.float64)
     y = torch.full((8, 3), 0.3, dtype=torch.float64)
     for t in (0.8, 0.9, 1.0):  # outside [0, 0.75]
-        v = guided_velocity(_cond_model, x, t, y, scale=2.5, low=0.0, high=0.75)
+        assert not guidance_active(t, y, 2.5, 0.0, 0.75)
+        v = guided_velocity(_cond_model, x, t, y, 2.5, guidance_active(t, y, 2.5, 0.0, 0.75))
         assert torch.equal(v, _cond_model(x, torch.full((8,), t, dtype=torch.float64), y))
-    v = guided_velocity(_cond_model, x, 0.5, y, scale=2.5, low=0.0, high=0.75)
+    assert guidance_active(0.5, y, 2.5, 0.0, 0.75) and not guidance_active(0.5, y, 1.0, 0.0, 0.75)
+    assert not guidance_active(0.5, None, 2.5, 0.0, 0.75)
+    v = guided_velocity(_cond_model, x, 0.5, y, 2.5, True)
     cond = _cond_model(x, torch.full((8,), 0.5, dtype=torch.float64), y)
     uncond = exact_velocity(x, torch.full((8,), 0.5, dtype=torch.float64))
     torch.testing.assert_close(v, uncond + 2.5 * (cond - uncond))
