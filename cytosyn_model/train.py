@@ -200,9 +200,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ inputs
     def _features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """(cls [B, D], tokens [B, 196, D]) from the shards, else from a frozen H0-mini."""
+        """(cls [B, D], tokens [B, 196, D]) in the SiT's dtype, from the shards, else from a frozen H0-mini."""
+        dtype = next(self.acc.unwrap_model(self.sit).parameters()).dtype
         if "cls" in batch and "tok" in batch:
-            return batch["cls"].to(self.device).float(), batch["tok"].to(self.device).float()
+            return batch["cls"].to(self.device, dtype), batch["tok"].to(self.device, dtype)
         if self.h0 is None:
             if not self.cfg.h0_mini_tiny and not self.cfg.h0_mini_weights:
                 raise FileNotFoundError(
@@ -213,7 +214,7 @@ class Trainer:
         images01 = (batch["image"].to(self.device) + 1) / 2
         with self.acc.autocast():
             cls, tok = h0_mini_features(self.h0, images01)
-        return cls.float(), tok.float()
+        return cls.to(dtype), tok.to(dtype)
 
     def draw_noise(self, batch: int, generator: torch.Generator | None = None) -> StepNoise:
         s = self.sit_cfg.input_size
