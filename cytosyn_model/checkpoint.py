@@ -136,7 +136,15 @@ def vae_state_from(obj: dict) -> dict[str, torch.Tensor]:
 
 
 def load_vae(vae: torch.nn.Module, path: str | Path) -> None:
-    """Initialise ``vae`` from any layout of :func:`vae_state_from` (strict)."""
+    """Initialise ``vae`` from any layout of :func:`vae_state_from` (strict); a diffusers folder
+    (``save_pretrained`` of the VAE, or of a pipeline with a ``vae/`` subfolder) is accepted too."""
+    path = Path(path)
+    if path.is_dir():
+        found = [p for p in (path / "diffusion_pytorch_model.safetensors", path / "vae" / "diffusion_pytorch_model.safetensors")
+                 if p.exists()]
+        if not found:
+            raise FileNotFoundError(f"vae_init: {path} is a folder without diffusion_pytorch_model.safetensors (or vae/...)")
+        path = found[0]
     strict_load(vae, vae_state_from(read_weights_file(path, "vae_init")), "vae_init", path)
 
 

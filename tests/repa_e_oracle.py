@@ -147,3 +147,48 @@ def load_train_script() -> types.ModuleType:
         for name in added:
             sys.modules.pop(name, None)
     return train_repae
+
+
+def reference_step(script, r: dict, x, tok, noise, step: int, clip: float = 1.0, ema_decay: float = 0.9999,
+                   proj_coeff_vae: float = 1.5, proj_coeff_sit: float = 0.5) -> dict:
+    """One step of REPA-E's ``train_repae.py`` main loop (encode, VAE + alignment update, discriminator
+    update, SiT update, EMA), replayed with the reference modules in ``r`` (vae, sit with a
+    :class:`ConditionAdapter` as y_embedder, ema, loss_fn, opts) and the step's randomness given
+    (``noise``: posterior, t, path, drop). Returns the loss terms (ours' names) and clipped norms."""
+    vae, sit, ema, loss_fn, opts = r["vae"], r["sit"], r["ema"], r["loss_fn"], r["opts"]
+    sit.y_embedder.mask = noise.drop
+    kw = dict(y=None, zs=[tok], time_input=noise.t.view(-1, 1, 1, 1), noises=noise.path)
+    vae.train()
+    sit.train()
+    posterior = vae.encode(x)
+    z = posterior.mean + posterior.std * noise.posterior  # DiagonalGaussianDistribution.sample()
+    recon = vae.decode(z).sample
+    script.requires_grad(sit, False)
+    sit.eval()
+    vae_loss, vae_dict = loss_fn(x, recon, posterior, step, "generator")
+    align = sit(x=z, loss_kwargs=dict(path_type="linear", prediction="v", weighting="uniform", align_only=True), **kw)
+    vae_loss = vae_loss.mean() + proj_coeff_vae * align["proj_loss"].mean()
+    vae_loss.backward()
+    norms = {"grad_norm_vae": torch.nn.utils.clip_grad_norm_(vae.parameters(), clip)}
+    opts["vae"].step()
+    opts["vae"].zero_grad(set_to_none=True)
+    d_loss, _ = loss_fn(x, recon, posterior, step, "discriminator")
+    d_loss.mean().backward()
+    norms["grad_norm_disc"] = torch.nn.utils.clip_grad_norm_(loss_fn.parameters(), clip)
+    opts["disc"].step()
+    opts["disc"].zero_grad(set_to_none=True)
+    script.requires_grad(sit, True)
+    sit.train()
+    out = sit(x=z.detach(), loss_kwargs=dict(path_type="linear", prediction="v", weighting="uniform", align_only=False), **kw)
+    sit_loss = out["denoising_loss"].mean() + proj_coeff_sit * out["proj_loss"].mean()
+    sit_loss.backward()
+    norms["grad_norm_sit"] = torch.nn.utils.clip_grad_norm_(sit.parameters(), clip)
+    opts["sit"].step()
+    opts["sit"].zero_grad(set_to_none=True)
+    script.update_ema(ema, sit, decay=ema_decay)
+    kl_weight = loss_fn.kl_weight
+    return {
+        "l1": vae_dict["reconstruction_loss"], "lpips": vae_dict["perceptual_loss"], "kl": vae_dict["kl_loss"] / kl_weight,
+        "gan_g": vae_dict["gan_loss"], "align_vae": align["proj_loss"], "vae_total": vae_loss, "gan_d": d_loss,
+        "denoise": out["denoising_loss"].mean(), "align_sit": out["proj_loss"], "sit_total": sit_loss, **norms,
+    }

@@ -170,6 +170,9 @@ def test_diffusers_autoencoder_file_loads_and_decodes_identically(tmp_path):
         torch.testing.assert_close(post.logvar, dist.logvar, rtol=1e-9, atol=1e-10)
         z = torch.randn(2, 4, 4, 4, dtype=torch.float64)
         torch.testing.assert_close(ours.decode(z), theirs.decode(z).sample, rtol=1e-9, atol=1e-9)
+    folder = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1)).double()
+    load_vae(folder, tmp_path / "vae")  # the save_pretrained folder itself
+    assert all(torch.equal(a, b) for a, b in zip(folder.state_dict().values(), ours.state_dict().values()))
 
 
 def test_vae_checkpoint_mismatch_lists_the_keys(tmp_path):

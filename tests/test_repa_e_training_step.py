@@ -14,7 +14,9 @@ import torch
 
 from cytosyn_model.train import StepNoise, TrainConfig, Trainer
 
-from repa_e_oracle import ConditionAdapter, load_reference, load_train_script, loss_config, save_lpips_weights
+from repa_e_oracle import (
+    ConditionAdapter, load_reference, load_train_script, loss_config, reference_step, save_lpips_weights,
+)
 
 SIT = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=64, decoder_hidden_size=64, depth=4, num_heads=4,
            encoder_depth=2, z_dims=[32], projector_dim=48, num_classes=10, qk_norm=False, fused_attn=False)
@@ -64,47 +66,6 @@ def _capture(named_params, store: dict, rename=lambda n: n):
         p.requires_grad_(flag)
 
 
-def _reference_step(script, r, x, cond_tok, noise, step):
-    """train_repae.py, main loop body (steps 1-5), with the step's randomness given."""
-    vae, sit, ema, loss_fn, opts = r["vae"], r["sit"], r["ema"], r["loss_fn"], r["opts"]
-    tok = cond_tok[1]
-    sit.y_embedder.mask = noise.drop
-    kw = dict(y=None, zs=[tok], time_input=noise.t.view(-1, 1, 1, 1), noises=noise.path)
-    vae.train()
-    sit.train()
-    posterior = vae.encode(x)
-    z = posterior.mean + posterior.std * noise.posterior  # DiagonalGaussianDistribution.sample()
-    recon = vae.decode(z).sample
-    script.requires_grad(sit, False)
-    sit.eval()
-    vae_loss, vae_dict = loss_fn(x, recon, posterior, step, "generator")
-    align = sit(x=z, loss_kwargs=dict(path_type="linear", prediction="v", weighting="uniform", align_only=True), **kw)
-    vae_loss = vae_loss.mean() + 1.5 * align["proj_loss"].mean()
-    vae_loss.backward()
-    norms = {"grad_norm_vae": torch.nn.utils.clip_grad_norm_(vae.parameters(), CLIP)}
-    opts["vae"].step()
-    opts["vae"].zero_grad(set_to_none=True)
-    d_loss, _ = loss_fn(x, recon, posterior, step, "discriminator")
-    d_loss.mean().backward()
-    norms["grad_norm_disc"] = torch.nn.utils.clip_grad_norm_(loss_fn.parameters(), CLIP)
-    opts["disc"].step()
-    opts["disc"].zero_grad(set_to_none=True)
-    script.requires_grad(sit, True)
-    sit.train()
-    out = sit(x=z.detach(), loss_kwargs=dict(path_type="linear", prediction="v", weighting="uniform", align_only=False), **kw)
-    sit_loss = out["denoising_loss"].mean() + 0.5 * out["proj_loss"].mean()
-    sit_loss.backward()
-    norms["grad_norm_sit"] = torch.nn.utils.clip_grad_norm_(sit.parameters(), CLIP)
-    opts["sit"].step()
-    opts["sit"].zero_grad(set_to_none=True)
-    script.update_ema(ema, sit, decay=EMA)
-    return {
-        "l1": vae_dict["reconstruction_loss"], "lpips": vae_dict["perceptual_loss"], "kl": vae_dict["kl_loss"] / 1e-6,
-        "gan_g": vae_dict["gan_loss"], "align_vae": align["proj_loss"], "vae_total": vae_loss, "gan_d": d_loss,
-        "denoise": out["denoising_loss"].mean(), "align_sit": out["proj_loss"], "sit_total": sit_loss, **norms,
-    }
-
-
 def test_two_training_steps_equal_the_reference(tmp_path):
     ref = load_reference()
     script = load_train_script()
@@ -140,7 +101,7 @@ def test_two_training_steps_equal_the_reference(tmp_path):
         )
         x = torch.rand(2, 3, 32, 32, generator=g, dtype=torch.float64) * 2 - 1
         grads_ref.clear(), grads_ours.clear()
-        theirs = _reference_step(script, r, x, (cond, tok), noise, step)
+        theirs = reference_step(script, r, x, tok, noise, step, clip=CLIP, ema_decay=EMA)
         ours = tr.train_step({"image": x, "cls": cond, "tok": tok}, noise)
         _compare_step(step, ours, theirs, grads_ours, grads_ref)
         _compare_state(tr, r)
