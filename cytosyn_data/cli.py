@@ -6,6 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from .checks import cli_type, non_negative, positive
+from .errors import DataError, UsageError, run_cli
+
 
 def _tiles_arg(value: str) -> int | None:
     if value.lower() == "all":
@@ -21,15 +24,18 @@ def _add_tile(sub) -> None:
     p.add_argument("--slides", nargs="+", required=True, help="slide files, folders, or one CSV/parquet table")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--config", type=Path, help="YAML config (section 'tile'), e.g. pipelines/tile.yaml")
-    p.add_argument("--mpp-override", "--mpp", dest="mpp_override", type=float, help="level-0 MPP for every slide")
+    p.add_argument("--mpp-override", "--mpp", dest="mpp_override", type=cli_type(positive),
+                   help="level-0 MPP for every slide")
     p.add_argument("--tiles", type=_tiles_arg, default=argparse.SUPPRESS, help="global tile budget or 'all'")
     p.add_argument("--seed", type=int, default=argparse.SUPPRESS)
-    p.add_argument("--shard-size", type=int, default=argparse.SUPPRESS, help="tiles per shard")
-    p.add_argument("--workers", type=int, default=1, help="processes (slides in parallel)")
-    p.add_argument("--shard-index", type=int, default=0, help="this job's index (e.g. SLURM_ARRAY_TASK_ID)")
-    p.add_argument("--num-shards", type=int, default=1, help="number of jobs the slides are split across")
+    p.add_argument("--shard-size", type=cli_type(positive, int), default=argparse.SUPPRESS, help="tiles per shard")
+    p.add_argument("--workers", type=cli_type(positive, int), default=1, help="processes (slides in parallel)")
+    p.add_argument("--shard-index", type=cli_type(non_negative, int), default=0, help="this job's index (e.g. SLURM_ARRAY_TASK_ID)")
+    p.add_argument("--num-shards", type=cli_type(positive, int), default=1, help="number of jobs the slides are split across")
     p.add_argument("--stage", choices=["all", "detect", "extract"], default="all")
     p.add_argument("--keep-staging", action="store_true", help="keep per-slide staging files")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run made in --out with other settings or slides (default: refuse)")
 
 
 def cmd_tile(args) -> int:
@@ -41,12 +47,11 @@ def cmd_tile(args) -> int:
     for name in ("tiles", "seed", "shard_size"):
         if hasattr(args, name):
             conf[name] = getattr(args, name)
-    if isinstance(conf.get("tiles"), str):
-        conf["tiles"] = _tiles_arg(conf["tiles"])
-    cfg = TileConfig.from_dict(conf)
+    if isinstance(conf.get("tiles"), str) and conf["tiles"].lower() == "all":
+        conf["tiles"] = None
+    cfg = TileConfig.from_dict(conf, f"{args.config} (section tile)" if args.config else "tile options")
     if not 0 <= args.shard_index < args.num_shards:
-        print(f"error: --shard-index must be in [0, {args.num_shards})", file=sys.stderr)
-        return 2
+        raise UsageError(f"--shard-index must be in [0, {args.num_shards}), got {args.shard_index}")
     slides = build_slide_table(args.slides, args.mpp_override)
     res = run_tile(
         slides,
@@ -57,6 +62,7 @@ def cmd_tile(args) -> int:
         num_shards=args.num_shards,
         stage=args.stage,
         keep_staging=args.keep_staging,
+        overwrite=args.overwrite,
     )
     print(
         f"\ncytosyn-data tile: {res.n_slides} slide(s), {len(res.failed)} failed, "
@@ -117,8 +123,8 @@ def cmd_curate(args) -> int:
         pos = {k: i for i, k in enumerate(keys)}
         missing = [k for k in ann["key"] if k not in pos]
         if missing:
-            print(f"error: {len(missing)} annotated keys are not in the shards, e.g. {missing[:3]}", file=sys.stderr)
-            return 2
+            raise DataError(f"{args.annotations}: {len(missing)} annotated keys are not in the shards of {args.run}, "
+                            f"e.g. {missing[:3]}")
         rows = np.array([pos[k] for k in ann["key"]])
         res = C.fit_probes(x[rows], ann["is_artifact"].to_numpy(), C.slide_of(ann["key"]), args.seed)
         C.save_probes(work / "probes.npz", res["probes"])
@@ -210,7 +216,8 @@ def cmd_features(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cytosyn-data", description=__doc__)
+    parser = argparse.ArgumentParser(prog="cytosyn-data", description=__doc__,
+                                     epilog="--debug (anywhere): show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_tile(sub)
     m = sub.add_parser("merge", help="join the part tables of a run split with --num-shards")
@@ -221,13 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command == "tile":
-        return cmd_tile(args)
-    if args.command == "merge":
-        return cmd_merge(args)
-    return {"curate": cmd_curate, "split": cmd_split, "features": cmd_features}[args.command](args)
+    commands = {"tile": cmd_tile, "merge": cmd_merge, "curate": cmd_curate, "split": cmd_split, "features": cmd_features}
+    return commands[args.command](args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 a data error or failed inputs (named on stderr), 2 a usage error."""
+    return run_cli("cytosyn-data", _main, argv)
 
 
 if __name__ == "__main__":

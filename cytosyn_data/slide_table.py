@@ -11,6 +11,8 @@ from pathlib import Path
 import polars as pl
 
 from .barcode import parse_slide_name, slide_id_from_path
+from .checks import safe_slide_id
+from .errors import DataError, UsageError
 
 SLIDE_EXTENSIONS = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".dcm"}
 
@@ -26,8 +28,8 @@ SLIDE_TABLE_SCHEMA = {
 }
 
 
-class SlideTableError(ValueError):
-    """The slide list or table is unusable (message names the file and the cause)."""
+class SlideTableError(DataError, ValueError):
+    """The slide list or table is unusable (message names the file, the row and the cause)."""
 
 
 def _read_table(path: Path) -> pl.DataFrame:
@@ -39,17 +41,36 @@ def _read_table(path: Path) -> pl.DataFrame:
         raise SlideTableError(f"{path}: slide table has no 'path' column (columns: {df.columns})")
     base = path.parent
     rows = []
-    for r in df.iter_rows(named=True):
+    for i, r in enumerate(df.iter_rows(named=True), start=2 if path.suffix.lower() == ".csv" else 0):
+        where = f"{path}, {'line' if path.suffix.lower() == '.csv' else 'row'} {i}"
+        if r["path"] in (None, ""):
+            raise SlideTableError(f"{where}: empty path")
         p = Path(str(r["path"]))
         rows.append(
             {
                 "path": str(p if p.is_absolute() else (base / p)),
                 "slide_id": r.get("slide_id") or None,
-                "mpp": float(r["mpp"]) if r.get("mpp") not in (None, "") else None,
+                "mpp": _table_mpp(r.get("mpp"), where),
                 "project": r.get("project") or None,
+                "where": where,
             }
         )
     return rows
+
+
+def _table_mpp(value, where: str) -> float | None:
+    """The ``mpp`` cell: empty, or a finite number > 0 (microns per level-0 pixel)."""
+    if value in (None, ""):
+        return None
+    import math
+
+    try:
+        mpp = float(value)
+    except (TypeError, ValueError):
+        raise SlideTableError(f"{where}: mpp {value!r} is not a number") from None
+    if not math.isfinite(mpp) or mpp <= 0:
+        raise SlideTableError(f"{where}: mpp {value!r} must be a finite number > 0")
+    return mpp
 
 
 def build_slide_table(inputs: list[str | Path], mpp_override: float | None = None) -> pl.DataFrame:
@@ -68,13 +89,18 @@ def build_slide_table(inputs: list[str | Path], mpp_override: float | None = Non
         elif p.is_dir():
             found = sorted(q for q in p.rglob("*") if q.suffix.lower() in SLIDE_EXTENSIONS and q.is_file())
             rows.extend({"path": str(q), "slide_id": None, "mpp": None, "project": None} for q in found)
+            if not found:
+                raise SlideTableError(f"{p}: no slide files ({', '.join(sorted(SLIDE_EXTENSIONS))}) in this folder")
         else:
             rows.append({"path": str(p), "slide_id": None, "mpp": None, "project": None})
     if not rows:
         raise SlideTableError(f"no slides found in {[str(i) for i in inputs]}")
     out = []
     for r in rows:
-        sid = (r["slide_id"] or slide_id_from_path(r["path"])).replace(".", "-")
+        try:
+            sid = safe_slide_id(r["slide_id"] or slide_id_from_path(r["path"]), r.get("where", r["path"]))
+        except UsageError as exc:
+            raise SlideTableError(str(exc)) from None
         name = parse_slide_name(sid if r["slide_id"] else Path(r["path"]).stem)
         out.append(
             {

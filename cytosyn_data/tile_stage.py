@@ -32,7 +32,10 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from . import qc
+from .checks import integer, non_negative, positive
+from .errors import UsageError
 from .png import encode_png
+from .run_state import RunLock, check_run_file, file_identity
 from .sampling import NULL_STRATUM, allocate_quotas, select_tiles, shard_order
 from .shards import atomic_write_bytes, remove_stale_tmp, tmp_path, write_tar_atomic
 from .tissue import TissueParams, tile_tissue_fractions, tissue_mask
@@ -60,14 +63,46 @@ class TileConfig:
         """Everything that changes the output bytes."""
         return dataclasses.asdict(self)
 
+    def __post_init__(self):
+        self.validate("tile config")
+
+    def validate(self, where: str) -> None:
+        """Every value checked; errors name ``where`` (e.g. the config file) and the key."""
+        from .checks import fraction, one_of
+
+        positive(self.tile_size, f"{where}: tile_size", int)
+        positive(self.target_mpp, f"{where}: target_mpp")
+        fraction(self.mpp_tolerance, f"{where}: mpp_tolerance")
+        positive(self.tissue_mpp, f"{where}: tissue_mpp")
+        fraction(self.tissue_threshold, f"{where}: tissue_threshold", closed=True)
+        if self.tiles is not None:
+            positive(self.tiles, f"{where}: tiles", int)
+        integer(self.seed, f"{where}: seed")
+        positive(self.shard_size, f"{where}: shard_size", int)
+        one_of(self.resample, f"{where}: resample", RESAMPLE_NAMES)
+        one_of(self.png_encoder, f"{where}: png_encoder", ("fpng", "pillow"))
+        if not isinstance(self.shard_name, str) or not self.shard_name or "/" in self.shard_name:
+            raise UsageError(f"{where}: shard_name must be a non-empty name without '/', got {self.shard_name!r}")
+
     @classmethod
-    def from_dict(cls, d: dict) -> "TileConfig":
+    def from_dict(cls, d: dict, where: str = "tile config") -> "TileConfig":
         d = dict(d)
-        tissue = TissueParams(**d.pop("tissue", {}) or {})
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        tissue = d.pop("tissue", {}) or {}
+        if not isinstance(tissue, dict):
+            raise UsageError(f"{where}: tissue must be a mapping, got {tissue!r}")
+        known = {f.name for f in dataclasses.fields(TissueParams)}
+        unknown = (set(d) - {f.name for f in dataclasses.fields(cls)}) | {f"tissue.{k}" for k in set(tissue) - known}
         if unknown:
-            raise ValueError(f"unknown tile config keys: {sorted(unknown)}")
-        return cls(tissue=tissue, **d)
+            raise UsageError(f"{where}: unknown key(s) {sorted(unknown)}")
+        for k, v in tissue.items():
+            if k == "value_min":
+                non_negative(v, f"{where}: tissue.{k}")
+            else:
+                positive(v, f"{where}: tissue.{k}")
+        try:
+            return cls(tissue=TissueParams(**tissue), **d)
+        except UsageError as exc:
+            raise UsageError(str(exc).replace("tile config", where, 1)) from None
 
 
 @dataclass
@@ -131,6 +166,7 @@ def detect_slide(slide: dict, cfg: TileConfig, work: Path) -> dict:
     info: dict = {"slide_id": sid, "path": slide["path"], "status": "failed", "error": None}
     t0 = time.perf_counter()
     try:
+        info["file"] = file_identity(slide["path"])
         with open_slide(slide["path"]) as s:
             mpp0, source = resolve_mpp(s, slide.get("mpp_override"))
             plan = make_read_plan(s, mpp0, cfg.target_mpp, cfg.tile_size, cfg.mpp_tolerance, cfg.resample)
@@ -306,19 +342,24 @@ def _staging_done(work: Path, sid: str, keys: list[str]) -> bool:
 def write_shards(tiles: pl.DataFrame, work: Path, shard_dir: Path) -> list[str]:
     """Write the tiles (already in shard order, with a ``shard`` column) into tar shards.
 
-    Each member pair is ``{key}.png`` and ``{key}.json`` (the manifest row). Existing
-    shards are skipped (they were renamed into place only when complete).
+    Each member pair is ``{key}.png`` and ``{key}.json`` (the manifest row). A shard is skipped
+    only when it exists and ``work/shard_plans/{name}.sha256`` says it was written from the same
+    rows (keys, manifest rows, PNG digests); shards of this prefix that the plan no longer names
+    are removed, so a re-run never leaves old and new tiles side by side.
     """
     remove_stale_tmp(shard_dir)
     names = tiles["shard"].unique(maintain_order=True).to_list()
+    plans = work / "shard_plans"
+    _remove_stale_shards(shard_dir, plans, names)
     written = []
     handles: dict[str, object] = {}
     try:
         for name in tqdm(names, desc="shards", unit="shard", leave=False):
             path = shard_dir / name
-            if path.exists():
-                continue
             part = tiles.filter(pl.col("shard") == name)
+            digest = _plan_digest(part)
+            if path.exists() and (plans / f"{name}.sha256").exists() and (plans / f"{name}.sha256").read_text() == digest:
+                continue
 
             def members(part=part):
                 for row in part.iter_rows(named=True):
@@ -339,11 +380,31 @@ def write_shards(tiles: pl.DataFrame, work: Path, shard_dir: Path) -> list[str]:
                     yield f"{row['key']}.json", json.dumps(meta, sort_keys=True).encode()
 
             write_tar_atomic(path, members())
+            atomic_write_bytes(plans / f"{name}.sha256", digest.encode(), durable=False)
             written.append(name)
     finally:
         for h in handles.values():
             h.close()
     return written
+
+
+def _plan_digest(part: pl.DataFrame) -> str:
+    """sha256 of a shard's member rows in order: the manifest rows (with the PNG sha256 in them)."""
+    h = hashlib.sha256()
+    for row in part.iter_rows(named=True):
+        h.update(json.dumps({k: v for k, v in row.items() if not k.startswith("_")}, sort_keys=True).encode())
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+def _remove_stale_shards(shard_dir: Path, plans: Path, names: list[str]) -> None:
+    """Delete shards (and their plan files) of the prefixes in ``names`` that ``names`` does not list."""
+    keep = set(names)
+    for prefix in {n.rsplit("-", 1)[0] for n in names}:
+        for p in shard_dir.glob(f"{prefix}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+            if p.name not in keep:
+                p.unlink()
+                (plans / f"{p.name}.sha256").unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------- orchestration
@@ -416,8 +477,15 @@ def run_tile(
     num_shards: int = 1,
     stage: str = "all",
     keep_staging: bool = False,
+    overwrite: bool = False,
 ) -> TileResult:
     """Run the tile stage for the slide table ``slides`` (see slide_table.build_slide_table).
+
+    ``out/run.json`` records the settings and the slide list: a re-run with other ones is refused
+    (:class:`RunStateError` naming the changes) unless ``overwrite`` clears the folder first. A slide
+    whose file changed in place (size, mtime), or that failed before, is detected and extracted
+    anew, and every shard whose content changes is rewritten. The folder is locked while the run
+    lasts (one lock per ``shard_index``).
 
     ``stage``: ``detect`` (phase 1 only), ``extract`` (phases 2-3; detection of every slide
     must exist) or ``all``. With ``num_shards > 1`` this job handles slides
@@ -425,9 +493,27 @@ def run_tile(
     ``cytosyn-data merge`` joins the parts.
     """
     out = Path(out)
-    work = out / "work"
     out.mkdir(parents=True, exist_ok=True)
-    _check_run_json(out, cfg, slides)
+    with RunLock(out, f".lock{_part_suffix(shard_index, num_shards)}"):
+        inputs = [f"{r['slide_id']}\t{r['path']}\tmpp={r['mpp_override']}" for r in slides.to_dicts()]
+        check_run_file(out, "tile", {"config": cfg.fingerprint()}, inputs, overwrite, lambda: clear_tile_outputs(out))
+        return _run_tile(slides, out, cfg, workers, shard_index, num_shards, stage, keep_staging)
+
+
+def clear_tile_outputs(out: Path) -> None:
+    """Remove everything a tile run wrote into ``out`` (shards, tables, QC, work files, run.json)."""
+    import shutil
+
+    for sub in ("shards", "work", "qc"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    for pattern in ("slides*.parquet", "candidates*.parquet", "tiles*.parquet", "report*.md", "run.json"):
+        for p in out.glob(pattern):
+            p.unlink()
+
+
+def _run_tile(slides, out: Path, cfg: TileConfig, workers: int, shard_index: int, num_shards: int, stage: str,
+              keep_staging: bool) -> TileResult:
+    work = out / "work"
     for sub in ("detect", "staging"):
         remove_stale_tmp(work / sub)
     seconds: dict[str, float] = {}
@@ -437,7 +523,10 @@ def run_tile(
 
     # phase 1 ---------------------------------------------------------------
     t = time.perf_counter()
-    todo = [r for r in mine if not _detect_ok(work, r["slide_id"])]
+    todo = [r for r in mine if not _detect_ok(work, r)]
+    for r in todo:  # a slide detected anew (new, failed before, or changed in place) is extracted anew
+        for ext in (".bin", ".parquet"):
+            (work / "staging" / f"{r['slide_id']}{ext}").unlink(missing_ok=True)
     for info in _map(detect_slide, [(r, cfg, work) for r in todo], workers, "detect"):
         if info["status"] != "ok":
             tqdm.write(f"FAILED {info['error']}")
@@ -581,11 +670,17 @@ def run_tile(
     return result
 
 
-def _detect_ok(work: Path, sid: str) -> bool:
-    p = work / "detect" / f"{sid}.json"
-    if not p.exists():
+def _detect_ok(work: Path, slide: dict) -> bool:
+    """Detection of this slide finished and was made from the file as it is now (size, mtime)."""
+    p = work / "detect" / f"{slide['slide_id']}.json"
+    if not p.exists() or not (work / "detect" / f"{slide['slide_id']}.parquet").exists():
         return False
-    return json.loads(p.read_text()).get("status") == "ok" and (work / "detect" / f"{sid}.parquet").exists()
+    info = json.loads(p.read_text())
+    try:
+        same_file = info.get("file") == file_identity(slide["path"])
+    except OSError:
+        return False
+    return info.get("status") == "ok" and same_file
 
 
 def _summary_only(out: Path, mine: list[dict], work: Path, seconds: dict) -> TileResult:
@@ -598,26 +693,6 @@ def _summary_only(out: Path, mine: list[dict], work: Path, seconds: dict) -> Til
         else:
             n_cand += info["n_candidates"]
     return TileResult(out, len(mine), failed, n_cand, 0, 0, seconds, {})
-
-
-def _check_run_json(out: Path, cfg: TileConfig, slides: pl.DataFrame) -> None:
-    """Refuse to resume into a folder made with other settings or another slide list."""
-    ident = {
-        "config": cfg.fingerprint(),
-        "slides_sha256": hashlib.sha256(
-            "\n".join(f"{r['slide_id']}\t{r['path']}\t{r['mpp_override']}" for r in slides.to_dicts()).encode()
-        ).hexdigest(),
-    }
-    path = out / "run.json"
-    if path.exists():
-        prev = json.loads(path.read_text())
-        if prev != json.loads(json.dumps(ident)):
-            raise RuntimeError(
-                f"{out} holds a run with other settings or slides; use a new --out folder "
-                f"(or delete {path} and the folder's contents)"
-            )
-        return
-    _write_json_atomic(ident, path)
 
 
 def merge_parts(out: str | Path) -> dict[str, int]:

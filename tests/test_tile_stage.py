@@ -15,6 +15,8 @@ import numpy as np
 import openslide
 import polars as pl
 import pytest
+
+from cytosyn_data.errors import RunStateError
 import webdataset as wds
 
 from conftest import write_pyramid_tiff
@@ -188,8 +190,10 @@ def test_split_across_jobs_merges_without_collisions(tmp_path, cmu_slide, tcga_s
 def test_rerun_with_other_settings_is_refused(tmp_path, cmu_slide):
     slides = build_slide_table([cmu_slide])
     run_tile(slides, tmp_path, TileConfig(tiles=5))
-    with pytest.raises(RuntimeError, match="other settings"):
+    with pytest.raises(RunStateError, match=r"other settings or inputs \(settings.config.tiles: 5 -> 6\): pass --overwrite"):
         run_tile(slides, tmp_path, TileConfig(tiles=6))
+    res = run_tile(slides, tmp_path, TileConfig(tiles=6), overwrite=True)
+    assert res.n_tiles == 6 and pl.read_parquet(tmp_path / "tiles.parquet").height == 6
 
 
 def _cli(out: Path, table: Path) -> list[str]:
