@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .checks import cli_type, non_negative, positive
+from .checks import cli_type, fraction, non_negative, positive
 from .errors import DataError, UsageError, run_cli
 
 
@@ -174,13 +174,15 @@ def _add_split(sub) -> None:
     p.add_argument("--run", required=True, type=Path, help="tile run folder")
     p.add_argument("--out", type=Path, help="default: RUN/splits")
     p.add_argument("--curation", type=Path, help="default: RUN/curation.parquet when present")
-    p.add_argument("--val-out-fraction", type=float, default=0.1)
-    p.add_argument("--val-in-fraction", type=float, default=0.02)
-    p.add_argument("--guidance-tiles", type=int, default=1000)
+    p.add_argument("--val-out-fraction", type=cli_type(fraction), default=0.1)
+    p.add_argument("--val-in-fraction", type=cli_type(fraction), default=0.02)
+    p.add_argument("--guidance-tiles", type=cli_type(non_negative, int), default=1000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard-size", type=int, default=10_000)
-    p.add_argument("--jpeg-quality", type=int, help="also write JPEG copies (ablation), e.g. 70")
-    p.add_argument("--expand-px", type=int, default=0, help="also write tiles expanded by this many px per side (16)")
+    p.add_argument("--shard-size", type=cli_type(positive, int), default=10_000)
+    p.add_argument("--jpeg-quality", type=cli_type(positive, int), help="also write JPEG copies (ablation), e.g. 70")
+    p.add_argument("--expand-px", type=cli_type(non_negative, int), default=0,
+                   help="also write tiles expanded by this many px per side (16)")
+    p.add_argument("--overwrite", action="store_true", help="replace a split made with other settings or inputs")
 
 
 def cmd_split(args) -> int:
@@ -188,7 +190,9 @@ def cmd_split(args) -> int:
 
     cfg = SplitConfig(args.val_out_fraction, args.val_in_fraction, args.guidance_tiles, args.seed, args.shard_size,
                       args.jpeg_quality, args.expand_px)
-    res = run_split(args.run, args.out, cfg, args.curation)
+    if args.jpeg_quality is not None and args.jpeg_quality > 100:
+        raise UsageError(f"--jpeg-quality must be in [1, 100], got {args.jpeg_quality}")
+    res = run_split(args.run, args.out, cfg, args.curation, args.overwrite)
     print(res["sizes"])
     print(f"split shards: {res['counts']}; audit: {'OK' if res['ok'] else 'LEAKAGE'}")
     return 0 if res["ok"] else 1

@@ -4,12 +4,14 @@ For each shard, every ``{key}.png`` gets ``{key}.cls.npy`` (float16 [768]) and
 ``{key}.tok.npy`` (float16 [196, 768]: the 16x16 patch tokens resized to 14x14, bicubic,
 antialias). The shard is rewritten atomically (temp name, rename) with its original members
 first, so training streams the features with the image. ``features_done.json`` in the shard
-folder records finished shards (with the model's identity) and a re-run skips them.
+folder records finished shards by content (size, mtime and sha256 of the written shard) and the
+encoder's weights digest; a re-run skips a shard only when both still match.
 Several processes (``accelerate launch``) take shards ``i % world == rank``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import time
@@ -21,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .png import decode_png
+from .run_state import file_identity
 from .shards import atomic_write_bytes, iter_tar_members, remove_stale_tmp, write_tar_atomic
 
 FEATURE_EXTS = ("cls.npy", "tok.npy")
@@ -46,6 +49,25 @@ def _model_identity(weights: str | None, tiny: bool) -> str:
     from cytosyn_model.checkpoint import file_digest
 
     return f"h0-mini:{file_digest(weights)}"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _is_done(mark, shard: Path, ident: str) -> bool:
+    """A shard is done when its marker names this encoder (weights digest) and the shard's bytes are
+    those written then (size and mtime first, then the sha256 of the content)."""
+    if not isinstance(mark, dict) or mark.get("model") != ident:
+        return False
+    now = file_identity(shard)
+    if (mark.get("size"), mark.get("mtime_ns")) != (now["size"], now["mtime_ns"]):
+        return False
+    return mark.get("sha256") == file_sha256(shard)
 
 
 @torch.no_grad()
@@ -95,7 +117,7 @@ def add_features(
     n_tiles = skipped = finished = 0
     mine = [s for i, s in enumerate(shards) if i % world == rank]
     for shard in tqdm(mine, desc="features", unit="shard"):
-        if done.get(shard.name) == ident:
+        if _is_done(done.get(shard.name), shard, ident):
             skipped += 1
             continue
         members = [(n, b) for n, b in iter_tar_members(shard) if not n.endswith(FEATURE_EXTS)]
@@ -115,7 +137,7 @@ def add_features(
                 k = name[: -len(".png")]
                 out += [(f"{k}.cls.npy", npy_bytes(feats[k][0])), (f"{k}.tok.npy", npy_bytes(feats[k][1]))]
         write_tar_atomic(shard, out)
-        done[shard.name] = ident
+        done[shard.name] = {"model": ident, **file_identity(shard), "sha256": file_sha256(shard)}
         atomic_write_bytes(done_path, json.dumps(done, indent=1, sort_keys=True).encode())
         n_tiles += len(keys)
         finished += 1

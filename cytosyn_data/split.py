@@ -13,6 +13,7 @@ copied, members in a keyed-hash global shuffle, fixed tar metadata): byte-reprod
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -23,7 +24,9 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
+from .errors import DataError
 from .report import markdown_table
+from .run_state import RunLock, check_run_file, file_identity
 from .sampling import NULL_STRATUM, apportion, shard_order, stable_hash
 from .shards import atomic_write_bytes, remove_stale_tmp, write_tar_atomic
 from .tar_index import MemberReader, index_shards
@@ -249,19 +252,56 @@ def expanded_tiles(slides: pl.DataFrame, tiles: pl.DataFrame, keys: list[str], e
     return out
 
 
+def _split_inputs(run: Path, cur_path: Path | None) -> list[str]:
+    """Identity (size, mtime) of every input of a split: the tile tables, the shards, the curation."""
+    files = [run / "slides.parquet", run / "tiles.parquet", *sorted((run / "shards").glob("*.tar"))]
+    if cur_path is not None:
+        files.append(cur_path)
+    out = []
+    for f in files:
+        ident = file_identity(f)
+        out.append(f"{f.relative_to(run) if f.is_relative_to(run) else f} size={ident['size']} mtime_ns={ident['mtime_ns']}")
+    return out
+
+
+def clear_split_outputs(run: Path, out: Path) -> None:
+    """Remove what a split wrote: the split shard folders, splits.parquet, audit, counts, run.json."""
+    import shutil
+
+    for d in out.iterdir() if out.exists() else []:
+        if d.is_dir() and d.name.split("_")[0] in ("train", "val", "guidance"):
+            shutil.rmtree(d)
+    for f in (out / "audit.md", out / "counts.json", out / "run.json", out / "splits.parquet", run / "splits.parquet"):
+        f.unlink(missing_ok=True)
+
+
 def run_split(tile_run: str | Path, out: str | Path | None = None, cfg: SplitConfig = SplitConfig(),
-              curation: str | Path | None = None) -> dict:
-    """Assign splits for a tile run folder and write ``splits.parquet``, split shards and ``splits/audit.md``."""
+              curation: str | Path | None = None, overwrite: bool = False) -> dict:
+    """Assign splits for a tile run folder and write ``splits.parquet``, split shards and ``splits/audit.md``.
+
+    ``curation``: a curation table (a missing file is an error); default ``RUN/curation.parquet``
+    when it exists. ``out/run.json`` records the settings and the identity of every input: a
+    re-run with other ones is refused unless ``overwrite`` clears the old split first."""
     run = Path(tile_run)
     out = Path(out) if out else run / "splits"
+    if curation is not None and not Path(curation).exists():
+        raise DataError(f"{curation}: curation file not found (give an existing curation.parquet, or leave --curation out)")
+    for need in ("slides.parquet", "tiles.parquet"):
+        if not (run / need).exists():
+            raise DataError(f"{run / need}: not found; is {run} a finished tile run?")
+    cur_path = Path(curation) if curation else (run / "curation.parquet" if (run / "curation.parquet").exists() else None)
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):
+        check_run_file(out, "split", dataclasses.asdict(cfg), _split_inputs(run, cur_path), overwrite,
+                       lambda: clear_split_outputs(run, out))
+        return _run_split(run, out, cfg, cur_path)
+
+
+def _run_split(run: Path, out: Path, cfg: SplitConfig, cur_path: Path | None) -> dict:
     slides = pl.read_parquet(run / "slides.parquet")
     tiles = pl.read_parquet(run / "tiles.parquet")
-    cur = None
-    cur_path = Path(curation) if curation else run / "curation.parquet"
-    if cur_path.exists():
-        cur = pl.read_parquet(cur_path)
+    cur = pl.read_parquet(cur_path) if cur_path is not None else None
     splits = assign_splits(slides, tiles, cur, cfg)
-    out.mkdir(parents=True, exist_ok=True)
     tmp = out / ".splits.parquet.tmp"
     splits.write_parquet(tmp)
     tmp.replace(run / "splits.parquet" if out == run / "splits" else out / "splits.parquet")
@@ -270,7 +310,7 @@ def run_split(tile_run: str | Path, out: str | Path | None = None, cfg: SplitCon
     index = index_shards(sorted((run / "shards").glob("*.tar")))
     missing = set(splits["key"]) - set(index["key"])
     if missing:
-        raise RuntimeError(f"{run / 'shards'}: {len(missing)} tiles of tiles.parquet are not in the shards, e.g. {sorted(missing)[:3]}")
+        raise DataError(f"{run / 'shards'}: {len(missing)} tiles of tiles.parquet are not in the shards, e.g. {sorted(missing)[:3]}")
     expanded = None
     if cfg.expand_px:
         expanded = expanded_tiles(slides, tiles, splits["key"].to_list(), cfg.expand_px)

@@ -6,8 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
+from cytosyn_data.checks import cli_type, fraction, non_negative, positive
+from cytosyn_data.errors import UsageError, run_cli
 
-def train_main(argv: list[str] | None = None) -> int:
+
+def _train(argv: list[str] | None) -> int:
     from cytosyn_data.config import load_stage_config
 
     from .train import NaNLossError, TrainConfig, train
@@ -16,17 +19,20 @@ def train_main(argv: list[str] | None = None) -> int:
     p.add_argument("--shards", nargs="+", required=True, help="shard folder(s), .tar files or brace patterns")
     p.add_argument("--config", type=Path, required=True, help="pipelines/train_*.yaml")
     p.add_argument("--out", help="run folder (overrides the config)")
-    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-steps", type=cli_type(positive, int))
     p.add_argument("--resume", default="auto", help="'auto' (newest checkpoint in the run folder), a checkpoint folder, or 'none'")
+    p.add_argument("--accept-config-change", action="store_true",
+                   help="resume even though the config differs from the checkpoint's (the differences are listed)")
     args = p.parse_args(argv)
     conf = load_stage_config(args.config, "train")
     if args.out:
         conf["out"] = args.out
     if args.max_steps:
         conf["max_steps"] = args.max_steps
-    cfg = TrainConfig.from_dict(conf)
+    cfg = TrainConfig.from_dict(conf, where=f"{args.config} (section train)")
     try:
-        t = train(cfg, args.shards, resume=None if args.resume == "none" else args.resume)
+        t = train(cfg, args.shards, resume=None if args.resume == "none" else args.resume,
+                  accept_config_change=args.accept_config_change)
     except NaNLossError as exc:
         print(f"cytosyn-train: stopped: {exc}", file=sys.stderr)
         return 3
@@ -34,7 +40,7 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def sample_main(argv: list[str] | None = None) -> int:
+def _sample(argv: list[str] | None) -> int:
     from .generate import Generator, conditions_for_mode, load_reference_features, write_outputs
 
     p = argparse.ArgumentParser(prog="cytosyn-sample", description="Generate tiles from a cytosyn-train checkpoint")
@@ -45,18 +51,22 @@ def sample_main(argv: list[str] | None = None) -> int:
     p.add_argument("--ref-keys", nargs="*", help="keys of the reference tiles (default: the first ones)")
     p.add_argument("--h0-mini-weights", help="local H0-mini weights when the shards have no cls.npy")
     p.add_argument("--h0-mini-tiny", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("-n", "--num", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("-n", "--num", type=cli_type(positive, int), default=16)
+    p.add_argument("--batch-size", type=cli_type(positive, int), default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", choices=["sde", "euler", "heun"], default="sde")
-    p.add_argument("--steps", type=int, default=250)
-    p.add_argument("--cfg-scale", type=float, default=2.5)
-    p.add_argument("--guidance-low", type=float, default=0.0)
-    p.add_argument("--guidance-high", type=float, default=0.75)
-    p.add_argument("--interp-steps", type=int, default=8)
+    p.add_argument("--steps", type=cli_type(positive, int), default=250)
+    p.add_argument("--cfg-scale", type=cli_type(non_negative), default=2.5)
+    p.add_argument("--guidance-low", type=cli_type(fraction, True), default=0.0)
+    p.add_argument("--guidance-high", type=cli_type(fraction, True), default=0.75)
+    p.add_argument("--interp-steps", type=cli_type(positive, int), default=8)
     p.add_argument("--format", choices=["png", "shards"], default="png")
     p.add_argument("--device")
     args = p.parse_args(argv)
+    if args.guidance_low > args.guidance_high:
+        raise UsageError(f"--guidance-low {args.guidance_low} is above --guidance-high {args.guidance_high}")
+    if args.sampler == "sde" and args.steps < 2:
+        raise UsageError("--steps must be >= 2 for the SDE sampler (the last step is the noise-free one)")
     gen = Generator.from_checkpoint(args.checkpoint, args.device)
     ref_keys, ref = [], None
     if args.mode != "uncond":
@@ -78,7 +88,7 @@ def sample_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def eval_main(argv: list[str] | None = None) -> int:
+def _eval(argv: list[str] | None) -> int:
     from cytosyn_data.config import load_stage_config
 
     from .eval.run import EvalConfig, evaluate
@@ -90,11 +100,24 @@ def eval_main(argv: list[str] | None = None) -> int:
     conf = load_stage_config(args.config, "eval")
     if args.out:
         conf["out"] = args.out
-    cfg = EvalConfig.from_dict(conf)
+    cfg = EvalConfig.from_dict(conf, where=f"{args.config} (section eval)")
     df = evaluate(cfg)
     print(df)
     print(f"cytosyn-eval: {df.height} values -> {Path(cfg.out) / 'metrics.parquet'}, report {Path(cfg.out) / 'report.md'}")
     return 0
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done, 1 a data error, 2 a usage error, 3 a non-finite loss."""
+    return run_cli("cytosyn-train", _train, argv)
+
+
+def sample_main(argv: list[str] | None = None) -> int:
+    return run_cli("cytosyn-sample", _sample, argv)
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    return run_cli("cytosyn-eval", _eval, argv)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cytosyn_data.errors import UsageError
+
 from .h0mini import build_h0_mini, h0_mini_features
 from .latent_norm import LatentNorm
 from .losses import (
@@ -87,15 +89,57 @@ class TrainConfig:
     keep_checkpoints: int = 3
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
+    def from_dict(cls, d: dict, where: str = "train config") -> "TrainConfig":
+        """Build and validate; errors name ``where`` (e.g. the YAML file) and the key."""
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        for section, sub in (("vae", VAEConfig), ("sit", SiTConfig)):
+            if not isinstance(d.get(section, {}), dict):
+                raise UsageError(f"{where}: {section} must be a mapping, got {d[section]!r}")
+            unknown |= {f"{section}.{k}" for k in set(d.get(section, {})) - {f.name for f in dataclasses.fields(sub)}}
         if unknown:
-            raise ValueError(f"unknown train config keys: {sorted(unknown)}")
+            raise UsageError(f"{where}: unknown key(s) {sorted(unknown)}")
         d = dict(d)
-        if "betas" in d:
+        if isinstance(d.get("betas"), (list, tuple)):
             d["betas"] = tuple(d["betas"])
-        return cls(**d)
+        cfg = cls(**d)
+        cfg.validate(where)
+        return cfg
+
+    def validate(self, where: str) -> None:
+        from cytosyn_data.checks import fraction, non_negative, one_of, positive
+
+        for k in ("batch_size", "max_steps", "disc_channels", "log_every", "sample_every", "sample_steps",
+                  "ckpt_every", "keep_checkpoints"):
+            positive(getattr(self, k), f"{where}: {k}", int)
+        for k in ("gan_start_step", "num_workers", "shuffle_buffer"):
+            non_negative(getattr(self, k), f"{where}: {k}", int)
+        for k in ("lr", "adam_eps", "grad_clip", "bn_eps"):
+            positive(getattr(self, k), f"{where}: {k}")
+        for k in ("vae_lr", "disc_lr"):
+            if getattr(self, k) is not None:
+                positive(getattr(self, k), f"{where}: {k}")
+        for k in ("weight_decay", "proj_coeff_sit", "proj_coeff_vae", "l1_weight", "lpips_weight", "kl_weight",
+                  "gan_weight", "disc_factor"):
+            non_negative(getattr(self, k), f"{where}: {k}")
+        for k in ("ema_decay", "bn_momentum"):
+            fraction(getattr(self, k), f"{where}: {k}", closed=True)
+        if not isinstance(self.betas, tuple) or len(self.betas) != 2:
+            raise UsageError(f"{where}: betas must be two numbers, got {self.betas!r}")
+        for b in self.betas:
+            fraction(b, f"{where}: betas")
+        one_of(self.mixed_precision, f"{where}: mixed_precision", ("no", "bf16", "fp16"))
+        fraction(self.sit.get("class_dropout", 0.1), f"{where}: sit.class_dropout")
+
+    #: keys that may change when a run is resumed (how long, how often to log/save, data workers)
+    RESUMABLE_CHANGES = ("out", "max_steps", "log_every", "sample_every", "sample_steps", "ckpt_every",
+                         "keep_checkpoints", "num_workers")
+
+    def differences(self, other: dict) -> list[str]:
+        """``key: theirs -> ours`` for every key (outside :attr:`RESUMABLE_CHANGES`) that differs
+        from ``other`` (a checkpoint's saved config)."""
+        ours = json.loads(json.dumps(dataclasses.asdict(self)))  # tuples as lists, as saved
+        return [f"{k}: {other[k]!r} -> {ours[k]!r}" for k in sorted(ours)
+                if k not in self.RESUMABLE_CHANGES and k in other and ours[k] != other[k]]
 
     def loss_weights(self) -> VAELossWeights:
         return VAELossWeights(l1=self.l1_weight, lpips=self.lpips_weight, kl=self.kl_weight, gan=self.gan_weight)
@@ -410,22 +454,42 @@ class Trainer:
         return save_grid(images, path)
 
 
-def train(cfg: TrainConfig, shards, resume: str | Path | None = "auto", stop_after: int | None = None) -> Trainer:
+def check_resume_config(cfg: TrainConfig, checkpoint: Path, accept: bool) -> None:
+    """Refuse to resume ``checkpoint`` with a config that differs from its own (listing the keys)
+    unless ``accept``; operational keys (:attr:`TrainConfig.RESUMABLE_CHANGES`) may differ."""
+    from cytosyn_data.errors import RunStateError
+
+    saved = json.loads((Path(checkpoint) / "state.json").read_text())["config"]
+    diff = cfg.differences(saved)
+    if diff and not accept:
+        raise RunStateError(
+            f"{checkpoint}: the config differs from the checkpoint's ({'; '.join(diff)}); resume with "
+            "--accept-config-change to use the new values, or train into another --out"
+        )
+    if diff:
+        print(f"cytosyn-train: resuming {checkpoint} with changed config: {'; '.join(diff)}")
+
+
+def train(cfg: TrainConfig, shards, resume: str | Path | None = "auto", stop_after: int | None = None,
+          accept_config_change: bool = False) -> Trainer:
     """Run (or resume) training on ``shards`` until ``cfg.max_steps`` (or ``stop_after`` more steps).
 
-    ``resume='auto'`` picks the newest checkpoint under ``{out}/checkpoints``.
+    ``resume='auto'`` picks the newest checkpoint under ``{out}/checkpoints``; its saved config must
+    equal ``cfg`` (see :func:`check_resume_config`).
     """
     from tqdm.auto import tqdm
 
     from .data import make_loader
 
-    trainer = Trainer(cfg)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     ckpts = out / "checkpoints"
     if resume == "auto":
         found = sorted(p for p in ckpts.glob("step_*") if not p.name.endswith(".tmp")) if ckpts.exists() else []
         resume = found[-1] if found else None
+    if resume:
+        check_resume_config(cfg, Path(resume), accept_config_change)
+    trainer = Trainer(cfg)
+    out.mkdir(parents=True, exist_ok=True)
     if resume:
         trainer.load_checkpoint(resume)
     loader = make_loader(

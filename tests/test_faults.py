@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 import webdataset as wds
@@ -162,3 +163,150 @@ def test_debug_shows_the_traceback(tmp_path, cmu_slide):
     table.write_text(f"path,mpp\n{cmu_slide},half\n")
     proc = cli("tile", "--slides", table, "--out", tmp_path / "run", "--debug")
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "SlideTableError" in proc.stderr
+
+
+# ------------------------------------------------------------------- split
+@pytest.fixture(scope="module")
+def tile_run(tmp_path_factory, cmu_slide, tcga_slide):
+    from cytosyn_data.cli import main
+
+    out = tmp_path_factory.mktemp("faults_tiles")
+    table = out / "slides.csv"
+    table.write_text(f"path,mpp,project\n{cmu_slide},,A\n{tcga_slide},0.25,A\n")
+    assert main(["tile", "--slides", str(table), "--out", str(out), "--tiles", "all", "--shard-size", "16"]) == 0
+    return out
+
+
+def split_keys(folder: Path) -> list[str]:
+    urls = sorted(str(p) for p in folder.glob("*.tar"))
+    return [s["__key__"] for s in wds.WebDataset(urls, shardshuffle=False)] if urls else []
+
+
+def test_split_rerun_with_another_seed_never_mixes_old_and_new(tmp_path, tile_run):
+    out = tmp_path / "s"
+    common = ("split", "--run", tile_run, "--out", out, "--val-in-fraction", "0.1", "--shard-size", "8")
+    assert cli(*common).returncode == 0
+    assert cli(*common).returncode == 0  # the same again: nothing to redo
+    old = {p: p.read_bytes() for p in out.rglob("*.tar")}
+    proc = cli(*common, "--seed", "1")
+    assert proc.returncode == 1
+    assert "settings.seed: 0 -> 1" in error_line(proc) and "pass --overwrite" in error_line(proc)
+    assert {p: p.read_bytes() for p in out.rglob("*.tar")} == old
+    assert cli(*common, "--seed", "1", "--overwrite").returncode == 0
+    splits = pl.read_parquet(out / "splits.parquet")
+    for name in ("train", "val_in", "val_out"):
+        want = sorted(splits.filter(pl.col("split") == name)["key"].to_list())
+        got = split_keys(out / name)
+        assert sorted(got) == want and len(got) == len(set(got)), name
+
+
+def test_split_with_a_missing_curation_file_refuses(tmp_path, tile_run):
+    proc = cli("split", "--run", tile_run, "--out", tmp_path / "s", "--curation", tmp_path / "nope.parquet")
+    assert proc.returncode == 1
+    assert error_line(proc).startswith(f"cytosyn-data: error: {tmp_path / 'nope.parquet'}: curation file not found")
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--val-in-fraction", "1.5"], "argument --val-in-fraction: must be in [0, 1), got 1.5"),
+    (["--guidance-tiles", "-2"], "argument --guidance-tiles: must be a finite number >= 0, got -2"),
+    (["--shard-size", "0"], "argument --shard-size: must be a finite number > 0, got 0"),
+])
+def test_bad_split_options_exit_2(tmp_path, tile_run, args, message):
+    proc = cli("split", "--run", tile_run, "--out", tmp_path / "s", *args)
+    assert proc.returncode == 2 and proc.stderr.strip().endswith(message), proc.stderr
+
+
+# ---------------------------------------------------------------- features
+def test_features_markers_follow_the_shard_content(tmp_path, tile_run):
+    from cytosyn_data.shards import iter_tar_members, write_tar_atomic
+
+    d = tmp_path / "shards"
+    shutil.copytree(tile_run / "shards", d)
+    first = cli("features", "--shards", d, "--tiny", "--batch-size", "16")
+    assert first.returncode == 0 and "0 already done" in first.stdout
+    again = cli("features", "--shards", d, "--tiny", "--batch-size", "16")
+    assert f"0 shard(s) written, {len(list(d.glob('*.tar')))} already done" in again.stdout
+    # the same shard name with other tiles (e.g. a re-split): its features are computed anew
+    victim = sorted(d.glob("*.tar"))[0]
+    other = sorted((tile_run / "shards").glob("*.tar"))[-1]
+    write_tar_atomic(victim, list(iter_tar_members(other)))
+    third = cli("features", "--shards", d, "--tiny", "--batch-size", "16")
+    assert "1 shard(s) written" in third.stdout
+    names = [n for n, _ in iter_tar_members(victim)]
+    assert sum(n.endswith(".cls.npy") for n in names) == sum(n.endswith(".png") for n in names) > 0
+
+
+# ------------------------------------------------------------- train, eval
+def model_cli(entry: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    code = f"import sys; from cytosyn_model.cli import {entry}; sys.exit({entry}(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def _train_config(tmp_path: Path, **over) -> Path:
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    d = yaml.safe_load((root / "pipelines" / "train_tiny.yaml").read_text())
+    d["train"].update({"max_steps": 2, "ckpt_every": 2, "sample_every": 100, "log_every": 1, "batch_size": 2, **over})
+    path = tmp_path / f"train-{len(list(tmp_path.glob('train-*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def test_train_resume_with_another_config_lists_the_keys(tmp_path, tile_run):
+    out = tmp_path / "t"
+    shards = tile_run / "shards"
+    assert model_cli("train_main", "--shards", shards, "--config", _train_config(tmp_path), "--out", out).returncode == 0
+    changed = _train_config(tmp_path, lr=5e-4, proj_coeff_sit=1.0, max_steps=4)
+    proc = model_cli("train_main", "--shards", shards, "--config", changed, "--out", out)
+    assert proc.returncode == 1
+    line = error_line(proc)
+    assert line.startswith(f"cytosyn-train: error: {out / 'checkpoints' / 'step_0000002'}: the config differs from the "
+                           "checkpoint's (lr: 0.0001 -> 0.0005; proj_coeff_sit: 0.5 -> 1.0); resume with --accept-config-change")
+    ok = model_cli("train_main", "--shards", shards, "--config", changed, "--out", out, "--accept-config-change")
+    assert ok.returncode == 0 and "step 4" in ok.stdout
+    # max_steps alone may change when a run is extended
+    longer = _train_config(tmp_path, lr=5e-4, proj_coeff_sit=1.0, max_steps=5)
+    assert model_cli("train_main", "--shards", shards, "--config", longer, "--out", out).returncode == 0
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"batch_size": 0}, "(section train): batch_size: must be a finite number > 0, got 0"),
+    ({"lr": "fast"}, "(section train): lr: must be a number, got 'fast'"),
+    ({"mixed_precision": "fp8"}, "(section train): mixed_precision: unknown value 'fp8'; valid: bf16, fp16, no"),
+    ({"sit": {"size": "tiny", "dropout": 0.1}}, "(section train): unknown key(s) ['sit.dropout']"),
+])
+def test_bad_train_config_names_the_file_and_key(tmp_path, over, message):
+    conf = _train_config(tmp_path, **over)
+    proc = model_cli("train_main", "--shards", tmp_path, "--config", conf)
+    assert proc.returncode == 2
+    assert error_line(proc).startswith(f"cytosyn-train: error: {conf}") and message in error_line(proc)
+
+
+def test_eval_unknown_metric_lists_the_valid_ones_and_cache_follows_the_images(tmp_path, tile_run):
+    import yaml
+
+    from cytosyn_data.png import encode_png
+
+    conf = tmp_path / "eval.yaml"
+    conf.write_text(yaml.safe_dump({"eval": {"metrics": ["fd", "fid"], "real": {"r": str(tile_run / "shards")}}}))
+    proc = model_cli("eval_main", "--config", conf)
+    assert proc.returncode == 2
+    assert error_line(proc) == f"cytosyn-eval: error: {conf} (section eval): metrics: unknown value 'fid'; valid: cosine, fd, fld, pr"
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        (gen / f"g{i}.png").write_bytes(encode_png(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)))
+    base = {"out": str(tmp_path / "e"), "real": {"r": str(tile_run / "shards")}, "generated": {"g": {"path": str(gen)}},
+            "extractors": {"uni": None}, "tiny_extractors": True, "metrics": ["fd"], "bootstrap": {"draws": 2, "n": 8},
+            "batch_size": 8}
+    conf.write_text(yaml.safe_dump({"eval": base}))
+    assert model_cli("eval_main", "--config", conf).returncode == 0
+    first = pl.read_parquet(tmp_path / "e" / "metrics.parquet").filter(pl.col("metric") == "fd")["value"][0]
+    for i in range(12):  # the generated folder changes: the cached features must not be reused
+        (gen / f"g{i}.png").write_bytes(encode_png(np.full((224, 224, 3), 30 + i, np.uint8)))
+    assert model_cli("eval_main", "--config", conf).returncode == 0
+    second = pl.read_parquet(tmp_path / "e" / "metrics.parquet").filter(pl.col("metric") == "fd")["value"][0]
+    assert second != first

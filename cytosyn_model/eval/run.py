@@ -34,6 +34,8 @@ from tqdm.auto import tqdm
 from .extractors import REGISTRY, build_extractor, center_crop, jpeg_roundtrip
 from .metrics import RunningMoments, bootstrap, cosine_similarity_pairs, fld, frechet_distance, mean_cov, precision_recall
 
+METRICS = ("fd", "fld", "pr", "cosine")
+
 METRICS_SCHEMA = {"metric": pl.String, "extractor": pl.String, "set": pl.String, "reference": pl.String,
                   "value": pl.Float64, "std": pl.Float64}
 
@@ -55,11 +57,29 @@ class EvalConfig:
     max_images: int | None = None
 
     @classmethod
-    def from_dict(cls, d: dict) -> "EvalConfig":
+    def from_dict(cls, d: dict, where: str = "eval config") -> "EvalConfig":
+        """Build and validate; errors name ``where`` (e.g. the YAML file) and the key."""
+        from cytosyn_data.checks import one_of, positive
+        from cytosyn_data.errors import UsageError
+
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown eval config keys: {sorted(unknown)}")
-        return cls(**d)
+            raise UsageError(f"{where}: unknown key(s) {sorted(unknown)}")
+        cfg = cls(**d)
+        for m in cfg.metrics:
+            one_of(m, f"{where}: metrics", METRICS)
+        for name in cfg.extractors:
+            one_of(name, f"{where}: extractors", REGISTRY)
+        positive(cfg.batch_size, f"{where}: batch_size", int)
+        if cfg.max_images is not None:
+            positive(cfg.max_images, f"{where}: max_images", int)
+        for side, names in (cfg.preprocess or {}).items():
+            for name in names:
+                try:
+                    preprocessor(name)
+                except ValueError as exc:
+                    raise UsageError(f"{where}: preprocess.{side}: {exc}") from None
+        return cfg
 
 
 def preprocessor(name: str):
@@ -103,11 +123,31 @@ def iter_images(source: str | Path, limit: int | None = None):
         raise FileNotFoundError(f"{src}: no shards or images here")
 
 
+def set_identity(source, limit: int | None) -> str:
+    """12 hex of a hash of the set's files (name, size, mtime) and the image cap: a changed set
+    (other files, rewritten shards, another ``max_images``) gets a new feature cache."""
+    import hashlib
+
+    src = Path(source)
+    if not src.exists():
+        from cytosyn_data.errors import DataError
+
+        raise DataError(f"{src}: no shards or images here (path not found)")
+    files = sorted(src.glob("*.tar")) if src.is_dir() else [src]
+    if src.is_dir() and not files:
+        files = sorted(q for q in src.iterdir() if q.suffix.lower() in (".png", ".jpg", ".jpeg") and q.stem != "grid")
+    h = hashlib.sha256(f"limit={limit}".encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"\n{f.resolve()}\t{st.st_size}\t{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:12]
+
+
 def set_features(extractor, name: str, source, preprocess: list[str], cache: Path, batch_size: int, device,
                  weights: str | None, limit: int | None = None) -> tuple[list[str], np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Features [N, D] float32 of one set (cached), its keys, and its float64 (mean, cov)."""
     spec = extractor.spec
-    tag = f"{name}-{spec.name}-{spec.identity(weights)}-{'+'.join(preprocess) or 'png'}"
+    tag = f"{name}-{spec.name}-{spec.identity(weights)}-{'+'.join(preprocess) or 'png'}-{set_identity(source, limit)}"
     folder = cache / tag
     if (folder / "done.json").exists():
         keys = pl.read_parquet(folder / "keys.parquet")["key"].to_list()
