@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .png import decode_png
+from .png import decode_tile
 from .run_state import file_identity
 from .shards import atomic_write_bytes, iter_tar_members, remove_stale_tmp, write_tar_atomic
 
@@ -71,15 +71,18 @@ def _is_done(mark, shard: Path, ident: str) -> bool:
 
 
 @torch.no_grad()
-def encode_tiles(model, pngs: list[bytes], device, batch_size: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """PNG tiles -> (CLS float16 [N, D], tokens float16 [N, 196, D])."""
+def encode_tiles(model, pngs: list[bytes], device, batch_size: int, dtype, keys: list[str] | None = None,
+                 where: str = "tiles", size: int = 224) -> tuple[np.ndarray, np.ndarray]:
+    """PNG tiles (``size`` px; other modes converted, see png.decode_tile) -> (CLS float16 [N, D],
+    tokens float16 [N, 196, D]); a bad tile stops with ``where`` and its key named."""
+    keys = keys or [str(i) for i in range(len(pngs))]
     from cytosyn_model.h0mini import h0_mini_features
 
     if not pngs:
         raise ValueError("no PNG tiles to encode")
     cls_out, tok_out = [], []
     for i in range(0, len(pngs), batch_size):
-        imgs = np.stack([decode_png(p) for p in pngs[i : i + batch_size]])
+        imgs = np.stack([decode_tile(p, f"{where}: {k}", size) for k, p in zip(keys[i : i + batch_size], pngs[i : i + batch_size])])
         x = torch.from_numpy(imgs).permute(0, 3, 1, 2).to(device).float() / 255.0
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             cls, tok = h0_mini_features(model, x)
@@ -128,7 +131,7 @@ def add_features(
             continue
         if model is None:
             model = build_h0_mini(weights, tiny=tiny).to(model_dev)
-        cls, tok = encode_tiles(model, pngs, model_dev, batch_size, dtype)
+        cls, tok = encode_tiles(model, pngs, model_dev, batch_size, dtype, keys, str(shard))
         feats = {k: (c, t) for k, c, t in zip(keys, cls, tok)}
         out = []
         for name, data in members:  # the feature members follow each key's own members

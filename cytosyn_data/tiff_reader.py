@@ -34,6 +34,8 @@ class TiledTiffReader:
                 self._tf.close()
                 raise ValueError(f"{path}: level is not tiled contiguous 8-bit RGB")
         self.pages = pages
+        # an extra sample that is alpha (TIFF ExtraSamples 1 associated or 2 unassociated)
+        self._alpha = [p.samplesperpixel >= 4 and tuple(p.extrasamples or (0,))[0] in (1, 2) for p in pages]
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cache_tiles = cache_tiles
 
@@ -68,7 +70,13 @@ class TiledTiffReader:
             tile, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
         if tile is None:  # empty tile: white
             tile = np.full((1, page.tilelength, page.tilewidth, page.samplesperpixel), 255, np.uint8)
-        tile = tile.reshape(page.tilelength, page.tilewidth, -1)[..., :3]
+        tile = tile.reshape(page.tilelength, page.tilewidth, -1)
+        if tile.shape[2] >= 4 and self._alpha[level]:  # RGBA slides: transparency onto white, as openslide
+            from .wsi import composite_on_white
+
+            tile = composite_on_white(tile[..., :4])
+        else:
+            tile = tile[..., :3]
         self._cache[key] = tile
         if len(self._cache) > self._cache_tiles:
             self._cache.popitem(last=False)

@@ -39,12 +39,30 @@ def shard_urls(shards: str | Path | list) -> list[str]:
     return [str(p)]
 
 
-def decode_sample(sample: dict) -> dict:
-    """Raw webdataset sample -> {key, image (float [-1, 1], [3, H, W]), cls?, tok?}."""
-    from torchvision.io import decode_png
+def decode_sample(sample: dict, size: int = 224) -> dict:
+    """Raw webdataset sample -> {key, image (float [-1, 1], [3, size, size]), cls?, tok?}.
 
-    png = torch.frombuffer(bytearray(sample["png"]), dtype=torch.uint8)
-    img = decode_png(png)[:3].float() / 127.5 - 1.0
+    8-bit RGB PNGs take torchvision's fast decoder; grey, palette, 16-bit and RGBA members are
+    converted (cytosyn_data.png.decode_tile); a missing, corrupt or wrongly sized member stops with
+    the shard and key named."""
+    from cytosyn_data.errors import DataError
+    from cytosyn_data.png import decode_tile, png_header
+
+    where = f"{sample.get('__url__', 'shard')}: {sample['__key__']}"
+    data = sample.get("png")
+    if data is None:
+        raise DataError(f"{where}: no .png member")
+    head = png_header(data)
+    if head is not None and head[2:] == (8, 2) and head[:2] == (size, size):  # 8-bit RGB
+        from torchvision.io import decode_png
+
+        try:
+            img = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        except RuntimeError as exc:
+            raise DataError(f"{where}: corrupt PNG ({' '.join(str(exc).split())[-120:]})") from None
+    else:
+        img = torch.from_numpy(decode_tile(data, where, size).copy()).permute(2, 0, 1)
+    img = img.float() / 127.5 - 1.0
     out = {"key": sample["__key__"], "image": img}
     for name in ("cls", "tok"):
         raw = sample.get(f"{name}.npy")

@@ -497,9 +497,16 @@ def train(cfg: TrainConfig, shards, resume: str | Path | None = "auto", stop_aft
         num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, batches_done=trainer.step,
     )
     end = cfg.max_steps if stop_after is None else min(cfg.max_steps, trainer.step + stop_after)
-    log_path = out / "log.jsonl"
-    bar = tqdm(total=end, initial=trainer.step, desc="train", unit="step", disable=not trainer.acc.is_main_process)
-    it = iter(loader)
+    # the bar is closed before an error propagates, so the error line is the last thing printed
+    with tqdm(total=end, initial=trainer.step, desc="train", unit="step", disable=not trainer.acc.is_main_process) as bar:
+        _run_steps(trainer, iter(loader), end, out, bar)
+    return trainer
+
+
+def _run_steps(trainer: Trainer, it, end: int, out: Path, bar) -> None:
+    """Steps until ``end``: log every ``log_every`` (loss terms, grad norms, images/s), checkpoint every
+    ``ckpt_every`` and write an EMA sample grid every ``sample_every`` steps (and at the end)."""
+    cfg = trainer.cfg
     t0, seen = time.perf_counter(), 0
     sample_cls = None
     while trainer.step < end:
@@ -514,13 +521,10 @@ def train(cfg: TrainConfig, shards, resume: str | Path | None = "auto", stop_aft
             logs.update(step=trainer.step, images_per_s=seen / dt if dt > 0 else math.nan)
             t0, seen = time.perf_counter(), 0
             if trainer.acc.is_main_process:
-                with open(log_path, "a") as f:
+                with open(out / "log.jsonl", "a") as f:
                     f.write(json.dumps(logs) + "\n")
                 bar.set_postfix(denoise=f"{logs['denoise']:.4f}", l1=f"{logs['l1']:.4f}", ips=f"{logs['images_per_s']:.1f}")
         if trainer.step % cfg.ckpt_every == 0 or trainer.step == end:
             trainer.save_checkpoint()
         if (trainer.step % cfg.sample_every == 0 or trainer.step == end) and trainer.acc.is_main_process:
             trainer.sample_grid(sample_cls, out / "samples" / f"step_{trainer.step:07d}.png")
-    bar.close()
-    return trainer
-

@@ -310,3 +310,98 @@ def test_eval_unknown_metric_lists_the_valid_ones_and_cache_follows_the_images(t
     assert model_cli("eval_main", "--config", conf).returncode == 0
     second = pl.read_parquet(tmp_path / "e" / "metrics.parquet").filter(pl.col("metric") == "fd")["value"][0]
     assert second != first
+
+
+# ----------------------------------------------------- readers and members
+def test_rgba_slides_are_composited_on_white_in_every_reader(tmp_path):
+    import openslide
+    import tifffile
+
+    from cytosyn_data.wsi import composite_on_white, open_slide
+
+    rng = np.random.default_rng(0)
+    img = np.zeros((1024, 1024, 4), np.uint8)
+    for c, (lo, hi) in enumerate(((150, 230), (40, 140), (120, 210))):  # H&E pink
+        img[..., c] = rng.integers(lo, hi, (1024, 1024))
+    yy, xx = np.mgrid[:1024, :1024]
+    img[..., 3] = np.where((xx - 512) ** 2 + (yy - 512) ** 2 < 400**2, 255, 0)
+    img[600:700, 600:700, 3] = 128
+    res = 1e4 / 0.5
+    path = tmp_path / "rgba.tif"
+    with tifffile.TiffWriter(path) as t:
+        t.write(img, tile=(256, 256), photometric="rgb", extrasamples=["unassalpha"], compression="zlib",
+                resolution=(res, res), resolutionunit="CENTIMETER")
+    want = composite_on_white(np.asarray(openslide.OpenSlide(str(path)).read_region((0, 0), 0, (1024, 1024))))
+    with open_slide(path) as s:
+        assert s.fast_reads
+        np.testing.assert_array_equal(s.read_rgb((0, 0), 0, (1024, 1024)), want)
+    assert (want[:50, :50] == 255).all()
+    out = tmp_path / "run"
+    assert cli("tile", "--slides", path, "--out", out, "--tiles", "all").returncode == 0
+    from cytosyn_data.png import decode_png
+
+    tiles = pl.read_parquet(out / "tiles.parquet")
+    assert tiles.height >= 4
+    pngs = {s["__key__"]: s["png"] for s in wds.WebDataset(sorted(str(p) for p in (out / "shards").glob("*.tar")), shardshuffle=False)}
+    for row in tiles.iter_rows(named=True):
+        np.testing.assert_array_equal(decode_png(pngs[row["key"]]), want[row["y"]:row["y"] + 224, row["x"]:row["x"] + 224])
+
+
+def _member_shard(tmp_path: Path, tile_run: Path, bad: bytes) -> Path:
+    """A copy of the first tile shard whose first PNG member is replaced by ``bad``."""
+    from cytosyn_data.shards import iter_tar_members, write_tar_atomic
+
+    d = tmp_path / "bad_shards"
+    members = list(iter_tar_members(sorted((tile_run / "shards").glob("*.tar"))[0]))
+    first = next(i for i, (n, _) in enumerate(members) if n.endswith(".png"))
+    members[first] = (members[first][0], bad)
+    write_tar_atomic(d / "bad-000000.tar", members)
+    return d
+
+
+def test_grey_16bit_and_rgba_members_are_converted_for_training(tmp_path, tile_run):
+    import io
+
+    from PIL import Image
+
+    from cytosyn_data.png import decode_png
+    from cytosyn_model.data import decode_sample
+
+    rgb = decode_png(next(s["png"] for s in wds.WebDataset(sorted(str(p) for p in (tile_run / "shards").glob("*.tar")), shardshuffle=False)))
+    grey = np.asarray(Image.fromarray(rgb).convert("L"))
+    variants = {
+        "L": Image.fromarray(grey),
+        "I;16": Image.fromarray(grey.astype(np.uint16) * 257),
+        "RGBA": Image.fromarray(np.dstack([rgb, np.full(grey.shape, 255, np.uint8)])),
+    }
+    for mode, im in variants.items():
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        out = decode_sample({"__key__": "k", "__url__": "s.tar", "png": buf.getvalue()})["image"]
+        expect = rgb if mode == "RGBA" else np.repeat(grey[..., None], 3, 2)
+        np.testing.assert_array_equal(((out + 1) * 127.5).round().permute(1, 2, 0).numpy().astype(np.uint8), expect)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, "not a PNG image"),
+    ("small", "tile is 100x100 px, expected 224x224"),
+    ("corrupt", "corrupt PNG"),
+])
+def test_bad_shard_members_stop_training_with_the_shard_and_key(tmp_path, tile_run, bad, message):
+    import io
+
+    from PIL import Image
+
+    if bad == "small":
+        buf = io.BytesIO()
+        Image.new("RGB", (100, 100), "pink").save(buf, format="PNG")
+        bad = buf.getvalue()
+    elif bad == "corrupt":
+        buf = io.BytesIO()
+        Image.new("RGB", (224, 224), "pink").save(buf, format="PNG")
+        bad = buf.getvalue()[:60]
+    shards = _member_shard(tmp_path, tile_run, bad)
+    proc = model_cli("train_main", "--shards", shards, "--config", _train_config(tmp_path, shuffle_buffer=1), "--out", tmp_path / "t")
+    assert proc.returncode == 1
+    line = error_line(proc)
+    assert f"bad-000000.tar: " in line and message in line, line

@@ -95,9 +95,22 @@ def preprocessor(name: str):
     raise ValueError(f"unknown preprocessing {name!r} (jpegQ, centercropN, png)")
 
 
-def iter_images(source: str | Path, limit: int | None = None):
-    """(key, uint8 [H, W, 3]) from a folder of shards (.png or .jpg members) or of PNG/JPEG files."""
+def _decode(data: bytes, where: str, to_rgb8) -> np.ndarray:
     from PIL import Image
+
+    from cytosyn_data.errors import DataError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return to_rgb8(img)
+    except Exception as exc:  # noqa: BLE001 - PIL raises several types for damaged files
+        raise DataError(f"{where}: corrupt image ({type(exc).__name__}: {exc})") from None
+
+
+def iter_images(source: str | Path, limit: int | None = None):
+    """(key, uint8 [H, W, 3]) from a folder of shards (.png or .jpg members) or of PNG/JPEG files;
+    grey, 16-bit and RGBA images are converted, a corrupt one stops with the file (and key) named."""
+    from cytosyn_data.png import to_rgb8
 
     src = Path(source)
     tars = sorted(src.glob("*.tar")) if src.is_dir() else ([src] if src.suffix == ".tar" else [])
@@ -109,13 +122,13 @@ def iter_images(source: str | Path, limit: int | None = None):
             data = s.get("png") or s.get("jpg")
             if data is None:
                 continue
-            yield s["__key__"], np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            yield s["__key__"], _decode(data, f"{s['__url__']}: {s['__key__']}", to_rgb8)
             n += 1
             if limit and n >= limit:
                 return
     elif src.is_dir():
         for p in sorted(q for q in src.iterdir() if q.suffix.lower() in (".png", ".jpg", ".jpeg") and q.stem != "grid"):
-            yield p.stem, np.asarray(Image.open(p).convert("RGB"))
+            yield p.stem, _decode(p.read_bytes(), str(p), to_rgb8)
             n += 1
             if limit and n >= limit:
                 return
