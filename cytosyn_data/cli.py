@@ -126,7 +126,8 @@ def cmd_curate(args) -> int:
             raise DataError(f"{args.annotations}: {len(missing)} annotated keys are not in the shards of {args.run}, "
                             f"e.g. {missing[:3]}")
         rows = np.array([pos[k] for k in ann["key"]])
-        res = C.fit_probes(x[rows], ann["is_artifact"].to_numpy(), C.slide_of(ann["key"]), args.seed)
+        tiles = pl.read_parquet(args.run / "tiles.parquet") if (args.run / "tiles.parquet").exists() else None
+        res = C.fit_probes(x[rows], ann["is_artifact"].to_numpy(), C.patient_of(ann["key"], tiles), args.seed)
         C.save_probes(work / "probes.npz", res["probes"])
         m = pl.DataFrame(res["metrics"])
         m.write_csv(work / "cv_metrics.csv")

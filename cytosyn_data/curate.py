@@ -142,6 +142,21 @@ def slide_of(keys) -> list[str]:
     return [k.split("__")[0] for k in keys]
 
 
+def patient_of(keys, tiles: pl.DataFrame | None = None) -> list[str]:
+    """The cross-validation group of each key: its patient (from ``tiles.parquet`` when given, else
+    from a TCGA barcode in the slide id), or its slide when no patient is known. A patient's
+    slides then never straddle a training and a held-out fold."""
+    from .barcode import parse_slide_name
+
+    known = {}
+    if tiles is not None and "patient" in tiles.columns:
+        known = dict(zip(tiles["key"].to_list(), tiles["patient"].to_list()))
+    out = []
+    for k, sid in zip(keys, slide_of(keys)):
+        out.append(known.get(k) or parse_slide_name(sid).patient or sid)
+    return out
+
+
 def fit_probes(x: np.ndarray, y: np.ndarray, groups: list[str], seed: int = 0, c: float = 1.0) -> dict:
     """Grouped, stratified 5-fold CV of a standardised logistic regression.
 

@@ -75,29 +75,51 @@ def choose_val_out(slides: pl.DataFrame, fraction: float, seed: int) -> set[str]
 
 #: level-0 pixels two squares may share without counting as overlap: neighbouring tiles read at a
 #: level whose downsample is not an integer (e.g. 2.0005) have rounded level-0 corners.
-TOL = 1.0
+EPS = 1e-6  # level-0 pixels: windows that only touch do not overlap
+WINDOW_COLUMNS = ["key", "slide_id", "level_x", "level_y", "region", "downsample"]
+
+
+def read_windows(df: pl.DataFrame) -> pl.LazyFrame:
+    """Level-0 squares actually read, [x0, x1) x [y0, y1): level pixels [level_x, level_x + region)
+    of the read level times its downsample (not the rounded key coordinates)."""
+    ds = pl.col("downsample")
+    return df.lazy().select(
+        "key", "slide_id",
+        x0=pl.col("level_x") * ds, y0=pl.col("level_y") * ds,
+        x1=(pl.col("level_x") + pl.col("region")) * ds, y1=(pl.col("level_y") + pl.col("region")) * ds,
+    )
 
 
 def overlapping(a: pl.DataFrame, b: pl.DataFrame) -> pl.DataFrame:
-    """Rows of ``a`` whose level-0 square (x, y, footprint) overlaps any square of ``b`` on the same
-    slide by more than ``TOL`` pixels in both directions."""
-    hits = []
-    for (sid,), pa in a.group_by("slide_id"):
-        pb = b.filter(pl.col("slide_id") == sid)
-        if pb.height == 0:
-            continue
-        fp = float(max(pa["footprint"].max(), pb["footprint"].max()))
-        buckets: dict[tuple[int, int], list[tuple[float, float, float]]] = {}
-        for x, y, f in zip(pb["x"], pb["y"], pb["footprint"]):
-            buckets.setdefault((int(x // fp), int(y // fp)), []).append((x, y, f))
-        for key, x, y, f in zip(pa["key"], pa["x"], pa["y"], pa["footprint"]):
-            bx, by = int(x // fp), int(y // fp)
-            for dx in (-1, 0, 1):
-                for dy in (-1, 0, 1):
-                    for (ox, oy, of) in buckets.get((bx + dx, by + dy), ()):
-                        if x < ox + of - TOL and ox < x + f - TOL and y < oy + of - TOL and oy < y + f - TOL:
-                            hits.append(key)
-    return a.filter(pl.col("key").is_in(hits))
+    """Rows of ``a`` whose read window overlaps a read window of ``b`` on the same slide (positive
+    area). A join on (slide, grid cell of the window origin, 3x3 neighbourhood), no per-slide loop."""
+    if a.height == 0 or b.height == 0:
+        return a.head(0)
+    wa, wb = read_windows(a), read_windows(b)
+    side = max(float(pl.concat([wa, wb]).select((pl.col("x1") - pl.col("x0")).max()).collect().item()), 1.0)
+    cells = [pl.col(c0).truediv(side).floor().cast(pl.Int64).alias(c) for c0, c in (("x0", "cx"), ("y0", "cy"))]
+    wb = wb.with_columns(cells)
+    near = pl.concat([wa.with_columns(cx=cells[0] + dx, cy=cells[1] + dy)
+                      for dx in (-1, 0, 1) for dy in (-1, 0, 1)])
+    hits = (
+        near.join(wb, on=["slide_id", "cx", "cy"], suffix="_b")
+        .filter((pl.col("x0") < pl.col("x1_b") - EPS) & (pl.col("x0_b") < pl.col("x1") - EPS)
+                & (pl.col("y0") < pl.col("y1_b") - EPS) & (pl.col("y0_b") < pl.col("y1") - EPS))
+        .select("key").unique().collect()
+    )
+    return a.filter(pl.col("key").is_in(hits["key"].implode()))
+
+
+def val_in_quotas(train: pl.DataFrame, cfg: SplitConfig) -> pl.DataFrame:
+    """slide_id -> number of val_in tiles: ``round(val_in_fraction x training tiles)`` apportioned over
+    the training slides in proportion to their tiles (largest remainder, ties by seeded hash)."""
+    n = train.group_by("slide_id").len().sort("slide_id")
+    if n.height == 0:
+        return pl.DataFrame(schema={"slide_id": pl.String, "_quota": pl.Int64})
+    counts = n["len"].to_numpy().astype(np.int64)
+    total = int(math.floor(cfg.val_in_fraction * counts.sum() + 0.5))
+    ties = np.array([stable_hash(f"{cfg.seed}/val_in_slide/{s}") for s in n["slide_id"]], dtype=np.uint64)
+    return pl.DataFrame({"slide_id": n["slide_id"], "_quota": apportion(total, counts.astype(float), counts, ties)})
 
 
 def assign_splits(slides: pl.DataFrame, tiles: pl.DataFrame, curation: pl.DataFrame | None, cfg: SplitConfig) -> pl.DataFrame:
@@ -108,11 +130,13 @@ def assign_splits(slides: pl.DataFrame, tiles: pl.DataFrame, curation: pl.DataFr
         t = t.filter(~pl.col("key").is_in(removed.implode()))
     held = choose_val_out(slides, cfg.val_out_fraction, cfg.seed)
     t = t.with_columns(split=pl.when(pl.col("patient").is_in(list(held))).then(pl.lit("val_out")).otherwise(pl.lit("train")))
-    # val_in: a seeded fraction of each training slide's tiles
+    # val_in: round(fraction x training tiles) in all, apportioned over the training slides by largest
+    # remainder (small slides get theirs too); each slide gives its tiles of lowest seeded hash
     t = t.with_columns(_h=pl.col("key").map_elements(lambda k: stable_hash(f"{cfg.seed}/val_in/{k}"), return_dtype=pl.UInt64))
-    t = t.with_columns(_rank=pl.col("_h").rank("ordinal").over("slide_id"), _n=pl.len().over("slide_id"))
-    n_in = (pl.col("_n") * cfg.val_in_fraction).floor()
-    t = t.with_columns(split=pl.when((pl.col("split") == "train") & (pl.col("_rank") <= n_in)).then(pl.lit("val_in")).otherwise(pl.col("split")))
+    t = t.with_columns(_rank=pl.col("_h").rank("ordinal").over("slide_id"))
+    t = t.join(val_in_quotas(t.filter(pl.col("split") == "train"), cfg), on="slide_id", how="left")
+    is_in = (pl.col("split") == "train") & (pl.col("_rank") <= pl.col("_quota").fill_null(0))
+    t = t.with_columns(split=pl.when(is_in).then(pl.lit("val_in")).otherwise(pl.col("split")))
     train = t.filter(pl.col("split") == "train")
     clash = overlapping(t.filter(pl.col("split") == "val_in"), train)
     t = t.with_columns(split=pl.when(pl.col("key").is_in(clash["key"].implode())).then(pl.lit("excluded")).otherwise(pl.col("split")))
@@ -131,7 +155,7 @@ def assign_splits(slides: pl.DataFrame, tiles: pl.DataFrame, curation: pl.DataFr
 
 def audit(splits: pl.DataFrame, tiles: pl.DataFrame) -> dict:
     """Leakage audit: patients/slides shared by train and val_out, train/val_in overlaps, sizes per TSS."""
-    s = splits.join(tiles.select("key", "x", "y", "footprint"), on="key", how="left")
+    s = splits.join(tiles.select(WINDOW_COLUMNS).drop("slide_id"), on="key", how="left")
     train, vo, vi = (s.filter(pl.col("split") == n) for n in ("train", "val_out", "val_in"))
     shared_patients = sorted(set(train["patient"]) & set(vo["patient"]))
     shared_slides = sorted(set(train["slide_id"]) & set(vo["slide_id"]))
@@ -152,7 +176,8 @@ def write_audit(path: Path, result: dict) -> None:
     lines = ["# split leakage audit", "",
              f"- shared patients train/val_out: {len(result['shared_patients_train_val_out'])}",
              f"- shared slides train/val_out: {len(result['shared_slides_train_val_out'])}",
-             f"- val_in tiles overlapping a train tile (level-0 squares): {len(result['overlapping_val_in_tiles'])}",
+             f"- val_in tiles whose read window overlaps a train tile's (level-0 squares actually read): "
+             f"{len(result['overlapping_val_in_tiles'])}",
              f"- guidance tiles: {result['guidance']}",
              f"- verdict: {'OK, no leakage' if result['ok'] else 'LEAKAGE'}", "", "## tiles per TSS and split", "",
              markdown_table(sizes)]

@@ -442,6 +442,10 @@ TILES_SCHEMA = {
     "x": pl.Int64,
     "y": pl.Int64,
     "footprint": pl.Float64,
+    "level_x": pl.Int64,  # read window: level pixels [level_x, level_x + region) of read_level
+    "level_y": pl.Int64,
+    "region": pl.Int32,
+    "downsample": pl.Float64,  # of read_level: the window covers level-0 [level_x * downsample, ...)
     "mpp": pl.Float64,
     "read_level": pl.Int32,
     "resample": pl.String,
@@ -601,6 +605,10 @@ def _run_tile(slides, out: Path, cfg: TileConfig, workers: int, shard_index: int
                 patient=pl.lit(r["patient"], pl.String),
                 slide_type=pl.lit(r["slide_type"], pl.String),
                 footprint=pl.lit(float(info["footprint"])),
+                level_x=((pl.col("x") / float(info["downsample"])) + 0.5).floor().cast(pl.Int64),
+                level_y=((pl.col("y") / float(info["downsample"])) + 0.5).floor().cast(pl.Int64),
+                region=pl.lit(int(info["region"]), pl.Int32),
+                downsample=pl.lit(float(info["downsample"])),
                 mpp=pl.lit(cfg.target_mpp),
                 read_level=pl.lit(int(info["read_level"]), pl.Int32),
                 resample=pl.lit("native" if info["native"] else RESAMPLE_NAMES[cfg.resample]),

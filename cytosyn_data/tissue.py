@@ -25,6 +25,7 @@ class TissueParams:
     min_object_um2: float = 20_000.0  # tissue specks smaller than this are dropped
     min_pen_um2: float = 4_000.0  # ink blobs smaller than this are stain, not pen
     close_um: float = 24.0  # closing radius that joins nearby tissue
+    max_hole_um2: float = 50_000.0  # enclosed gaps smaller than this are filled; larger ones stay glass
 
 
 def pen_mask(rgb: np.ndarray, params: TissueParams = TissueParams()) -> np.ndarray:
@@ -70,10 +71,19 @@ def tissue_mask(rgb: np.ndarray, mpp: float = 8.0, params: TissueParams = Tissue
     m = mask.astype(np.uint8)
     m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, _disk(round(params.close_um / mpp)))
     m = cv2.morphologyEx(m, cv2.MORPH_OPEN, _disk(1))
-    mask = ndimage.binary_fill_holes(m > 0)
+    mask = fill_small_holes(m > 0, params.max_hole_um2 / (mpp * mpp))
     if ink.any():
         mask &= ~ink  # holes filled across ink must not bring it back
     return _drop_small(mask, params.min_object_um2 / (mpp * mpp))
+
+
+def fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
+    """Fill the holes of ``mask`` (background regions not connected to the border) smaller than
+    ``max_px`` pixels; a large enclosed glass area (a lumen, a tear) stays background."""
+    holes = ndimage.binary_fill_holes(mask) & ~mask
+    if not holes.any():
+        return mask
+    return mask | _drop_small(holes, 0) & ~_drop_small(holes, max_px)
 
 
 def _drop_small(mask: np.ndarray, min_px: float) -> np.ndarray:

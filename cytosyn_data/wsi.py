@@ -105,8 +105,12 @@ class SlideHandle:
 
 
 def level_pixel(location: tuple[int, int], downsample: float) -> tuple[int, int]:
-    """Level-0 pixel -> the level pixel that contains it (floor of location / downsample)."""
-    return int(location[0] // downsample), int(location[1] // downsample)
+    """Level-0 pixel -> level pixel: the nearest, ``floor(location / downsample + 0.5)``.
+
+    The one mapping from a tile key to its read window: grid keys are ``rint(level px * downsample)``
+    (``ReadPlan.level0_xy``), so this gives back their level pixel exactly, also at non-integer
+    downsamples such as 2.0005, where flooring would start a tile one pixel early."""
+    return int(np.floor(location[0] / downsample + 0.5)), int(np.floor(location[1] / downsample + 0.5))
 
 
 def composite_on_white(pixels: np.ndarray) -> np.ndarray:
