@@ -129,11 +129,9 @@ def sit_velocity_fn(sit, dtype=torch.float32) -> ModelFn:
         x = x.to(dtype)
         t = t.to(dtype)
         if y is None:
-            v, _ = sit(x, t, None)
-            return v
+            return sit(x, t, None, project=False)[0]
         y = y.to(dtype)
         drop = torch.isnan(y).any(dim=-1)
-        v, _ = sit(x, t, torch.nan_to_num(y), drop=drop)
-        return v
+        return sit(x, t, torch.nan_to_num(y), drop=drop, project=False)[0]
 
     return fn

@@ -210,11 +210,13 @@ class SiT(nn.Module):
         y: torch.Tensor | None = None,
         drop: torch.Tensor | None = None,
         align_only: bool = False,
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        project: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """x: [B, 4, 28, 28] at time t [B] in [0, 1]; y: [B, 768] or None (null).
 
         Returns (velocity [B, 4, 28, 28] or None when ``align_only``, projected tokens
-        [B, 196, 768] from block ``encoder_depth``). ``align_only`` stops after that block.
+        [B, 196, 768] from block ``encoder_depth``, or None when not ``project``: sampling needs
+        no projector, as REPA's ``SiT.inference``). ``align_only`` stops after that block.
         """
         b = x.shape[0]
         h = self.x_embedder(x) + self.pos_embed
@@ -222,7 +224,7 @@ class SiT(nn.Module):
         zs = None
         for i, blk in enumerate(self.blocks):
             h = blk(h, c)
-            if i + 1 == self.cfg.encoder_depth:
+            if i + 1 == self.cfg.encoder_depth and (project or align_only):
                 zs = self.projectors[0](h)
                 if align_only:
                     return None, zs
