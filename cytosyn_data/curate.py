@@ -91,22 +91,25 @@ def tile_features(model, pngs: list[bytes], mean_patch: bool = False, device="cp
 
 def compute_features(shard_dir: Path, out_dir: Path, weights=None, tiny=False, mean_patch=False, device=None,
                      batch_size: int = 128) -> tuple[list[str], np.ndarray]:
-    """Features of every tile in the shards, cached in ``out_dir`` (reused when the backbone matches)."""
+    """Features of every tile in the shards, cached in ``out_dir`` (reused when the backbone weights
+    and the shard files (name, size, mtime) are the same)."""
     import webdataset as wds
 
     from cytosyn_model.checkpoint import file_digest
 
+    from .run_state import files_digest
+
+    urls = sorted(str(p) for p in Path(shard_dir).glob("*.tar"))
+    if not urls:
+        raise FileNotFoundError(f"{shard_dir}: no .tar shards")
     ident = "tiny" if tiny else file_digest(weights)
-    ident += "+meanpatch" if mean_patch else ""
+    ident += ("+meanpatch" if mean_patch else "") + f"+shards:{files_digest(urls)}"
     meta_path = out_dir / "features.json"
     if meta_path.exists() and json.loads(meta_path.read_text()).get("backbone") == ident:
         keys = pl.read_parquet(out_dir / "features_keys.parquet")["key"].to_list()
         return keys, np.load(out_dir / "features.npy")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = build_backbone(weights, tiny).to(device)
-    urls = sorted(str(p) for p in Path(shard_dir).glob("*.tar"))
-    if not urls:
-        raise FileNotFoundError(f"{shard_dir}: no .tar shards")
     keys, feats, buf_k, buf_p = [], [], [], []
     for sample in tqdm(wds.WebDataset(urls, shardshuffle=False), desc="curate features", unit="tile"):
         buf_k.append(sample["__key__"])

@@ -34,6 +34,18 @@ def file_identity(path: str | Path) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def files_digest(files, extra: str = "") -> str:
+    """12 hex of a hash of ``extra`` and every file's resolved path, size and mtime: the key of a
+    cache derived from those files (a changed, added or removed file gives a new key)."""
+    import hashlib
+
+    h = hashlib.sha256(extra.encode())
+    for f in sorted(Path(p) for p in files):
+        ident = file_identity(f)
+        h.update(f"\n{f.resolve()}\t{ident['size']}\t{ident['mtime_ns']}".encode())
+    return h.hexdigest()[:12]
+
+
 def _describe(prev: dict, new: dict, prefix: str = "") -> list[str]:
     out = []
     for k in sorted(set(prev) | set(new)):

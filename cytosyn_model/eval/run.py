@@ -139,8 +139,6 @@ def iter_images(source: str | Path, limit: int | None = None):
 def set_identity(source, limit: int | None) -> str:
     """12 hex of a hash of the set's files (name, size, mtime) and the image cap: a changed set
     (other files, rewritten shards, another ``max_images``) gets a new feature cache."""
-    import hashlib
-
     src = Path(source)
     if not src.exists():
         from cytosyn_data.errors import DataError
@@ -149,11 +147,9 @@ def set_identity(source, limit: int | None) -> str:
     files = sorted(src.glob("*.tar")) if src.is_dir() else [src]
     if src.is_dir() and not files:
         files = sorted(q for q in src.iterdir() if q.suffix.lower() in (".png", ".jpg", ".jpeg") and q.stem != "grid")
-    h = hashlib.sha256(f"limit={limit}".encode())
-    for f in files:
-        st = f.stat()
-        h.update(f"\n{f.resolve()}\t{st.st_size}\t{st.st_mtime_ns}".encode())
-    return h.hexdigest()[:12]
+    from cytosyn_data.run_state import files_digest
+
+    return files_digest(files, f"limit={limit}")
 
 
 def set_features(extractor, name: str, source, preprocess: list[str], cache: Path, batch_size: int, device,
