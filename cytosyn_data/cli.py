@@ -97,10 +97,10 @@ def _add_curate(sub) -> None:
     f.add_argument("--annotations", required=True, type=Path, help="CSV/parquet with key, label")
     f.add_argument("--seed", type=int, default=0)
     a = cs.add_parser("apply", parents=[common], help="score every tile with the mean of the 5 probes")
-    a.add_argument("--threshold", type=float, default=0.5)
+    a.add_argument("--threshold", type=cli_type(fraction, True), default=0.5)
     s = cs.add_parser("sheet", help="contact sheets with keys for labelling")
     s.add_argument("--run", required=True, type=Path)
-    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--n", type=cli_type(positive, int), default=64)
     s.add_argument("--seed", type=int, default=0)
     w = cs.add_parser("weak-labels", help="starting labels from pixel checks (pen, background, blur)")
     w.add_argument("--run", required=True, type=Path)
@@ -115,7 +115,13 @@ def cmd_curate(args) -> int:
     from .report import markdown_table
 
     work = args.run / "curate"
+    if not (args.run / "shards").is_dir():
+        raise DataError(f"{args.run}: no shards/ folder; is it a tile run?")
     if args.curate_cmd in ("fit", "apply"):
+        from .run_state import record_run
+
+        inputs = [f"{k}: {v}" for k, v in vars(args).items() if k in ("annotations", "backbone_weights")]
+        record_run(work, f"curate {args.curate_cmd}", {k: str(v) for k, v in vars(args).items()}, inputs)
         keys, x = C.compute_features(args.run / "shards", work, args.backbone_weights, args.tiny_backbone,
                                      args.mean_patch, args.device)
     if args.curate_cmd == "fit":
@@ -204,7 +210,7 @@ def _add_features(sub) -> None:
     p.add_argument("--shards", required=True, type=Path, help="folder of shards (rewritten in place, atomically)")
     p.add_argument("--h0-mini-weights", help="local H0-mini weights (safetensors or torch)")
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=cli_type(positive, int), default=256)
     p.add_argument("--device")
 
 

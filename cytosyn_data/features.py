@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .png import decode_tile
-from .run_state import file_identity
+from .run_state import code_version, file_identity
 from .shards import atomic_write_bytes, iter_tar_members, remove_stale_tmp, write_tar_atomic
 
 FEATURE_EXTS = ("cls.npy", "tok.npy")
@@ -140,7 +140,7 @@ def add_features(
                 k = name[: -len(".png")]
                 out += [(f"{k}.cls.npy", npy_bytes(feats[k][0])), (f"{k}.tok.npy", npy_bytes(feats[k][1]))]
         write_tar_atomic(shard, out)
-        done[shard.name] = {"model": ident, **file_identity(shard), "sha256": file_sha256(shard)}
+        done[shard.name] = {"model": ident, **file_identity(shard), "sha256": file_sha256(shard), "code_version": code_version()}
         atomic_write_bytes(done_path, json.dumps(done, indent=1, sort_keys=True).encode())
         n_tiles += len(keys)
         finished += 1

@@ -75,14 +75,17 @@ def _list_changes(prev: list, new: list, what: str) -> list[str]:
 
 
 def check_run_file(out: Path, stage: str, settings: dict, inputs: list[str], overwrite: bool,
-                   clear) -> None:
+                   clear, recorded: dict | None = None) -> None:
     """Compare ``out/run.json`` with this run's ``settings`` and ``inputs`` (the list of input names).
 
     New folder: write it. Same: return (the stage skips finished work). Different: with
     ``overwrite``, call ``clear()`` (which removes the old outputs) and write the new file; else
-    raise :class:`RunStateError` naming what changed."""
+    raise :class:`RunStateError` naming what changed. ``recorded`` (e.g. the size and mtime of each
+    input file) is stored but not compared: the stage redoes the inputs that changed in place."""
     path = out / RUN_FILE
     new = {"stage": stage, "settings": settings, "inputs": sorted(inputs), "code_version": code_version()}
+    if recorded:
+        new["recorded"] = recorded
     new = json.loads(json.dumps(new))
     if path.exists():
         prev = json.loads(path.read_text())
@@ -91,7 +94,7 @@ def check_run_file(out: Path, stage: str, settings: dict, inputs: list[str], ove
         if prev.get("stage", stage) != stage:
             changes.insert(0, f"stage: {prev.get('stage')} -> {stage}")
         if not changes:
-            if prev.get("code_version") != new["code_version"]:
+            if (prev.get("code_version"), prev.get("recorded")) != (new["code_version"], new.get("recorded")):
                 _write(path, new)
             return
         if not overwrite:
@@ -102,6 +105,16 @@ def check_run_file(out: Path, stage: str, settings: dict, inputs: list[str], ove
             )
         clear()
     _write(path, new)
+
+
+def record_run(out: Path, stage: str, settings: dict, inputs: list[str], recorded: dict | None = None) -> None:
+    """Write ``out/run.json`` for a stage whose outputs are recomputed whole on every run (eval,
+    curate): what made the folder's current contents, without comparing with an earlier run."""
+    obj = {"stage": stage, "settings": settings, "inputs": sorted(inputs), "code_version": code_version()}
+    if recorded:
+        obj["recorded"] = recorded
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out / RUN_FILE, json.loads(json.dumps(obj, default=str)))
 
 
 def _write(path: Path, obj: dict) -> None:

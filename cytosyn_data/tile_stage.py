@@ -500,7 +500,14 @@ def run_tile(
     out.mkdir(parents=True, exist_ok=True)
     with RunLock(out, f".lock{_part_suffix(shard_index, num_shards)}"):
         inputs = [f"{r['slide_id']}\t{r['path']}\tmpp={r['mpp_override']}" for r in slides.to_dicts()]
-        check_run_file(out, "tile", {"config": cfg.fingerprint()}, inputs, overwrite, lambda: clear_tile_outputs(out))
+        files = {}
+        for r in slides.to_dicts():
+            try:
+                files[r["slide_id"]] = file_identity(r["path"])
+            except OSError as exc:
+                files[r["slide_id"]] = f"unreadable: {exc.strerror}"
+        check_run_file(out, "tile", {"config": cfg.fingerprint()}, inputs, overwrite, lambda: clear_tile_outputs(out),
+                       recorded={"slide_files": files})
         return _run_tile(slides, out, cfg, workers, shard_index, num_shards, stage, keep_staging)
 
 

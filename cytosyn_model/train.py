@@ -402,7 +402,10 @@ class Trainer:
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": self.step, "config": dataclasses.asdict(self.cfg)}, indent=1))
+        from cytosyn_data.run_state import code_version
+
+        state = {"step": self.step, "config": dataclasses.asdict(self.cfg), "code_version": code_version()}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
         if final.exists():
             import shutil
 

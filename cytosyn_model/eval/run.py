@@ -247,6 +247,11 @@ def evaluate(cfg: EvalConfig) -> pl.DataFrame:
     df = pl.DataFrame(rows, schema=METRICS_SCHEMA, orient="row")
     df.write_parquet(out / "metrics.parquet")
     write_report(cfg, df, out)
+    from cytosyn_data.run_state import record_run
+
+    sets = {**cfg.real, **({"real_train": cfg.real_train} if cfg.real_train else {}),
+            **{f"gen_{g}": (v["path"] if isinstance(v, dict) else v) for g, v in cfg.generated.items()}}
+    record_run(out, "eval", dataclasses.asdict(cfg), [f"{n}: {p} files={set_identity(p, cfg.max_images)}" for n, p in sets.items()])
     return df
 
 
