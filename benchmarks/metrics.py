@@ -51,7 +51,7 @@ def main() -> None:
           f"speed-up {t_ref / t_fd:.1f}x; relative difference {abs(fd - fd_ref) / abs(fd_ref):.2e}")
     n = args.pr_n
     (p, r), t_pr = timed(lambda: precision_recall(real[:n], fake[:n]))
-    print(f"precision/recall k=3 at {n}: {t_pr:.1f} s (P={p:.3f}, R={r:.3f})")
+    print(f"precision/recall/density/coverage k=5 at {n}: {t_pr:.1f} s (P={p:.3f}, R={r:.3f})")
     m = args.naive_pr_n
     _, t_ours_m = timed(lambda: precision_recall(real[:m], fake[:m]))
     _, t_naive_m = timed(lambda: precision_recall_bruteforce(real[:m], fake[:m]))

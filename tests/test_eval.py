@@ -16,8 +16,10 @@ from cytosyn_model.eval.metrics import (
     cosine_similarity_pairs,
     fld,
     frechet_distance,
+    kid,
     frechet_distance_scipy,
     mean_cov,
+    prdc,
     precision_recall,
     precision_recall_bruteforce,
 )
@@ -54,6 +56,38 @@ def test_precision_recall_match_brute_force_and_identical_sets():
     assert precision_recall(real, real) == (1.0, 1.0)
 
 
+@pytest.mark.parametrize("case", ["gaussian", "integer_ties", "copies"])
+def test_prdc_equals_the_prdc_package(case):
+    compute_prdc = pytest.importorskip("prdc").compute_prdc
+    rng = np.random.default_rng(5)
+    if case == "gaussian":
+        real, fake = rng.normal(size=(500, 16)), rng.normal(size=(400, 16)) * 1.2 + 0.3
+    elif case == "integer_ties":  # small integers: many exactly equal distances and duplicate points
+        real, fake = rng.integers(0, 3, (300, 4)).astype(float), rng.integers(0, 3, (250, 4)).astype(float)
+    else:  # generated = exact copies of half the real set, plus noise
+        real = rng.normal(size=(300, 12))
+        fake = np.concatenate([real[:150], rng.normal(size=(100, 12))])
+    for k in (3, 5):
+        ours = prdc(real, fake, k, chunk=128)
+        theirs = compute_prdc(real, fake, k)
+        for name in ("precision", "recall", "density", "coverage"):
+            assert ours[name] == pytest.approx(float(theirs[name]), abs=1e-12), (case, k, name)
+
+
+def test_kid_equals_torch_fidelity():
+    tf = pytest.importorskip("torch_fidelity.metric_kid")
+    import torch
+
+    rng = np.random.default_rng(6)
+    gen, real = rng.normal(size=(600, 32)), rng.normal(size=(700, 32)) * 1.1 + 0.05
+    ours = kid(gen, real, subsets=20, subset_size=200, seed=2020)
+    theirs = tf.kid_features_to_metric(torch.from_numpy(gen), torch.from_numpy(real), kid_subsets=20, kid_subset_size=200,
+                                       rng_seed=2020, kid_kernel="poly", kid_kernel_poly_degree=3,
+                                       kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1, verbose=False)
+    assert ours[0] == pytest.approx(theirs["kernel_inception_distance_mean"], rel=1e-10)
+    assert ours[1] == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-10)
+
+
 def test_fld_is_minimal_for_real_samples_and_flags_copies():
     rng = np.random.default_rng(3)
     d = 12
@@ -69,12 +103,13 @@ def test_fld_is_minimal_for_real_samples_and_flags_copies():
     assert copies > values[-1] + 5.0
 
 
-def test_bootstrap_std_is_zero_for_identical_draws():
+def test_bootstrap_resamples_with_replacement():
     pool = np.random.default_rng(4).normal(size=(100, 3))
-    mean, std, values = bootstrap(lambda x: float(x.mean()), pool, n=100, draws=5)
-    assert std == 0.0 and len(set(values)) == 1
-    _, std2, _ = bootstrap(lambda x: float(x.mean()), pool, n=50, draws=5)
-    assert std2 > 0
+    mean, std, values = bootstrap(lambda x: float(x.mean()), pool, n=100, draws=20)
+    assert std > 0 and len(set(values)) > 1  # a pool no larger than n still varies
+    assert abs(mean - pool.mean()) < 3 * std
+    again = bootstrap(lambda x: float(x.mean()), pool, n=100, draws=20)
+    assert again[2] == values  # seeded
 
 
 def test_cosine_and_running_moments():
@@ -121,7 +156,7 @@ def test_end_to_end_on_cmu_tiles_with_jpeg_ablation(tmp_path, cmu_slide):
         assert eval_main(["--config", str(cfg)]) == 0
     a = pl.read_parquet(tmp_path / "png" / "metrics.parquet")
     b = pl.read_parquet(tmp_path / "jpeg" / "metrics.parquet")
-    assert set(a["metric"]) == {"fd", "fld", "precision", "recall", "cosine"}
+    assert set(a["metric"]) == {"fd", "fld", "precision", "recall", "density", "coverage", "cosine"}
     assert set(a["extractor"]) == {"inception_v3", "uni"}
     fd = a.filter(pl.col("metric") == "fd")
     assert (fd["value"] >= 0).all() and fd["std"].is_not_null().all()

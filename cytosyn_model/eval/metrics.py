@@ -6,8 +6,9 @@
   samples, bandwidths fitted by maximum likelihood on one half of the real set, scored by the
   negative log-likelihood per dimension of the other half, minus the same score with real
   samples as centres (so a generated set drawn from the real distribution scores about 0).
-- Precision / recall (Kynkaanniemi et al. 2019), k = 3, with batched distances.
-- Sample-wise cosine similarity; bootstrap mean and standard deviation.
+- Precision / recall / density / coverage (prdc, Naeem et al. 2020), k = 5, float64 batched distances.
+- KID (torch-fidelity's subsets and polynomial kernel).
+- Sample-wise cosine similarity; bootstrap (with replacement) mean and standard deviation.
 """
 
 from __future__ import annotations
@@ -93,47 +94,98 @@ def pairwise_sqdist_chunks(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096):
         yield i, d.clamp_min_(0)
 
 
-def kth_nn_radii(x: torch.Tensor, k: int = 3, chunk: int = 4096) -> torch.Tensor:
-    """Distance of each row to its k-th nearest other row (self excluded)."""
-    out = torch.empty(x.shape[0], device=x.device)
-    for i, d in pairwise_sqdist_chunks(x, x, chunk):
-        idx = torch.arange(d.shape[0], device=x.device)
-        d[idx, idx + i] = float("inf")
-        out[i : i + d.shape[0]] = d.topk(k, dim=1, largest=False).values[:, -1].sqrt()
+def _sqdist64(x: torch.Tensor, y: torch.Tensor, same: bool) -> torch.Tensor:
+    """Squared Euclidean distances in float64 (|x|^2 + |y|^2 - 2 x.y, clipped at 0); a row's distance
+    to itself is exactly 0 when ``same``. Exact for integer-valued features (ties kept)."""
+    d = (x * x).sum(1, keepdim=True) + (y * y).sum(1)[None] - 2 * x @ y.T
+    d = d.clamp_min_(0)
+    if same:
+        d.fill_diagonal_(0)
+    return d
+
+
+def kth_nn_radii(x: torch.Tensor, k: int = 5, chunk: int = 4096) -> torch.Tensor:
+    """Distance (float64) of each row to its k-th nearest neighbour, the row itself being the 0-th
+    (prdc's ``get_kth_value(distances, k + 1)``; a duplicate row is a neighbour at distance 0)."""
+    x = x.double()
+    out = torch.empty(x.shape[0], device=x.device, dtype=torch.float64)
+    for i in range(0, x.shape[0], chunk):
+        d = (x[i : i + chunk] * x[i : i + chunk]).sum(1, keepdim=True) + (x * x).sum(1)[None] - 2 * x[i : i + chunk] @ x.T
+        d = d.clamp_min_(0)
+        rows = torch.arange(d.shape[0], device=x.device)
+        d[rows, rows + i] = 0.0
+        out[i : i + d.shape[0]] = d.topk(k + 1, dim=1, largest=False).values[:, -1].sqrt()
     return out
 
 
-def _coverage(query: torch.Tensor, ref: torch.Tensor, radii: torch.Tensor, chunk: int) -> float:
-    inside = 0
-    r2 = radii * radii
-    for _, d in pairwise_sqdist_chunks(query, ref, chunk):
-        inside += int((d <= r2[None]).any(dim=1).sum())
-    return inside / query.shape[0]
-
-
-def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 3, device=None, chunk: int = 4096) -> tuple[float, float]:
-    """Improved precision and recall (k-NN manifolds, k=3)."""
+def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5, device=None, chunk: int = 4096) -> dict[str, float]:
+    """Precision, recall (Kynkaanniemi et al. 2019), density and coverage (Naeem et al. 2020) with k
+    nearest neighbours, equal to ``prdc.compute_prdc``: distances in float64, a point is inside a
+    ball when its distance is strictly below the radius (ties are outside), radii count the point
+    itself as the 0-th neighbour."""
     dev = _device(device)
-    r = torch.as_tensor(np.asarray(real, np.float32), device=dev)
-    f = torch.as_tensor(np.asarray(fake, np.float32), device=dev)
-    precision = _coverage(f, r, kth_nn_radii(r, k, chunk), chunk)
-    recall = _coverage(r, f, kth_nn_radii(f, k, chunk), chunk)
-    return precision, recall
+    r = torch.as_tensor(np.asarray(real, np.float64), device=dev)
+    f = torch.as_tensor(np.asarray(fake, np.float64), device=dev)
+    r_rad, f_rad = kth_nn_radii(r, k, chunk), kth_nn_radii(f, k, chunk)
+    fake_in = torch.zeros(f.shape[0], dtype=torch.bool, device=dev)  # precision: fake inside any real ball
+    fake_count = torch.zeros(f.shape[0], dtype=torch.float64, device=dev)  # density: number of real balls
+    real_in = torch.zeros(r.shape[0], dtype=torch.bool, device=dev)  # recall: real inside any fake ball
+    real_nn = torch.empty(r.shape[0], dtype=torch.float64, device=dev)  # coverage: nearest fake
+    for i in range(0, r.shape[0], chunk):
+        d = _sqdist64(r[i : i + chunk], f, same=False).sqrt()
+        inside = d < r_rad[i : i + chunk, None]
+        fake_in |= inside.any(0)
+        fake_count += inside.sum(0)
+        real_in[i : i + chunk] = (d < f_rad[None]).any(1)
+        real_nn[i : i + chunk] = d.min(1).values
+    return {
+        "precision": float(fake_in.double().mean()),
+        "recall": float(real_in.double().mean()),
+        "density": float(fake_count.mean() / k),
+        "coverage": float((real_nn < r_rad).double().mean()),
+    }
 
 
-def precision_recall_bruteforce(real: np.ndarray, fake: np.ndarray, k: int = 3) -> tuple[float, float]:
-    """Reference implementation with scipy's cdist (small sets only)."""
+def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 5, device=None, chunk: int = 4096) -> tuple[float, float]:
+    """Improved precision and recall: :func:`prdc`'s first two."""
+    m = prdc(real, fake, k, device, chunk)
+    return m["precision"], m["recall"]
+
+
+def precision_recall_bruteforce(real: np.ndarray, fake: np.ndarray, k: int = 5) -> tuple[float, float]:
+    """scipy ``cdist`` brute force with the same rules (small sets only; a naive baseline)."""
     from scipy.spatial.distance import cdist
 
     def radii(x):
-        d = cdist(x, x)
-        np.fill_diagonal(d, np.inf)
-        return np.sort(d, axis=1)[:, k - 1]
+        return np.sort(cdist(x, x), axis=1)[:, k]
 
     rr, rf = radii(real), radii(fake)
-    p = np.mean((cdist(fake, real) <= rr[None]).any(1))
-    r = np.mean((cdist(real, fake) <= rf[None]).any(1))
+    p = np.mean((cdist(fake, real) < rr[None]).any(1))
+    r = np.mean((cdist(real, fake) < rf[None]).any(1))
     return float(p), float(r)
+
+
+# ---------------------------------------------------------------------- KID
+def kid(features_1: np.ndarray, features_2: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 2020,
+        degree: int = 3, gamma: float | None = None, coef0: float = 1.0) -> tuple[float, float]:
+    """Kernel Inception Distance (Binkowski et al. 2018) as torch-fidelity computes it: over ``subsets``
+    draws of ``subset_size`` rows of each set (``np.random.RandomState(seed)``, set 1 then set 2,
+    without replacement), the unbiased MMD^2 with the kernel (x.y * gamma + coef0)^degree, gamma
+    1/dim by default; returns (mean, std). ``features_1`` is torch-fidelity's input1 (generated)."""
+    x1, x2 = np.asarray(features_1, np.float64), np.asarray(features_2, np.float64)
+    if min(len(x1), len(x2)) < subset_size:
+        raise ValueError(f"KID subset size {subset_size} is larger than a set ({len(x1)}, {len(x2)} samples)")
+    g = 1.0 / x1.shape[1] if gamma is None else gamma
+    rng = np.random.RandomState(seed)
+    m = subset_size
+    mmds = np.zeros(subsets)
+    for i in range(subsets):
+        a = x1[rng.choice(len(x1), m, replace=False)]
+        b = x2[rng.choice(len(x2), m, replace=False)]
+        kaa, kbb, kab = ((u @ v.T * g + coef0) ** degree for u, v in ((a, a), (b, b), (a, b)))
+        within = (kaa.sum() - np.trace(kaa) + kbb.sum() - np.trace(kbb)) / (m * (m - 1))
+        mmds[i] = within - 2 * kab.sum() / (m * m)
+    return float(mmds.mean()), float(mmds.std())
 
 
 # ---------------------------------------------------------------------- FLD
@@ -211,9 +263,8 @@ def cosine_similarity_pairs(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def bootstrap(metric: Callable[[np.ndarray], float], pool: np.ndarray, n: int, draws: int = 50, seed: int = 0) -> tuple[float, float, list[float]]:
-    """Mean and std of ``metric`` over ``draws`` draws of min(n, len(pool)) rows of ``pool`` without replacement."""
+    """Mean and standard deviation of ``metric`` over ``draws`` resamples of ``n`` rows of ``pool``
+    drawn with replacement (the bootstrap; also when the pool has no more than ``n`` rows)."""
     rng = np.random.default_rng(seed)
-    m = min(n, len(pool))
-    values = [metric(pool[np.sort(rng.choice(len(pool), m, replace=False))]) for _ in range(draws)]
-    spread = np.asarray(values) - values[0]  # exact zero when every draw gives the same value
-    return float(values[0] + spread.mean()), float(spread.std()), values
+    values = [metric(pool[np.sort(rng.choice(len(pool), n, replace=True))]) for _ in range(draws)]
+    return float(np.mean(values)), float(np.std(values)), values

@@ -7,7 +7,7 @@ Config (``pipelines/eval.yaml``, section ``eval``)::
     real_train: splits/train        # optional: FLD bandwidths are fitted on it (else half of each real set)
     generated: {sde250: {path: gen/sde250, steps: 250}}
     extractors: {inception_v3: /weights/inception.pth, uni: /weights/uni.bin}
-    metrics: [fd, fld, pr, cosine]
+    metrics: [fd, fld, pr, kid, cosine]   # pr: precision, recall, density, coverage (k = pr_k, 5)
     bootstrap: {draws: 50, n: 50000}                         # of the FD of each generated set
     preprocess: {real: [], generated: []}                    # jpeg70, centercrop224, ...
     batch_size: 64
@@ -32,9 +32,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .extractors import REGISTRY, build_extractor, center_crop, jpeg_roundtrip
-from .metrics import RunningMoments, bootstrap, cosine_similarity_pairs, fld, frechet_distance, mean_cov, precision_recall
+from .metrics import RunningMoments, bootstrap, cosine_similarity_pairs, fld, frechet_distance, kid, mean_cov, prdc
 
-METRICS = ("fd", "fld", "pr", "cosine")
+METRICS = ("fd", "fld", "pr", "kid", "cosine")
 
 METRICS_SCHEMA = {"metric": pl.String, "extractor": pl.String, "set": pl.String, "reference": pl.String,
                   "value": pl.Float64, "std": pl.Float64}
@@ -49,6 +49,8 @@ class EvalConfig:
     extractors: dict = field(default_factory=dict)
     tiny_extractors: bool = False  # tests only: random small extractors
     metrics: list = field(default_factory=lambda: ["fd", "fld", "pr", "cosine"])
+    pr_k: int = 5  # nearest neighbours of precision/recall/density/coverage (prdc, dgm-eval)
+    kid: dict = field(default_factory=lambda: {"subsets": 100, "subset_size": 1000})  # torch-fidelity's
     bootstrap: dict = field(default_factory=lambda: {"draws": 50, "n": 50000})
     preprocess: dict = field(default_factory=lambda: {"real": [], "generated": []})
     batch_size: int = 64
@@ -71,6 +73,7 @@ class EvalConfig:
         for name in cfg.extractors:
             one_of(name, f"{where}: extractors", REGISTRY)
         positive(cfg.batch_size, f"{where}: batch_size", int)
+        positive(cfg.pr_k, f"{where}: pr_k", int)
         if cfg.max_images is not None:
             positive(cfg.max_images, f"{where}: max_images", int)
         for side, names in (cfg.preprocess or {}).items():
@@ -234,8 +237,12 @@ def evaluate(cfg: EvalConfig) -> pl.DataFrame:
                                               b["draws"], cfg.seed)
                     rows.append(("fd", ename, gname, rname, fd, std))
                 if "pr" in cfg.metrics:
-                    p, r = precision_recall(rf, gf, device=dev)
-                    rows += [("precision", ename, gname, rname, p, None), ("recall", ename, gname, rname, r, None)]
+                    m = prdc(rf, gf, cfg.pr_k, device=dev)
+                    rows += [(name, ename, gname, rname, m[name], None) for name in ("precision", "recall", "density", "coverage")]
+                if "kid" in cfg.metrics:
+                    size = min(int(cfg.kid.get("subset_size", 1000)), len(rf), len(gf))
+                    mean, std = kid(gf, rf, int(cfg.kid.get("subsets", 100)), size, seed=int(cfg.kid.get("seed", 2020)))
+                    rows.append(("kid", ename, gname, rname, mean, std))
                 if "fld" in cfg.metrics:
                     rows.append(("fld", ename, gname, rname, fld(rf, gf, real_train=train, seed=cfg.seed, device=dev), None))
                 if "cosine" in cfg.metrics:
