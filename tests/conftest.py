@@ -39,6 +39,19 @@ def images_dir() -> Path:
     return _need(SHARED / "images")
 
 
+def tile_two_slides(out: Path, cmu: Path, tcga: Path, tiles: str, shard_size: int = 16, project: str | None = None) -> Path:
+    """Tile the two real shared slides (the TCGA one at --mpp-override 0.25) into ``out``; returns ``out``."""
+    from cytosyn_data.cli import main
+
+    table = out / "slides.csv"
+    if project is None:
+        table.write_text(f"path,mpp\n{cmu},\n{tcga},0.25\n")
+    else:
+        table.write_text(f"path,mpp,project\n{cmu},,{project}\n{tcga},0.25,{project}\n")
+    assert main(["tile", "--slides", str(table), "--out", str(out), "--tiles", tiles, "--shard-size", str(shard_size)]) == 0
+    return out
+
+
 def write_pyramid_tiff(path: Path, mpp: float, size: int = 2048, levels: int = 1, seed: int = 0) -> np.ndarray:
     """A tiled RGB TIFF at ``mpp`` with a pink 'tissue' disc on white; returns level 0 [h, w, 3]."""
     import tifffile

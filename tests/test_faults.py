@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 import webdataset as wds
 
+from conftest import tile_two_slides
 from cytosyn_data.run_state import RunLock
 
 
@@ -168,13 +169,7 @@ def test_debug_shows_the_traceback(tmp_path, cmu_slide):
 # ------------------------------------------------------------------- split
 @pytest.fixture(scope="module")
 def tile_run(tmp_path_factory, cmu_slide, tcga_slide):
-    from cytosyn_data.cli import main
-
-    out = tmp_path_factory.mktemp("faults_tiles")
-    table = out / "slides.csv"
-    table.write_text(f"path,mpp,project\n{cmu_slide},,A\n{tcga_slide},0.25,A\n")
-    assert main(["tile", "--slides", str(table), "--out", str(out), "--tiles", "all", "--shard-size", "16"]) == 0
-    return out
+    return tile_two_slides(tmp_path_factory.mktemp("faults_tiles"), cmu_slide, tcga_slide, "all", project="A")
 
 
 def split_keys(folder: Path) -> list[str]:

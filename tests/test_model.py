@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from conftest import tile_two_slides
 from cytosyn_model.checkpoint import load_into, map_state_dict
 from cytosyn_model.cli import sample_main, train_main
 from cytosyn_model.data import make_loader
@@ -30,13 +31,7 @@ def tiny_conf(out: Path, **over) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory, cmu_slide, tcga_slide):
-    from cytosyn_data.cli import main
-
-    out = tmp_path_factory.mktemp("tiles")
-    table = out / "slides.csv"
-    table.write_text(f"path,mpp\n{cmu_slide},\n{tcga_slide},0.25\n")
-    assert main(["tile", "--slides", str(table), "--out", str(out), "--tiles", "64", "--shard-size", "16"]) == 0
-    return out / "shards"
+    return tile_two_slides(tmp_path_factory.mktemp("tiles"), cmu_slide, tcga_slide, "64") / "shards"
 
 
 def _batch(shards, n=4):
