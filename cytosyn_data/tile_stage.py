@@ -32,7 +32,7 @@ import polars as pl
 from tqdm.auto import tqdm
 
 from . import qc
-from .checks import integer, non_negative, positive
+from .checks import fraction, integer, non_negative, one_of, positive
 from .errors import UsageError
 from .png import encode_png
 from .run_state import RunLock, check_run_file, file_identity
@@ -68,8 +68,6 @@ class TileConfig:
 
     def validate(self, where: str) -> None:
         """Every value checked; errors name ``where`` (e.g. the config file) and the key."""
-        from .checks import fraction, one_of
-
         positive(self.tile_size, f"{where}: tile_size", int)
         positive(self.target_mpp, f"{where}: target_mpp")
         fraction(self.mpp_tolerance, f"{where}: mpp_tolerance")
@@ -357,12 +355,14 @@ def write_shards(tiles: pl.DataFrame, work: Path, shard_dir: Path) -> list[str]:
         for name in tqdm(names, desc="shards", unit="shard", leave=False):
             path = shard_dir / name
             part = tiles.filter(pl.col("shard") == name)
-            digest = _plan_digest(part)
+            manifests = [json.dumps({k: v for k, v in row.items() if not k.startswith("_")}, sort_keys=True).encode()
+                         for row in part.iter_rows(named=True)]
+            digest = hashlib.sha256(b"\n".join(manifests)).hexdigest()  # the shard's plan: rows with PNG sha256
             if path.exists() and (plans / f"{name}.sha256").exists() and (plans / f"{name}.sha256").read_text() == digest:
                 continue
 
-            def members(part=part):
-                for row in part.iter_rows(named=True):
+            def members(part=part, manifests=manifests):
+                for row, meta in zip(part.iter_rows(named=True), manifests):
                     sid = row["slide_id"]
                     fh = handles.get(sid)
                     if fh is None:
@@ -375,9 +375,8 @@ def write_shards(tiles: pl.DataFrame, work: Path, shard_dir: Path) -> list[str]:
                     png = fh.read(row["_length"])
                     if len(png) != row["_length"]:
                         raise RuntimeError(f"staging for {sid} is truncated at {row['key']}")
-                    meta = {k: v for k, v in row.items() if not k.startswith("_")}
                     yield f"{row['key']}.png", png
-                    yield f"{row['key']}.json", json.dumps(meta, sort_keys=True).encode()
+                    yield f"{row['key']}.json", meta
 
             write_tar_atomic(path, members())
             atomic_write_bytes(plans / f"{name}.sha256", digest.encode(), durable=False)
@@ -386,15 +385,6 @@ def write_shards(tiles: pl.DataFrame, work: Path, shard_dir: Path) -> list[str]:
         for h in handles.values():
             h.close()
     return written
-
-
-def _plan_digest(part: pl.DataFrame) -> str:
-    """sha256 of a shard's member rows in order: the manifest rows (with the PNG sha256 in them)."""
-    h = hashlib.sha256()
-    for row in part.iter_rows(named=True):
-        h.update(json.dumps({k: v for k, v in row.items() if not k.startswith("_")}, sort_keys=True).encode())
-        h.update(b"\n")
-    return h.hexdigest()
 
 
 def _remove_stale_shards(shard_dir: Path, plans: Path, names: list[str]) -> None:
