@@ -129,6 +129,16 @@ class TrainConfig:
             fraction(b, f"{where}: betas")
         one_of(self.mixed_precision, f"{where}: mixed_precision", ("no", "bf16", "fp16"))
         fraction(self.sit.get("class_dropout", 0.1), f"{where}: sit.class_dropout")
+        from .sit import SIZES
+
+        one_of(self.sit.get("size", "XL"), f"{where}: sit.size", SIZES)
+        for k in ("input_size", "patch_size", "in_channels", "cond_dim", "encoder_depth", "projector_dim", "z_dim",
+                  "depth", "hidden", "heads"):
+            if self.sit.get(k) is not None:
+                positive(self.sit[k], f"{where}: sit.{k}", int)
+        for k in ("ch", "num_res_blocks", "z_channels"):
+            if k in self.vae:
+                positive(self.vae[k], f"{where}: vae.{k}", int)
 
     #: keys that may change when a run is resumed (how long, how often to log/save, data workers)
     RESUMABLE_CHANGES = ("out", "max_steps", "log_every", "sample_every", "sample_steps", "ckpt_every",

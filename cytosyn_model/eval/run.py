@@ -61,7 +61,7 @@ class EvalConfig:
     @classmethod
     def from_dict(cls, d: dict, where: str = "eval config") -> "EvalConfig":
         """Build and validate; errors name ``where`` (e.g. the YAML file) and the key."""
-        from cytosyn_data.checks import one_of, positive
+        from cytosyn_data.checks import non_negative, one_of, positive
         from cytosyn_data.errors import UsageError
 
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
@@ -74,6 +74,13 @@ class EvalConfig:
             one_of(name, f"{where}: extractors", REGISTRY)
         positive(cfg.batch_size, f"{where}: batch_size", int)
         positive(cfg.pr_k, f"{where}: pr_k", int)
+        for k, v in (cfg.bootstrap or {}).items():
+            one_of(k, f"{where}: bootstrap", ("draws", "n"))
+            (non_negative if k == "draws" else positive)(v, f"{where}: bootstrap.{k}", int)  # draws 0: no bootstrap
+        for k, v in (cfg.kid or {}).items():
+            one_of(k, f"{where}: kid", ("subsets", "subset_size", "seed"))
+            if k != "seed":
+                positive(v, f"{where}: kid.{k}", int)
         if cfg.max_images is not None:
             positive(cfg.max_images, f"{where}: max_images", int)
         for side, names in (cfg.preprocess or {}).items():
