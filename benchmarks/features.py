@@ -18,7 +18,7 @@ import torch
 import webdataset as wds
 
 from cytosyn_data.features import encode_tiles
-from cytosyn_model.h0mini import build_h0_mini
+from cytosyn_encoders.h0mini import build_h0_mini
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     pngs = tiles(args.shards if args.shards.exists() else None, args.n)
-    model = build_h0_mini().to(dev)
+    model = build_h0_mini("random").to(dev)  # full-size random H0-mini: speed does not depend on weights
     encode_tiles(model, pngs[: args.batch], dev, args.batch, dtype)  # warm-up
     if dev.type == "cuda":
         torch.cuda.synchronize()

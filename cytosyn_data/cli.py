@@ -89,8 +89,8 @@ def _add_curate(sub) -> None:
     cs = p.add_subparsers(dest="curate_cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--run", required=True, type=Path, help="tile run folder (shards/, tiles.parquet)")
-    common.add_argument("--backbone-weights", help="local iBOT/DINO ViT-S/16 checkpoint")
-    common.add_argument("--tiny-backbone", action="store_true", help=argparse.SUPPRESS)
+    common.add_argument("--backbone-weights", required=True,
+                        help="local iBOT/DINO ViT-S/16 checkpoint ('random:small': a random test network)")
     common.add_argument("--mean-patch", action="store_true", help="concatenate the mean patch token to CLS")
     common.add_argument("--device")
     f = cs.add_parser("fit", parents=[common], help="grouped stratified 5-fold CV of the linear probe")
@@ -122,8 +122,7 @@ def cmd_curate(args) -> int:
 
         inputs = [f"{k}: {v}" for k, v in vars(args).items() if k in ("annotations", "backbone_weights")]
         record_run(work, f"curate {args.curate_cmd}", {k: str(v) for k, v in vars(args).items()}, inputs)
-        keys, x = C.compute_features(args.run / "shards", work, args.backbone_weights, args.tiny_backbone,
-                                     args.mean_patch, args.device)
+        keys, x = C.compute_features(args.run / "shards", work, args.backbone_weights, args.mean_patch, args.device)
     if args.curate_cmd == "fit":
         ann = C.read_annotations(args.annotations)
         pos = {k: i for i, k in enumerate(keys)}
@@ -208,8 +207,8 @@ def cmd_split(args) -> int:
 def _add_features(sub) -> None:
     p = sub.add_parser("features", help="H0-mini CLS and 14x14 tokens into the shards (cls.npy, tok.npy)")
     p.add_argument("--shards", required=True, type=Path, help="folder of shards (rewritten in place, atomically)")
-    p.add_argument("--h0-mini-weights", help="local H0-mini weights (safetensors or torch)")
-    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--h0-mini-weights", required=True,
+                   help="local H0-mini weights (safetensors or torch); 'random:small' for a random test network")
     p.add_argument("--batch-size", type=cli_type(positive, int), default=256)
     p.add_argument("--device")
 
@@ -220,7 +219,7 @@ def cmd_features(args) -> int:
     from .features import add_features
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    res = add_features(args.shards, args.h0_mini_weights, args.tiny, args.batch_size, args.device, rank, world)
+    res = add_features(args.shards, args.h0_mini_weights, args.batch_size, args.device, rank, world)
     print(f"features: {res.shards_done} shard(s) written, {res.shards_skipped} already done, {res.tiles} tiles, "
           f"{res.tiles / res.seconds if res.seconds > 0 and res.tiles else 0:.1f} tiles/s")
     return 0

@@ -28,88 +28,57 @@ from tqdm.auto import tqdm
 from .png import decode_png, encode_png
 from .shards import atomic_write_bytes
 
-IBOT_MEAN = (0.485, 0.456, 0.406)
-IBOT_STD = (0.229, 0.224, 0.225)
 N_FOLDS = 5
 
 
 # ------------------------------------------------------------------ backbone
-def map_ibot_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """iBOT / DINO checkpoints -> timm ViT keys: drop wrappers (teacher/student/backbone/module) and heads."""
-    out = {}
-    for k, v in state.items():
-        for p in ("module.", "backbone.", "teacher.", "student.", "encoder."):
-            if k.startswith(p):
-                k = k[len(p):]
-        if k.startswith(("head", "heads.", "fc.")) or "last_layer" in k or k.startswith("mask"):
-            continue
-        out[k] = v
-    return out
+def build_backbone(weights):
+    """The frozen iBOT ViT-S/16 (384-d CLS) of the encoder registry, with its normalisation; ``weights``
+    is a local iBOT/DINO checkpoint (teacher, backbone prefixes and heads handled) or ``random:small``."""
+    from cytosyn_encoders import build_encoder
 
-
-def build_backbone(weights: str | Path | None = None, tiny: bool = False) -> torch.nn.Module:
-    """Frozen ViT-S/16 (384-d); ``tiny`` is a 2-block random model for tests only."""
-    import timm
-
-    kwargs = dict(pretrained=False, num_classes=0, img_size=224)
-    if tiny:
-        kwargs.update(embed_dim=48, depth=2, num_heads=3)
-    if not tiny and weights is None:
-        raise FileNotFoundError("curate: no backbone weights given (--backbone-weights, a local iBOT ViT-S/16 checkpoint)")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = timm.create_model("vit_small_patch16_224", **kwargs)
-    if weights is not None:
-        from cytosyn_model.checkpoint import load_state_dict
-
-        raw = load_state_dict(weights, "iBOT ViT-S/16")  # unwraps teacher / state_dict / model
-        res = model.load_state_dict(map_ibot_keys(raw), strict=False)
-        if res.missing_keys:
-            raise ValueError(f"{weights}: not a ViT-S/16 checkpoint (missing {res.missing_keys[:4]})")
-    return model.eval().requires_grad_(False)
+    return build_encoder("ibot_vits16", weights)
 
 
 @torch.no_grad()
-def tile_features(model, pngs: list[bytes], mean_patch: bool = False, device="cpu", batch_size: int = 128) -> np.ndarray:
+def tile_features(encoder, pngs: list[bytes], mean_patch: bool = False, device="cpu", batch_size: int = 128) -> np.ndarray:
     """float32 [N, D] (or [N, 2D] with the mean patch token) for PNG tiles."""
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    mean = torch.tensor(IBOT_MEAN, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(IBOT_STD, device=dev).view(1, 3, 1, 1)
     outs = []
     for i in range(0, len(pngs), batch_size):
         x = torch.from_numpy(np.stack([decode_png(p) for p in pngs[i : i + batch_size]])).to(dev)
-        x = (x.permute(0, 3, 1, 2).float() / 255 - mean) / std
+        x = x.permute(0, 3, 1, 2).float() / 255
         with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-            tokens = model.forward_features(x)
+            tokens = encoder.tokens(x)
         f = tokens[:, 0]
         if mean_patch:
-            f = torch.cat([f, tokens[:, model.num_prefix_tokens:].mean(1)], dim=-1)
+            f = torch.cat([f, tokens[:, encoder.network.num_prefix_tokens:].mean(1)], dim=-1)
         outs.append(f.float().cpu().numpy())
     return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
 
 
-def compute_features(shard_dir: Path, out_dir: Path, weights=None, tiny=False, mean_patch=False, device=None,
+def compute_features(shard_dir: Path, out_dir: Path, weights=None, mean_patch=False, device=None,
                      batch_size: int = 128) -> tuple[list[str], np.ndarray]:
     """Features of every tile in the shards, cached in ``out_dir`` (reused when the backbone weights
     and the shard files (name, size, mtime) are the same)."""
     import webdataset as wds
 
-    from cytosyn_model.checkpoint import file_digest
+    from cytosyn_encoders import weights_identity
 
     from .run_state import files_digest
 
     urls = sorted(str(p) for p in Path(shard_dir).glob("*.tar"))
     if not urls:
         raise FileNotFoundError(f"{shard_dir}: no .tar shards")
-    ident = "tiny" if tiny else file_digest(weights)
+    ident = f"ibot_vits16:{weights_identity(weights)}"
     ident += ("+meanpatch" if mean_patch else "") + f"+shards:{files_digest(urls)}"
     meta_path = out_dir / "features.json"
     if meta_path.exists() and json.loads(meta_path.read_text()).get("backbone") == ident:
         keys = pl.read_parquet(out_dir / "features_keys.parquet")["key"].to_list()
         return keys, np.load(out_dir / "features.npy")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = build_backbone(weights, tiny).to(device)
+    model = build_backbone(weights).to(device)
     keys, feats, buf_k, buf_p = [], [], [], []
     for sample in tqdm(wds.WebDataset(urls, shardshuffle=False), desc="curate features", unit="tile"):
         buf_k.append(sample["__key__"])

@@ -43,12 +43,10 @@ class FeatureResult:
     seconds: float
 
 
-def _model_identity(weights: str | None, tiny: bool) -> str:
-    if tiny:
-        return "h0-mini-tiny-random"
-    from cytosyn_model.checkpoint import file_digest
+def _model_identity(weights) -> str:
+    from cytosyn_encoders import weights_identity
 
-    return f"h0-mini:{file_digest(weights)}"
+    return f"h0-mini:{weights_identity(weights)}"
 
 
 def file_sha256(path: Path) -> str:
@@ -76,7 +74,7 @@ def encode_tiles(model, pngs: list[bytes], device, batch_size: int, dtype, keys:
     """PNG tiles (``size`` px; other modes converted, see png.decode_tile) -> (CLS float16 [N, D],
     tokens float16 [N, 196, D]); a bad tile stops with ``where`` and its key named."""
     keys = keys or [str(i) for i in range(len(pngs))]
-    from cytosyn_model.h0mini import h0_mini_features
+    from cytosyn_encoders.h0mini import h0_mini_features
 
     if not pngs:
         raise ValueError("no PNG tiles to encode")
@@ -94,22 +92,22 @@ def encode_tiles(model, pngs: list[bytes], device, batch_size: int, dtype, keys:
 def add_features(
     shard_dir: str | Path,
     weights: str | None = None,
-    tiny: bool = False,
     batch_size: int = 256,
     device: str | None = None,
     rank: int = 0,
     world: int = 1,
 ) -> FeatureResult:
     """Add H0-mini features to every shard under ``shard_dir`` (this process's share)."""
-    from cytosyn_model.h0mini import build_h0_mini
+    from cytosyn_encoders.h0mini import build_h0_mini
 
     shard_dir = Path(shard_dir)
     shards = sorted(shard_dir.glob("*.tar"))
     if not shards:
         raise FileNotFoundError(f"{shard_dir}: no .tar shards")
-    if not tiny and weights is None:
-        raise FileNotFoundError("H0-mini: no weights path given (--h0-mini-weights); weights are never downloaded")
-    ident = _model_identity(weights, tiny)
+    if weights is None:
+        raise FileNotFoundError("H0-mini: no weights given (--h0-mini-weights: a local file, or random:small for a "
+                                "random test network); weights are never downloaded")
+    ident = _model_identity(weights)
     model_dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if model_dev.type == "cuda" else torch.float32
     remove_stale_tmp(shard_dir)
@@ -130,7 +128,7 @@ def add_features(
             skipped += 1
             continue
         if model is None:
-            model = build_h0_mini(weights, tiny=tiny).to(model_dev)
+            model = build_h0_mini(weights).to(model_dev)
         cls, tok = encode_tiles(model, pngs, model_dev, batch_size, dtype, keys, str(shard))
         feats = {k: (c, t) for k, c, t in zip(keys, cls, tok)}
         out = []

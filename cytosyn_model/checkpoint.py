@@ -1,110 +1,26 @@
-"""Loading and saving weights: safetensors, or ``torch.load(weights_only=True)`` only.
+"""Loading and saving model weights: published REPA-E, SD-VAE/E2E-VAE and diffusers layouts.
 
-Published REPA-E / CytoSyn / SD-VAE checkpoints wrap their tensors in various prefixes
-(``model.``, ``module.``, ``ema.``, ``_orig_mod.``, ``vae.``) and keys (``state_dict``,
-``ema``, ``model``); :func:`map_state_dict` strips them so they load into our modules.
+The generic reading (safetensors or ``torch.load(weights_only=True)``, wrapper keys and prefixes,
+strict key/shape checks, digests) lives in :mod:`cytosyn_encoders.weights`; this module maps the
+layouts of the models trained here.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-_WRAPPER_KEYS = ("state_dict", "ema", "teacher", "model", "module")
-_PREFIXES = ("module.", "_orig_mod.", "model.", "ema.", "net.")
-
-
-@functools.lru_cache(maxsize=64)
-def _digest(path: str, size: int, mtime: float) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
-
-
-def file_digest(path: str | Path) -> str:
-    """sha256 (16 hex) of a weights file: the identity under which derived features are cached."""
-    st = Path(path).stat()
-    return _digest(str(Path(path).resolve()), st.st_size, st.st_mtime)
-
-
-def read_weights_file(path: str | Path, what: str = "weights") -> dict:
-    """The object of a .safetensors file or a torch checkpoint (``weights_only=True``, which also
-    admits the ``argparse.Namespace`` that REPA-E stores under ``args``); clear error if missing."""
-    import argparse
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{what}: weights file not found at {path}. Weights are never downloaded; "
-            "give the local path of the file in the config"
-        )
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, dict):
-        raise ValueError(f"{what}: {path} holds no state dict")
-    return obj
-
-
-def load_state_dict(path: str | Path, what: str = "weights") -> dict[str, torch.Tensor]:
-    """Tensors of a weights file, unwrapped from the first ``state_dict``/``ema``/``teacher``/``model``/
-    ``module`` key that holds a dict."""
-    obj = read_weights_file(path, what)
-    for key in _WRAPPER_KEYS:
-        if key in obj and isinstance(obj[key], dict):
-            obj = obj[key]
-            break
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def map_state_dict(state: dict[str, torch.Tensor], prefix: str | None = None) -> dict[str, torch.Tensor]:
-    """Strip wrapper prefixes; with ``prefix`` (e.g. ``vae.``) keep only that sub-module's keys."""
-    out = {}
-    for k, v in state.items():
-        changed = True
-        while changed:
-            changed = False
-            for p in _PREFIXES:
-                if k.startswith(p):
-                    k = k[len(p):]
-                    changed = True
-        out[k] = v
-    if prefix is not None:
-        sub = {k[len(prefix):]: v for k, v in out.items() if k.startswith(prefix)}
-        if sub:
-            out = sub
-    return out
-
-
-def strict_load(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, source,
-                allow_missing: tuple[str, ...] = ()) -> None:
-    """Load ``state`` into ``module``; any missing (outside ``allow_missing`` prefixes), unexpected or
-    mis-shaped key is one ValueError that lists them all."""
-    own = module.state_dict()
-    missing = [k for k in own if k not in state and not k.startswith(allow_missing)]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} != {tuple(own[k].shape)}" for k in state
-              if k in own and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = [f"{name} ({len(keys)}): {', '.join(keys)}" for name, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)) if keys]
-        raise ValueError(f"{what}: {source} does not match the model: " + "; ".join(parts))
-    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
-
-
-def load_into(module: torch.nn.Module, path: str | Path, what: str, prefix: str | None = None):
-    """Load a (possibly wrapped, prefixed) checkpoint into ``module`` strictly (see :func:`strict_load`)."""
-    strict_load(module, map_state_dict(load_state_dict(path, what), prefix), what, path)
-
+from cytosyn_encoders.weights import (  # noqa: F401  (re-exported for the model package)
+    file_digest,
+    load_into,
+    load_state_dict,
+    map_state_dict,
+    read_weights_file,
+    strict_load,
+)
 
 # ------------------------------------------------------------------ the VAE
 def _pick(obj: dict, keys: tuple[str, ...]) -> dict | None:
@@ -153,7 +69,6 @@ _DIFFUSERS_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", 
 
 
 def _diffusers_key(k: str, levels: int) -> str:
-    import re
 
     k = k.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
     k = re.sub(r"mid_block\.resnets\.(\d)", lambda m: f"mid.block_{int(m.group(1)) + 1}", k)
@@ -172,8 +87,6 @@ def _diffusers_key(k: str, levels: int) -> str:
 def diffusers_to_ldm_vae(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers ``AutoencoderKL`` names -> latent-diffusion names (up blocks reversed; the mid
     attention's linear q/k/v/out become 1x1 convolutions)."""
-    import re
-
     ups = {int(m.group(1)) for k in state if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))}
     levels = max(ups) + 1 if ups else 0
     out = {}

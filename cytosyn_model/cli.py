@@ -49,8 +49,7 @@ def _sample(argv: list[str] | None) -> int:
     p.add_argument("--mode", choices=["cond", "uncond", "variations", "interpolate"], default="cond")
     p.add_argument("--ref-shards", nargs="*", help="shards of reference tiles (cls.npy, or computed with H0-mini)")
     p.add_argument("--ref-keys", nargs="*", help="keys of the reference tiles (default: the first ones)")
-    p.add_argument("--h0-mini-weights", help="local H0-mini weights when the shards have no cls.npy")
-    p.add_argument("--h0-mini-tiny", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--h0-mini-weights", help="local H0-mini weights when the shards have no cls.npy ('random:small': tests)")
     p.add_argument("-n", "--num", type=cli_type(positive, int), default=16)
     p.add_argument("--batch-size", type=cli_type(positive, int), default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -73,7 +72,7 @@ def _sample(argv: list[str] | None) -> int:
         if not args.ref_shards:
             p.error(f"--mode {args.mode} needs --ref-shards")
         need = {"cond": args.num, "variations": 1, "interpolate": 2}[args.mode]
-        ref_keys, ref = load_reference_features(args.ref_shards, args.ref_keys, args.h0_mini_weights, args.h0_mini_tiny,
+        ref_keys, ref = load_reference_features(args.ref_shards, args.ref_keys, args.h0_mini_weights,
                                                 limit=None if args.ref_keys else need)
     cond = conditions_for_mode(args.mode, ref, args.num, args.interp_steps)
     n = cond.shape[0] if cond is not None else args.num

@@ -124,13 +124,13 @@ def write_outputs(images: np.ndarray, keys: list[str], out: Path, fmt: str = "pn
     save_grid(images[:64], out / "grid.png")
 
 
-def load_reference_features(shards, keys: list[str] | None, h0_weights: str | None = None, tiny: bool = False,
+def load_reference_features(shards, keys: list[str] | None, h0_weights: str | None = None,
                             limit: int | None = None) -> tuple[list[str], torch.Tensor]:
     """CLS features of reference tiles: the shards' ``cls.npy``, else computed with H0-mini."""
     import webdataset as wds
 
     from .data import shard_urls
-    from .h0mini import build_h0_mini, h0_mini_features
+    from cytosyn_encoders.h0mini import build_h0_mini, h0_mini_features
 
     model = None
     names, feats = [], []
@@ -141,9 +141,9 @@ def load_reference_features(shards, keys: list[str] | None, h0_weights: str | No
             f = torch.from_numpy(np.load(io.BytesIO(sample["cls.npy"])).astype(np.float32))
         else:
             if model is None:
-                if not (h0_weights or tiny):
+                if not h0_weights:
                     raise FileNotFoundError("reference shards have no cls.npy and no --h0-mini-weights was given")
-                model = build_h0_mini(h0_weights, tiny=tiny)
+                model = build_h0_mini(h0_weights)
             from cytosyn_data.png import decode_png
 
             img = torch.from_numpy(decode_png(sample["png"]).copy()).permute(2, 0, 1)[None].float() / 255

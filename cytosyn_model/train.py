@@ -30,7 +30,7 @@ from torch import nn
 
 from cytosyn_data.errors import UsageError
 
-from .h0mini import build_h0_mini, h0_mini_features
+from cytosyn_encoders.h0mini import build_h0_mini, h0_mini_features
 from .latent_norm import LatentNorm
 from .losses import (
     LPIPS, PatchDiscriminator, VAELossWeights, diffusion_loss, discriminator_loss, interpolate, repa_loss,
@@ -77,8 +77,7 @@ class TrainConfig:
     disc_channels: int = 64
     bn_momentum: float = 0.1
     bn_eps: float = 1e-4
-    h0_mini_weights: str | None = None  # needed when the shards have no cls/tok features
-    h0_mini_tiny: bool = False  # tests only: random tiny H0-mini
+    h0_mini_weights: str | None = None  # needed when the shards have no cls/tok features ("random:small": tests)
     shuffle_buffer: int = 1000
     num_workers: int = 4
     seed: int = 0
@@ -259,12 +258,12 @@ class Trainer:
         if "cls" in batch and "tok" in batch:
             return batch["cls"].to(self.device, dtype), batch["tok"].to(self.device, dtype)
         if self.h0 is None:
-            if not self.cfg.h0_mini_tiny and not self.cfg.h0_mini_weights:
+            if not self.cfg.h0_mini_weights:
                 raise FileNotFoundError(
                     "the shards carry no cls.npy/tok.npy features and no h0_mini_weights path is configured: "
                     "run `cytosyn-data features` or give the local H0-mini weights"
                 )
-            self.h0 = build_h0_mini(self.cfg.h0_mini_weights, tiny=self.cfg.h0_mini_tiny).to(self.device)
+            self.h0 = build_h0_mini(self.cfg.h0_mini_weights).to(self.device)
         images01 = (batch["image"].to(self.device) + 1) / 2
         with self.acc.autocast():
             cls, tok = h0_mini_features(self.h0, images01)

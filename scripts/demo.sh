@@ -15,7 +15,7 @@ cytosyn-data tile --slides demo_out/slides.csv --out demo_out/tiles --tiles 120 
   --config pipelines/tile.yaml || echo "(some slides failed: see demo_out/tiles/report.md)"
 cat demo_out/tiles/report.md
 cytosyn-data split --run demo_out/tiles --val-out-fraction 0.5 --guidance-tiles 8 --shard-size 50
-cytosyn-data features --shards demo_out/tiles/splits/train --tiny --batch-size 16   # random tiny H0-mini
+cytosyn-data features --shards demo_out/tiles/splits/train --h0-mini-weights random:small --batch-size 16   # random small H0-mini
 cytosyn-train --shards demo_out/tiles/splits/train --config pipelines/train_tiny.yaml --out demo_out/train --max-steps 10
 cytosyn-sample --checkpoint demo_out/train/checkpoints/step_0000010 --out demo_out/samples --mode cond \
   --ref-shards demo_out/tiles/splits/train -n 4 --steps 20 --sampler heun

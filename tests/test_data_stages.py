@@ -114,15 +114,15 @@ def test_split_removes_curated_tiles_and_expands_to_256(run, tmp_path):
 def test_features_shapes_dtypes_keys_and_token_resize(run, tmp_path):
     import shutil
 
-    from cytosyn_model.h0mini import NUM_PREFIX_TOKENS, build_h0_mini, normalize
+    from cytosyn_encoders.h0mini import NUM_PREFIX_TOKENS, build_h0_mini, normalize
 
     d = tmp_path / "shards"
     shutil.copytree(run / "shards", d)
     before = {p.name: [n for n, _ in iter_tar_members(p)] for p in d.glob("*.tar")}
-    assert main(["features", "--shards", str(d), "--tiny", "--batch-size", "16"]) == 0
+    assert main(["features", "--shards", str(d), "--h0-mini-weights", "random:small", "--batch-size", "16"]) == 0
     done = json.loads((d / "features_done.json").read_text())
     assert set(done) == set(before)
-    model = build_h0_mini(tiny=True)
+    model = build_h0_mini("random:small")
     p = sorted(d.glob("*.tar"))[0]
     members = dict(iter_tar_members(p))
     keys = [n[:-4] for n in before[p.name] if n.endswith(".png")]
@@ -143,7 +143,7 @@ def test_features_shapes_dtypes_keys_and_token_resize(run, tmp_path):
     np.testing.assert_allclose(np.load(io.BytesIO(members[f"{k}.cls.npy"])).astype(np.float32), out[0, 0].numpy(), **tol)
     # a re-run skips finished shards and leaves their bytes alone
     snap = {q.name: q.read_bytes() for q in d.glob("*.tar")}
-    assert main(["features", "--shards", str(d), "--tiny"]) == 0
+    assert main(["features", "--shards", str(d), "--h0-mini-weights", "random:small"]) == 0
     assert snap == {q.name: q.read_bytes() for q in d.glob("*.tar")}
 
 
@@ -177,12 +177,12 @@ def image_run(tmp_path_factory, images_dir):
 def test_curation_grouped_five_fold_fit_and_fold_averaged_apply(image_run, capsys):
     from cytosyn_data import curate as C
 
-    args = ["--run", str(image_run), "--tiny-backbone"]
+    args = ["--run", str(image_run), "--backbone-weights", "random:small"]
     assert main(["curate", "fit", *args, "--annotations", str(image_run / "labels.csv")]) == 0
     metrics = pl.read_csv(image_run / "curate" / "cv_metrics.csv")
     assert metrics["fold"].to_list() == [0, 1, 2, 3, 4] and metrics["n_test"].sum() == 48
     # folds are grouped by slide (image) and stratified: recompute them and check
-    keys, x = C.compute_features(image_run / "shards", image_run / "curate", tiny=True)
+    keys, x = C.compute_features(image_run / "shards", image_run / "curate", "random:small")
     ann = C.read_annotations(image_run / "labels.csv")
     pos = {k: i for i, k in enumerate(keys)}
     res = C.fit_probes(x[[pos[k] for k in ann["key"]]], ann["is_artifact"].to_numpy(), C.slide_of(ann["key"]))

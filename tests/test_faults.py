@@ -218,15 +218,15 @@ def test_features_markers_follow_the_shard_content(tmp_path, tile_run):
 
     d = tmp_path / "shards"
     shutil.copytree(tile_run / "shards", d)
-    first = cli("features", "--shards", d, "--tiny", "--batch-size", "16")
+    first = cli("features", "--shards", d, "--h0-mini-weights", "random:small", "--batch-size", "16")
     assert first.returncode == 0 and "0 already done" in first.stdout
-    again = cli("features", "--shards", d, "--tiny", "--batch-size", "16")
+    again = cli("features", "--shards", d, "--h0-mini-weights", "random:small", "--batch-size", "16")
     assert f"0 shard(s) written, {len(list(d.glob('*.tar')))} already done" in again.stdout
     # the same shard name with other tiles (e.g. a re-split): its features are computed anew
     victim = sorted(d.glob("*.tar"))[0]
     other = sorted((tile_run / "shards").glob("*.tar"))[-1]
     write_tar_atomic(victim, list(iter_tar_members(other)))
-    third = cli("features", "--shards", d, "--tiny", "--batch-size", "16")
+    third = cli("features", "--shards", d, "--h0-mini-weights", "random:small", "--batch-size", "16")
     assert "1 shard(s) written" in third.stdout
     names = [n for n, _ in iter_tar_members(victim)]
     assert sum(n.endswith(".cls.npy") for n in names) == sum(n.endswith(".png") for n in names) > 0
@@ -295,7 +295,7 @@ def test_eval_unknown_metric_lists_the_valid_ones_and_cache_follows_the_images(t
     for i in range(12):
         (gen / f"g{i}.png").write_bytes(encode_png(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)))
     base = {"out": str(tmp_path / "e"), "real": {"r": str(tile_run / "shards")}, "generated": {"g": {"path": str(gen)}},
-            "extractors": {"uni": None}, "tiny_extractors": True, "metrics": ["fd"], "bootstrap": {"draws": 2, "n": 8},
+            "extractors": {"uni": "random:small"}, "metrics": ["fd"], "bootstrap": {"draws": 2, "n": 8},
             "batch_size": 8}
     conf.write_text(yaml.safe_dump({"eval": base}))
     assert model_cli("eval_main", "--config", conf).returncode == 0

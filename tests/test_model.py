@@ -15,7 +15,7 @@ from conftest import tile_two_slides
 from cytosyn_model.checkpoint import load_into, map_state_dict
 from cytosyn_model.cli import sample_main, train_main
 from cytosyn_model.data import make_loader
-from cytosyn_model.h0mini import build_h0_mini, resize_tokens
+from cytosyn_encoders.h0mini import build_h0_mini, resize_tokens
 from cytosyn_model.losses import LPIPS
 from cytosyn_model.train import NaNLossError, TrainConfig, Trainer, train
 from cytosyn_model.vae import AutoencoderKL, VAEConfig
@@ -113,7 +113,7 @@ def test_cli_train_then_sample_all_modes(tmp_path, shards):
     cfg.write_text(yaml.safe_dump(d))
     assert train_main(["--shards", str(shards), "--config", str(cfg), "--out", str(tmp_path / "run")]) == 0
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000003"
-    common = ["--checkpoint", str(ckpt), "--ref-shards", str(shards), "--h0-mini-tiny", "--steps", "4", "--batch-size", "3"]
+    common = ["--checkpoint", str(ckpt), "--ref-shards", str(shards), "--h0-mini-weights", "random:small", "--steps", "4", "--batch-size", "3"]
     assert sample_main(common + ["--out", str(tmp_path / "c"), "--mode", "cond", "-n", "5", "--sampler", "sde"]) == 0
     pngs = sorted((tmp_path / "c").glob("gen__*.png"))
     assert len(pngs) == 5 and (tmp_path / "c" / "grid.png").exists()
@@ -154,7 +154,7 @@ def test_lpips_module_and_missing_weights_message():
 
 
 def test_h0_mini_tokens_and_missing_weights():
-    with pytest.raises(FileNotFoundError, match="H0-mini: weights file not found"):
+    with pytest.raises(FileNotFoundError, match="h0_mini: weights file not found at /nonexistent/h0-mini.safetensors"):
         build_h0_mini("/nonexistent/h0-mini.safetensors")
     tok = torch.randn(2, 256, 8)
     grid = tok.transpose(1, 2).reshape(2, 8, 16, 16)

@@ -46,8 +46,7 @@ class EvalConfig:
     real: dict = field(default_factory=dict)
     real_train: str | None = None
     generated: dict = field(default_factory=dict)
-    extractors: dict = field(default_factory=dict)
-    tiny_extractors: bool = False  # tests only: random small extractors
+    extractors: dict = field(default_factory=dict)  # name -> weight spec (local file, or random:small)
     metrics: list = field(default_factory=lambda: ["fd", "fld", "pr", "cosine"])
     pr_k: int = 5  # nearest neighbours of precision/recall/density/coverage (prdc, dgm-eval)
     kid: dict = field(default_factory=lambda: {"subsets": 100, "subset_size": 1000})  # torch-fidelity's
@@ -225,7 +224,7 @@ def evaluate(cfg: EvalConfig) -> pl.DataFrame:
     rows = []
     pre_r, pre_g = cfg.preprocess.get("real", []), cfg.preprocess.get("generated", [])
     for ename, weights in cfg.extractors.items():
-        extractor = build_extractor(ename, weights, tiny=cfg.tiny_extractors).to(dev)
+        extractor = build_extractor(ename, weights).to(dev)
         real = {n: set_features(extractor, n, p, pre_r, cache, cfg.batch_size, dev, weights, cfg.max_images)
                 for n, p in cfg.real.items()}
         train = None
@@ -286,7 +285,7 @@ def write_report(cfg: EvalConfig, df: pl.DataFrame, out: Path) -> None:
              "| extractor | input | resize | normalisation | feature |", "|---|---|---|---|---|"]
     for e in cfg.extractors:
         s = REGISTRY[e]
-        lines.append(f"| {e} | {s.input_size} | {s.resize} (antialias) | mean {s.mean} std {s.std} | {s.feature} |")
+        lines.append(f"| {e} | {s.input_size} | {s.resize} (antialias) | mean {s.mean} std {s.std} | {s.output} |")
     lines += ["", "## Metrics", "", markdown_table(df, "{:.4f}")]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     fd = df.filter(pl.col("metric") == "fd")

@@ -1,14 +1,13 @@
 """H0-mini (Bioptimus): ViT-B/14 with 4 register tokens, distilled from H-optimus-0.
 
 Built offline with timm (``vit_base_patch14_reg4_dinov2``, img_size 224, SwiGLU packed MLP
-with 4096 hidden units, SiLU, no head). Weights come only from a local file. At 224 px
+with 4096 hidden units, SiLU, no head) through the registry (entry ``h0_mini``). Weights come
+only from a local file (or ``random:small`` for tests). At 224 px
 the model sees 16x16 patch tokens; the REPA target is those tokens resized to 14x14
 (bicubic, antialias) to match SiT/2's 14x14 tokens on 28x28 latents.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -20,38 +19,12 @@ H0_MINI_STD = (0.211883, 0.230117, 0.177517)
 NUM_PREFIX_TOKENS = 5  # CLS + 4 registers
 
 
-def build_h0_mini(weights: str | Path | None = None, tiny: bool = False) -> nn.Module:
-    """The H0-mini architecture; loads ``weights`` (safetensors or torch) when given.
+def build_h0_mini(weights) -> nn.Module:
+    """The frozen H0-mini network from a weight spec: a local file (timm layout, strict) or
+    ``random:small`` (2 blocks, 64 wide, same token layout: tests and demos). See the registry."""
+    from .registry import build_network
 
-    ``tiny`` builds a 2-block, 64-wide model with the same token layout (tests only).
-    Raises FileNotFoundError naming the path when ``weights`` does not exist.
-    """
-    import timm
-    from timm.layers import SwiGLUPacked
-
-    kwargs = dict(
-        pretrained=False,
-        img_size=224,
-        num_classes=0,
-        mlp_layer=SwiGLUPacked,
-        act_layer=nn.SiLU,
-        mlp_ratio=4096 / 768 + 1e-4,  # 4096 hidden units (int() of 768 * ratio)
-        init_values=1e-5,
-        dynamic_img_size=False,
-    )
-    if tiny:
-        kwargs.update(embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # the random init (tiny test models) never depends on the caller's RNG
-        model = timm.create_model("vit_base_patch14_reg4_dinov2", **kwargs)
-    if weights is not None:
-        from .checkpoint import load_state_dict
-
-        state = load_state_dict(weights, what="H0-mini")
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{weights}: not an H0-mini state dict (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.eval().requires_grad_(False)
+    return build_network("h0_mini", weights)
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:

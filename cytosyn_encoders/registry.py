@@ -1,0 +1,200 @@
+"""The one registry of frozen encoders (curation, conditioning, REPA targets, evaluation).
+
+Each :class:`EncoderSpec` states the architecture (timm or torchvision, built offline), the input
+size and resize filter, the normalisation, the output (``cls``, ``pool``, ``cls+meanpatch``) and the
+weight layouts it reads. :func:`build_encoder` takes a weight spec (:mod:`.weights`): a local file,
+loaded strictly (missing, unexpected or mis-shaped keys are one error listing them), or
+``random:small[:seed=N]`` for tests. Images go in as RGB in [0, 1], [B, 3, H, W].
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .weights import RandomWeights, load_state_dict, parse_weights, strict_load, weights_identity
+
+IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+HOPTIMUS = ((0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517))
+_SMALL_VIT = dict(embed_dim=64, depth=2, num_heads=4, mlp_ratio=2.0)
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    name: str
+    input_size: int  # pixels; other sizes are resized with ``resize`` (antialiased)
+    resize: str  # torch interpolate mode
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    output: str  # "pool" | "cls" | "cls+meanpatch"
+    dim: int  # feature width of the full model
+    timm_name: str | None = None  # None: torchvision Inception-V3
+    timm_kwargs: dict = field(default_factory=dict)
+    layouts: tuple[str, ...] = ("timm",)  # released key layouts that load ("ibot", "dinov2")
+    weights: str = ""  # what file to give
+
+    def identity(self, weights) -> str:
+        """Hash of the spec and the weights' identity: the key of everything derived from them."""
+        h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
+        h.update(weights_identity(weights).encode())
+        return h.hexdigest()[:16]
+
+
+def _swiglu() -> dict:
+    from timm.layers import SwiGLUPacked
+
+    return dict(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
+
+
+_DINO = dict(img_size=224, init_values=1e-5)
+REGISTRY: dict[str, EncoderSpec] = {
+    "ibot_vits16": EncoderSpec("ibot_vits16", 224, "bicubic", *IMAGENET, "cls", 384, "vit_small_patch16_224",
+                               dict(img_size=224), ("timm", "ibot"), "iBOT ViT-S/16 teacher checkpoint (.pth)"),
+    "h0_mini": EncoderSpec("h0_mini", 224, "bicubic", *HOPTIMUS, "cls", 768, "vit_base_patch14_reg4_dinov2",
+                           dict(_DINO, mlp_ratio=4096 / 768 + 1e-4, swiglu=True, dynamic_img_size=False), ("timm",),
+                           "H0-mini (bioptimus/H0-mini) timm safetensors"),
+    # torchvision Inception-V3 pool features at 299 px (not the TF-2015 graph of pytorch-fid)
+    "inception_v3": EncoderSpec("inception_v3", 299, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "pool", 2048,
+                                weights="torchvision inception_v3 state dict"),
+    "dinov2_vitl14": EncoderSpec("dinov2_vitl14", 224, "bicubic", *IMAGENET, "cls", 1024, "vit_large_patch14_dinov2",
+                                 _DINO, ("timm", "dinov2"), "DINOv2 ViT-L/14 (dinov2_vitl14_pretrain.pth, 518 px)"),
+    "dinov2_vitb14": EncoderSpec("dinov2_vitb14", 224, "bicubic", *IMAGENET, "cls", 768, "vit_base_patch14_dinov2",
+                                 _DINO, ("timm", "dinov2"), "DINOv2 ViT-B/14 (dinov2_vitb14_pretrain.pth, 518 px)"),
+    "h_optimus_0": EncoderSpec("h_optimus_0", 224, "bicubic", *HOPTIMUS, "cls", 1536, "vit_giant_patch14_reg4_dinov2",
+                               _DINO, ("timm", "dinov2"), "H-optimus-0 timm weights"),
+    "uni": EncoderSpec("uni", 224, "bicubic", *IMAGENET, "cls", 1024, "vit_large_patch16_224", _DINO,
+                       weights="UNI (MahmoodLab/UNI) pytorch_model.bin"),
+    "uni2_h": EncoderSpec("uni2_h", 224, "bicubic", *IMAGENET, "cls", 1536, "vit_giant_patch14_224",
+                          dict(_DINO, patch_size=14, depth=24, num_heads=24, embed_dim=1536, mlp_ratio=2.66667 * 2,
+                               reg_tokens=8, no_embed_class=True, swiglu=True), weights="UNI2-h pytorch_model.bin"),
+    "virchow2": EncoderSpec("virchow2", 224, "bicubic", *IMAGENET, "cls+meanpatch", 2560, "vit_huge_patch14_224",
+                            dict(_DINO, mlp_ratio=5.3375, reg_tokens=4, swiglu=True), weights="Virchow2 pytorch_model.bin"),
+    "phikon_v2": EncoderSpec("phikon_v2", 224, "bicubic", *IMAGENET, "cls", 1024, "vit_large_patch16_224", _DINO,
+                             weights="Phikon-v2 in timm names (HF Dinov2 names are not converted yet)"),
+}
+
+
+def _network(spec: EncoderSpec, small: bool) -> nn.Module:
+    if spec.timm_name is None:
+        if small:
+            return nn.Sequential(nn.Conv2d(3, 8, 7, 4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        from torchvision.models import inception_v3
+
+        m = inception_v3(weights=None, aux_logits=False, init_weights=False)
+        m.fc = nn.Identity()
+        return m
+    import timm
+
+    kw = dict(spec.timm_kwargs)
+    if kw.pop("swiglu", False):
+        kw.update(_swiglu())
+    if small:
+        kw.update(_SMALL_VIT)
+    return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kw)
+
+
+def build_network(name: str, weights) -> nn.Module:
+    """The frozen network of encoder ``name`` (eval mode, no gradients) with ``weights`` (a weight spec)."""
+    spec = _spec(name)
+    w = parse_weights(weights)
+    if w is None:
+        raise FileNotFoundError(f"{name}: no weights given; weights are never downloaded: give the local file "
+                                f"({spec.weights}) or 'random:small' for a random test network")
+    seed = w.seed if isinstance(w, RandomWeights) else 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # a random init never depends on the caller's RNG
+        model = _network(spec, isinstance(w, RandomWeights) and w.small)
+    if not isinstance(w, RandomWeights):
+        state = load_state_dict(w, name)
+        strict_load(model, convert_layout(spec, state, model), name, w)
+    return model.eval().requires_grad_(False)
+
+
+def _spec(name: str) -> EncoderSpec:
+    if name not in REGISTRY:
+        raise KeyError(f"unknown encoder {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    return REGISTRY[name]
+
+
+# ---------------------------------------------------------------- layouts
+_IBOT_PREFIXES = ("module.", "backbone.", "teacher.", "student.", "encoder.")
+
+
+def convert_layout(spec: EncoderSpec, state: dict, model: nn.Module) -> dict:
+    """Released weights -> the timm names of ``model``: iBOT's teacher (prefixes, heads dropped) and
+    DINOv2's (``mask_token`` dropped, position embedding resampled from 518 px to the model's grid
+    as timm and dgm-eval do)."""
+    out = {}
+    for k, v in state.items():
+        if "ibot" in spec.layouts:
+            for p in _IBOT_PREFIXES:
+                k = k[len(p):] if k.startswith(p) else k
+            if k.startswith(("head", "heads.", "fc.")) or "last_layer" in k or k.startswith("mask"):
+                continue
+        if "dinov2" in spec.layouts and k == "mask_token":
+            continue
+        out[k] = v
+    own = model.state_dict()
+    if "pos_embed" in out and "pos_embed" in own and out["pos_embed"].shape != own["pos_embed"].shape:
+        out["pos_embed"] = _resample_pos_embed(out["pos_embed"], own["pos_embed"], model)
+    return out
+
+
+def _resample_pos_embed(pos: torch.Tensor, own: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """A square grid of position embeddings (after ``num_prefix_tokens`` class/register positions)
+    resampled bicubically to the model's grid (timm's ``resample_abs_pos_embed``)."""
+    from timm.layers import resample_abs_pos_embed
+
+    prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+    grid = int(round((own.shape[1] - prefix) ** 0.5))
+    old = int(round((pos.shape[1] - prefix) ** 0.5))
+    if old * old + prefix != pos.shape[1] or pos.shape[-1] != own.shape[-1]:
+        return pos  # not a square grid of the same width: strict_load names the mismatch
+    return resample_abs_pos_embed(pos, new_size=(grid, grid), old_size=(old, old), num_prefix_tokens=prefix)
+
+
+# ----------------------------------------------------------------- encoder
+class Encoder(nn.Module):
+    """A frozen network with its preprocessing: images RGB in [0, 1] -> features [B, D] float32."""
+
+    def __init__(self, spec: EncoderSpec, network: nn.Module, weights):
+        super().__init__()
+        self.spec = spec
+        self.network = network
+        self.weights_id = weights_identity(weights)
+        self.identity = spec.identity(weights)
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize to the input size (antialiased ``resize`` filter) and normalise."""
+        s = self.spec.input_size
+        if images.shape[-1] != s or images.shape[-2] != s:
+            images = F.interpolate(images, size=(s, s), mode=self.spec.resize, antialias=True, align_corners=False)
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    @torch.no_grad()
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """All output tokens [B, prefix + patches, D] of a ViT."""
+        return self.network.forward_features(self.prepare(images))
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.prepare(images)
+        if self.spec.output == "pool":
+            return self.network(x).float()
+        tokens = self.network.forward_features(x)
+        cls = tokens[:, 0]
+        if self.spec.output == "cls+meanpatch":
+            return torch.cat([cls, tokens[:, self.network.num_prefix_tokens:].mean(1)], dim=-1).float()
+        return cls.float()
+
+
+def build_encoder(name: str, weights) -> Encoder:
+    """Encoder ``name`` of :data:`REGISTRY` with ``weights`` (a local file, or ``random:small``)."""
+    return Encoder(_spec(name), build_network(name, weights), weights)

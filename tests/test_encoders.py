@@ -1,0 +1,101 @@
+"""The one registry of frozen encoders: random test networks through the public API, strict loading
+of local weights, and the released layouts (DINOv2 at 518 px, iBOT's teacher checkpoint)."""
+
+from __future__ import annotations
+
+import timm
+import torch
+
+import pytest
+
+from cytosyn_encoders import REGISTRY, build_encoder, build_network, weights_identity
+from cytosyn_encoders.registry import _SMALL_VIT
+
+
+def test_every_encoder_builds_random_small_networks_and_names_missing_weights():
+    for name in REGISTRY:
+        enc = build_encoder(name, "random:small")
+        f = enc(torch.rand(2, 3, 224, 224))
+        assert f.shape[0] == 2 and torch.isfinite(f).all() and f.dtype == torch.float32
+        assert enc.weights_id == "random:small:seed=0"
+        with pytest.raises(FileNotFoundError, match=f"{name}: weights file not found at /missing/weights.pth"):
+            build_encoder(name, "/missing/weights.pth")
+        with pytest.raises(FileNotFoundError, match=f"{name}: no weights given"):
+            build_encoder(name, None)
+    a, b = build_network("h0_mini", "random:small"), build_network("h0_mini", "random:small:seed=1")
+    assert not torch.equal(a.pos_embed, b.pos_embed)
+    assert torch.equal(a.pos_embed, build_network("h0_mini", "random:small").pos_embed)  # seeded
+    with pytest.raises(KeyError, match="unknown encoder 'h1'; known: dinov2_vitb14"):
+        build_encoder("h1", "random:small")
+
+
+def _small(name: str, **over):
+    spec = REGISTRY[name]
+    kw = {**spec.timm_kwargs, **_SMALL_VIT, **over}
+    kw.pop("swiglu", None)
+    return timm.create_model(spec.timm_name, pretrained=False, num_classes=0, **kw)
+
+
+def test_strict_loading_lists_missing_and_mis_shaped_tensors(tmp_path):
+    state = build_network("h0_mini", "random:small").state_dict()
+    torch.save(state, tmp_path / "ok.pt")
+    # a small H0-mini file: the registry builds the full-size network, so every shape differs
+    with pytest.raises(ValueError) as e:
+        build_network("h0_mini", tmp_path / "ok.pt")
+    assert f"h0_mini: {tmp_path / 'ok.pt'} does not match the model: " in str(e.value) and "mis-shaped" in str(e.value)
+    full = build_network("dinov2_vitb14", "random").state_dict()
+    del full["blocks.3.attn.qkv.weight"]
+    full["blocks.0.mlp.fc1.bias"] = torch.zeros(5)
+    torch.save(full, tmp_path / "broken.pt")
+    with pytest.raises(ValueError) as e:
+        build_network("dinov2_vitb14", tmp_path / "broken.pt")
+    msg = str(e.value)
+    assert "missing (1): blocks.3.attn.qkv.weight" in msg
+    assert "mis-shaped (1): blocks.0.mlp.fc1.bias (5,) != (3072,)" in msg
+
+
+def test_dinov2_checkpoint_trained_at_518px_loads_into_the_224px_model(tmp_path):
+    """A DINOv2-style state dict at 518 px (37x37 positions + class token, a mask token) loads into the
+    224-px model with its position embedding resampled by timm's bicubic rule (16x16)."""
+    from timm.layers import resample_abs_pos_embed
+
+    big = _small("dinov2_vitb14", img_size=518)
+    state = dict(big.state_dict())
+    assert state["pos_embed"].shape == (1, 1 + 37 * 37, 64)
+    state["mask_token"] = torch.zeros(1, 64)
+    path = tmp_path / "dinov2_vitb14_pretrain.pth"
+    torch.save(state, path)
+    spec = REGISTRY["dinov2_vitb14"]
+    import cytosyn_encoders.registry as reg
+
+    small_spec = type(spec)(**{**spec.__dict__, "timm_kwargs": {**spec.timm_kwargs, **_SMALL_VIT}})
+    reg.REGISTRY["dinov2_small_test"] = type(spec)(**{**small_spec.__dict__, "name": "dinov2_small_test"})
+    try:
+        net = build_network("dinov2_small_test", path)
+    finally:
+        del reg.REGISTRY["dinov2_small_test"]
+    want = resample_abs_pos_embed(state["pos_embed"], new_size=(16, 16), old_size=(37, 37), num_prefix_tokens=1)
+    assert torch.equal(net.pos_embed, want)
+    assert torch.equal(net.blocks[1].attn.qkv.weight, state["blocks.1.attn.qkv.weight"])
+    x = torch.rand(1, 3, 224, 224)
+    assert net.forward_features(x).shape == (1, 1 + 256, 64)
+
+
+def test_ibot_teacher_checkpoint_layout_loads(tmp_path):
+    net = _small("ibot_vits16")
+    ck = {"teacher": {**{f"backbone.{k}": v for k, v in net.state_dict().items()},
+                      "head.mlp.0.weight": torch.zeros(3, 3), "head.last_layer.weight_g": torch.zeros(1)},
+          "student": {}, "epoch": 100}
+    torch.save(ck, tmp_path / "checkpoint_teacher.pth")
+    import cytosyn_encoders.registry as reg
+
+    spec = REGISTRY["ibot_vits16"]
+    reg.REGISTRY["ibot_small_test"] = type(spec)(**{**spec.__dict__, "name": "ibot_small_test",
+                                                    "timm_kwargs": {**spec.timm_kwargs, **_SMALL_VIT}})
+    try:
+        loaded = build_network("ibot_small_test", tmp_path / "checkpoint_teacher.pth")
+    finally:
+        del reg.REGISTRY["ibot_small_test"]
+    for k, v in net.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert len(weights_identity(tmp_path / "checkpoint_teacher.pth")) == 16
