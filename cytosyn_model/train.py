@@ -414,6 +414,10 @@ class Trainer:
         from cytosyn_data.run_state import code_version
 
         state = {"step": self.step, "config": dataclasses.asdict(self.cfg), "code_version": code_version()}
+        if self.cfg.h0_mini_weights:  # features computed on the fly: which H0-mini made them
+            from cytosyn_encoders import weights_identity
+
+            state["h0_mini_weights_sha256_16"] = weights_identity(self.cfg.h0_mini_weights)
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         if final.exists():
             import shutil

@@ -264,7 +264,10 @@ def evaluate(cfg: EvalConfig) -> pl.DataFrame:
 
     sets = {**cfg.real, **({"real_train": cfg.real_train} if cfg.real_train else {}),
             **{f"gen_{g}": (v["path"] if isinstance(v, dict) else v) for g, v in cfg.generated.items()}}
-    record_run(out, "eval", dataclasses.asdict(cfg), [f"{n}: {p} files={set_identity(p, cfg.max_images)}" for n, p in sets.items()])
+    from cytosyn_encoders import weights_identity
+
+    record_run(out, "eval", dataclasses.asdict(cfg), [f"{n}: {p} files={set_identity(p, cfg.max_images)}" for n, p in sets.items()],
+               recorded={"extractor_weights": {e: weights_identity(w) for e, w in cfg.extractors.items()}})
     return df
 
 
@@ -282,10 +285,13 @@ def write_report(cfg: EvalConfig, df: pl.DataFrame, out: Path) -> None:
              f"- generated sets: {', '.join(cfg.generated)}",
              f"- preprocessing: real {cfg.preprocess.get('real') or ['png']}, generated {cfg.preprocess.get('generated') or ['png']}",
              f"- bootstrap: {cfg.bootstrap}; seed {cfg.seed}", "", "## Extractors", "",
-             "| extractor | input | resize | normalisation | feature |", "|---|---|---|---|---|"]
-    for e in cfg.extractors:
+             "| extractor | input | resize | normalisation | feature | weights (sha256/16) |", "|---|---|---|---|---|---|"]
+    from cytosyn_encoders import weights_identity
+
+    for e, w in cfg.extractors.items():
         s = REGISTRY[e]
-        lines.append(f"| {e} | {s.input_size} | {s.resize} (antialias) | mean {s.mean} std {s.std} | {s.output} |")
+        lines.append(f"| {e} | {s.input_size} | {s.resize} (antialias) | mean {s.mean} std {s.std} | {s.output} | "
+                     f"{weights_identity(w)} |")
     lines += ["", "## Metrics", "", markdown_table(df, "{:.4f}")]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     fd = df.filter(pl.col("metric") == "fd")
