@@ -75,7 +75,7 @@ REGISTRY: dict[str, EncoderSpec] = {
     "virchow2": EncoderSpec("virchow2", 224, "bicubic", *IMAGENET, "cls+meanpatch", 2560, "vit_huge_patch14_224",
                             dict(_DINO, mlp_ratio=5.3375, reg_tokens=4, swiglu=True), weights="Virchow2 pytorch_model.bin"),
     "phikon_v2": EncoderSpec("phikon_v2", 224, "bicubic", *IMAGENET, "cls", 1024, "vit_large_patch16_224", _DINO,
-                             weights="Phikon-v2 in timm names (HF Dinov2 names are not converted yet)"),
+                             ("timm", "hf_dinov2"), "Phikon-v2 (owkin/phikon-v2) model.safetensors, HF Dinov2 names"),
 }
 
 
@@ -125,10 +125,46 @@ def _spec(name: str) -> EncoderSpec:
 _IBOT_PREFIXES = ("module.", "backbone.", "teacher.", "student.", "encoder.")
 
 
+def hf_dinov2_to_timm(state: dict) -> dict:
+    """Hugging Face ``Dinov2Model`` names -> timm ViT names: separate q/k/v projections concatenated
+    into ``qkv`` (both the ``attention.attention.query`` and the ``attention.q_proj`` spellings),
+    layer scales to ``ls*.gamma``, embeddings and the final layer norm renamed, the mask token dropped."""
+    import re
+
+    out, qkv = {}, {}
+    names = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
+             "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+             "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+             "layernorm.weight": "norm.weight", "layernorm.bias": "norm.bias"}
+    for k, v in state.items():
+        if k in names:
+            out[names[k]] = v
+            continue
+        m = re.match(r"encoder\.layer\.(\d+)\.(.+)$", k)
+        if m is None:
+            if k != "embeddings.mask_token":
+                out[k] = v  # unknown: strict loading names it
+            continue
+        i, rest = m.groups()
+        part = re.match(r"attention\.(?:attention\.(query|key|value)|(q|k|v)_proj)\.(weight|bias)$", rest)
+        if part:
+            which = {"query": 0, "key": 1, "value": 2, "q": 0, "k": 1, "v": 2}[part.group(1) or part.group(2)]
+            qkv.setdefault((i, part.group(3)), {})[which] = v
+            continue
+        rest = re.sub(r"^attention\.(output\.dense|o_proj)\.", "attn.proj.", rest)
+        rest = re.sub(r"^layer_scale(\d)\.lambda1$", r"ls\1.gamma", rest)
+        out[f"blocks.{i}.{rest}"] = v
+    for (i, kind), parts in qkv.items():
+        out[f"blocks.{i}.attn.qkv.{kind}"] = torch.cat([parts[j] for j in range(3)]) if len(parts) == 3 else parts
+    return out
+
+
 def convert_layout(spec: EncoderSpec, state: dict, model: nn.Module) -> dict:
     """Released weights -> the timm names of ``model``: iBOT's teacher (prefixes, heads dropped) and
     DINOv2's (``mask_token`` dropped, position embedding resampled from 518 px to the model's grid
-    as timm and dgm-eval do)."""
+    as timm and dgm-eval do), Hugging Face Dinov2 names (:func:`hf_dinov2_to_timm`)."""
+    if "hf_dinov2" in spec.layouts and any(k.startswith(("embeddings.", "encoder.layer.")) for k in state):
+        state = hf_dinov2_to_timm(state)
     out = {}
     for k, v in state.items():
         if "ibot" in spec.layouts:

@@ -99,3 +99,42 @@ def test_ibot_teacher_checkpoint_layout_loads(tmp_path):
     for k, v in net.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     assert len(weights_identity(tmp_path / "checkpoint_teacher.pth")) == 16
+
+
+def test_hugging_face_dinov2_layout_loads_and_gives_the_same_features(tmp_path):
+    """Phikon-v2 is published as a Hugging Face Dinov2Model: a random one of the small width, saved,
+    loads into our ViT and its CLS token (after the final norm) equals transformers' output."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    import cytosyn_encoders.registry as reg
+
+    cfg = transformers.Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
+                                    image_size=224, patch_size=16, layerscale_value=0.5)
+    torch.manual_seed(0)
+    hf = transformers.Dinov2Model(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    spec = REGISTRY["phikon_v2"]
+    reg.REGISTRY["phikon_small_test"] = type(spec)(**{**spec.__dict__, "name": "phikon_small_test",
+                                                      "timm_kwargs": {**spec.timm_kwargs, **_SMALL_VIT}})
+    try:
+        net = build_network("phikon_small_test", tmp_path / "model.safetensors")
+    finally:
+        del reg.REGISTRY["phikon_small_test"]
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        theirs = hf(pixel_values=x).last_hidden_state
+        ours = net.forward_features(x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+    # the names of transformers 4 (in which Phikon-v2 was published) give the same tensors
+    old = {k.replace("attention.q_proj", "attention.attention.query").replace("attention.k_proj", "attention.attention.key")
+           .replace("attention.v_proj", "attention.attention.value").replace("attention.o_proj", "attention.output.dense"): v
+           for k, v in hf.state_dict().items()}
+    from cytosyn_encoders.registry import hf_dinov2_to_timm
+
+    new_names, old_names = hf_dinov2_to_timm(dict(hf.state_dict())), hf_dinov2_to_timm(old)
+    assert new_names.keys() == old_names.keys() == net.state_dict().keys()
+    assert all(torch.equal(new_names[k], old_names[k]) for k in new_names)
