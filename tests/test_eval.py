@@ -9,11 +9,11 @@ import yaml
 from scipy import linalg
 
 from cytosyn_model.cli import eval_main
+from cytosyn_model.eval.fld import fld, memorisation_scores
 from cytosyn_model.eval.metrics import (
     RunningMoments,
     bootstrap,
     cosine_similarity_pairs,
-    fld,
     frechet_distance,
     kid,
     frechet_distance_scipy,
@@ -87,19 +87,38 @@ def test_kid_equals_torch_fidelity():
     assert ours[1] == pytest.approx(theirs["kernel_inception_distance_std"], rel=1e-10)
 
 
-def test_fld_is_minimal_for_real_samples_and_flags_copies():
-    rng = np.random.default_rng(3)
-    d = 12
+def _gaussian_sets(seed=3, d=12):
+    rng = np.random.default_rng(seed)
     cov = np.eye(d) + 0.3
-    train = rng.multivariate_normal(np.zeros(d), cov, 1500)
-    test = rng.multivariate_normal(np.zeros(d), cov, 800)
+    return rng, cov, rng.multivariate_normal(np.zeros(d), cov, 1500), rng.multivariate_normal(np.zeros(d), cov, 800)
+
+
+def test_fld_follows_the_published_algorithm_on_fixed_seeds():
+    """Figures of the published FLD algorithm (marcojira/fld, re-implemented; not on PyPI) on fixed
+    seeds: about 0 for a sample of the real distribution, rising with a shift, and very high for exact
+    copies of the training set (the reference warns above 1,000) and for copies with small noise."""
+    rng, cov, train, test = _gaussian_sets()
+    d = train.shape[1]
     good = rng.multivariate_normal(np.zeros(d), cov, 800)
     shifted = [rng.multivariate_normal(np.full(d, s), cov, 800) for s in (1.0, 0.5, 0.25)]
     values = [fld(test, x, real_train=train) for x in shifted + [good]]
-    assert values[0] > values[1] > values[2] > -3.0  # decreases as the set approaches the real one
-    assert values[1] > values[3] and abs(values[3]) < 3.0  # ... to about 0 for a real sample
+    assert values[0] > values[1] > values[2] > values[3]
+    assert abs(values[3]) < 5.0
     copies = fld(test, train[:800], real_train=train)
-    assert copies > values[-1] + 5.0
+    noisy = fld(test, train[:800] + rng.normal(scale=0.01, size=(800, d)), real_train=train)
+    assert copies > 1000 and noisy > 100 and copies > noisy
+    assert fld(test, train[:800], real_train=train, mode="gap") < -1000  # the memorisation gap
+    assert values == pytest.approx(PINNED_FLD, abs=0.05), values  # regression figures of this implementation
+
+
+PINNED_FLD = [11.83, 3.27, -0.13, -0.23]  # shift 1.0, 0.5, 0.25, none
+
+
+def test_fld_memorisation_scores_rank_copies_first():
+    rng, cov, train, test = _gaussian_sets(4, 8)
+    gen = np.concatenate([train[:50], rng.multivariate_normal(np.zeros(8), cov, 50)])
+    scores = memorisation_scores(train, test, gen)
+    assert scores[:50].min() > scores[50:].max()
 
 
 def test_bootstrap_resamples_with_replacement():

@@ -2,10 +2,7 @@
 
 - Frechet distance (exact): ||mu1 - mu2||^2 + tr S1 + tr S2 - 2 tr sqrt(sqrt(S1) S2 sqrt(S1)),
   the trace from the eigenvalues of the symmetric matrix sqrt(S1) S2 sqrt(S1) (no sqrtm).
-- FLD (Jiralerspong et al. 2023): a mixture of isotropic Gaussians centred on the generated
-  samples, bandwidths fitted by maximum likelihood on one half of the real set, scored by the
-  negative log-likelihood per dimension of the other half, minus the same score with real
-  samples as centres (so a generated set drawn from the real distribution scores about 0).
+- FLD: see :mod:`.fld` (the published algorithm of its authors).
 - Precision / recall / density / coverage (prdc, Naeem et al. 2020), k = 5, float64 batched distances.
 - KID (torch-fidelity's subsets and polynomial kernel).
 - Sample-wise cosine similarity; bootstrap (with replacement) mean and standard deviation.
@@ -13,7 +10,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import numpy as np
@@ -186,70 +182,6 @@ def kid(features_1: np.ndarray, features_2: np.ndarray, subsets: int = 100, subs
         within = (kaa.sum() - np.trace(kaa) + kbb.sum() - np.trace(kbb)) / (m * (m - 1))
         mmds[i] = within - 2 * kab.sum() / (m * m)
     return float(mmds.mean()), float(mmds.std())
-
-
-# ---------------------------------------------------------------------- FLD
-def _mog_loglik(x: torch.Tensor, centres: torch.Tensor, log_var: torch.Tensor, chunk: int) -> torch.Tensor:
-    """log p(x) [n] under the equal-weight mixture of N(centre_j, exp(log_var_j) I)."""
-    d = x.shape[1]
-    out = torch.empty(x.shape[0], device=x.device, dtype=torch.float64)
-    const = -0.5 * d * (math.log(2 * math.pi) + log_var) - math.log(centres.shape[0])
-    for i, sq in pairwise_sqdist_chunks(x, centres, chunk):
-        logits = const[None] - 0.5 * sq.double() / log_var.exp()[None]
-        out[i : i + sq.shape[0]] = torch.logsumexp(logits, dim=1)
-    return out
-
-
-def fit_bandwidths(train: torch.Tensor, centres: torch.Tensor, iters: int = 20, chunk: int = 2048) -> torch.Tensor:
-    """Per-centre log-variances maximising the likelihood of ``train`` (EM on the variances only)."""
-    d = train.shape[1]
-    log_var = torch.full((centres.shape[0],), float(train.var(0).mean().log()), device=train.device, dtype=torch.float64)
-    for _ in range(iters):
-        num = torch.zeros(centres.shape[0], device=train.device, dtype=torch.float64)
-        den = torch.zeros_like(num)
-        const = -0.5 * d * log_var
-        for _, sq in pairwise_sqdist_chunks(train, centres, chunk):
-            sq = sq.double()
-            resp = torch.softmax(const[None] - 0.5 * sq / log_var.exp()[None], dim=1)
-            num += (resp * sq).sum(0)
-            den += resp.sum(0)
-        var = num / (d * den.clamp_min(1e-12))
-        log_var = torch.where(den > 1e-8, var.clamp_min(1e-12).log(), log_var)
-    return log_var
-
-
-def fld(real: np.ndarray, fake: np.ndarray, real_train: np.ndarray | None = None, seed: int = 0, iters: int = 20,
-        device=None, chunk: int = 2048) -> float:
-    """Feature likelihood divergence (x100, nats per dimension).
-
-    Bandwidths of the mixture centred on ``fake`` are fitted on ``real_train`` (the model's training
-    features; without it, a seeded half of ``real``) and the mixture is scored on the held-out real
-    features. The same score with real centres is subtracted, so a sample of the real distribution
-    scores about 0; a worse fit scores higher, and so do memorised copies of training samples (their
-    bandwidths collapse on the points they copy and explain no held-out sample).
-    """
-    dev = _device(device)
-    rng = np.random.default_rng(seed)
-    if real_train is None:
-        perm = rng.permutation(len(real))
-        half = len(real) // 2
-        real_train, real = real[perm[:half]], real[perm[half:]]
-    train = torch.as_tensor(np.asarray(real_train, np.float32), device=dev)
-    test = torch.as_tensor(np.asarray(real, np.float32), device=dev)
-    f = torch.as_tensor(np.asarray(fake, np.float32), device=dev)
-    lv = fit_bandwidths(train, f, iters, chunk)
-    nll_fake = float(-_mog_loglik(test, f, lv, chunk).mean() / test.shape[1])
-    return 100.0 * (nll_fake - nll_reference(train, test, len(fake), iters, chunk, rng))
-
-
-def nll_reference(train, test, m, iters, chunk, rng) -> float:
-    """NLL per dimension of ``test`` under m centres resampled from ``train`` (fitted leaving them out)."""
-    d = train.shape[1]
-    idx = rng.permutation(train.shape[0])
-    k = min(m, train.shape[0] // 2)
-    centres, fit_on = train[idx[:k]], train[idx[k:]]
-    lv = fit_bandwidths(fit_on, centres, iters, chunk)
-    return float(-_mog_loglik(test, centres, lv, chunk).mean() / d)
 
 
 # -------------------------------------------------------------- other metrics

@@ -32,7 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .extractors import REGISTRY, build_extractor, center_crop, jpeg_roundtrip
-from .metrics import RunningMoments, bootstrap, cosine_similarity_pairs, fld, frechet_distance, kid, mean_cov, prdc
+from .fld import fld
+from .metrics import RunningMoments, bootstrap, cosine_similarity_pairs, frechet_distance, kid, mean_cov, prdc
 
 METRICS = ("fd", "fld", "pr", "kid", "cosine")
 
