@@ -14,6 +14,7 @@ from cytosyn_model.eval.metrics import (
     RunningMoments,
     bootstrap,
     cosine_similarity_pairs,
+    fd_infinity,
     frechet_distance,
     kid,
     frechet_distance_scipy,
@@ -71,6 +72,33 @@ def test_prdc_equals_the_prdc_package(case):
         theirs = compute_prdc(real, fake, k)
         for name in ("precision", "recall", "density", "coverage"):
             assert ours[name] == pytest.approx(float(theirs[name]), abs=1e-12), (case, k, name)
+
+
+def test_fd_infinity_equals_the_reference_procedure():
+    """Chong & Forsyth's calculate_FID_infinity_path (mchong6/FID_Infinity, not on PyPI), replayed
+    step by step with numpy's global RNG, scipy's sqrtm FD and sklearn's LinearRegression."""
+    from sklearn.linear_model import LinearRegression
+
+    rng = np.random.default_rng(8)
+    mix = rng.normal(size=(16, 16)) / 4
+    real = rng.normal(size=(3000, 16)) @ mix
+    fake = rng.normal(size=(2500, 16)) @ mix * 1.1 + 0.05
+    real_m, real_s = real.mean(0), np.cov(real, rowvar=False)
+    np.random.seed(5)
+    act = fake.copy()
+    batches = np.linspace(500, len(act), 7).astype("int32")
+    fids = []
+    for b in batches:
+        np.random.shuffle(act)
+        m, s_ = act[:b].mean(0), np.cov(act[:b], rowvar=False)
+        fids.append(frechet_distance_scipy(m, s_, real_m, real_s))
+    reg = LinearRegression().fit(1 / batches.reshape(-1, 1), np.array(fids).reshape(-1, 1))
+    theirs = reg.predict(np.array([[0]]))[0, 0]
+    ours = fd_infinity(fake, real_m, real_s, min_fake=500, num_points=7, seed=5)
+    assert ours == pytest.approx(theirs, rel=1e-8)
+    assert ours < fids[-1]  # the bias of the finite-N FD is removed
+    with pytest.raises(ValueError, match="needs more than min_fake = 5000"):
+        fd_infinity(fake, real_m, real_s)
 
 
 def test_kid_equals_torch_fidelity():

@@ -288,7 +288,7 @@ def test_eval_unknown_metric_lists_the_valid_ones_and_cache_follows_the_images(t
     conf.write_text(yaml.safe_dump({"eval": {"metrics": ["fd", "fid"], "real": {"r": str(tile_run / "shards")}}}))
     proc = model_cli("eval_main", "--config", conf)
     assert proc.returncode == 2
-    assert error_line(proc) == f"cytosyn-eval: error: {conf} (section eval): metrics: unknown value 'fid'; valid: cosine, fd, fld, kid, pr"
+    assert error_line(proc) == f"cytosyn-eval: error: {conf} (section eval): metrics: unknown value 'fid'; valid: cosine, fd, fd_inf, fld, kid, pr"
     gen = tmp_path / "gen"
     gen.mkdir()
     rng = np.random.default_rng(0)

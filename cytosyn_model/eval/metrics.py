@@ -4,7 +4,7 @@
   the trace from the eigenvalues of the symmetric matrix sqrt(S1) S2 sqrt(S1) (no sqrtm).
 - FLD: see :mod:`.fld` (the published algorithm of its authors).
 - Precision / recall / density / coverage (prdc, Naeem et al. 2020), k = 5, float64 batched distances.
-- KID (torch-fidelity's subsets and polynomial kernel).
+- KID (torch-fidelity's subsets and polynomial kernel); FD-infinity (Chong & Forsyth 2020).
 - Sample-wise cosine similarity; bootstrap (with replacement) mean and standard deviation.
 """
 
@@ -74,6 +74,29 @@ def frechet_distance_scipy(mu1, s1, mu2, s2) -> float:
 
 def fd_from_features(a: np.ndarray, b: np.ndarray) -> float:
     return frechet_distance(*mean_cov(a), *mean_cov(b))
+
+
+def fd_infinity(fake: np.ndarray, real_mu: np.ndarray, real_cov: np.ndarray, min_fake: int = 5000,
+                num_points: int = 15, seed: int = 0) -> float:
+    """FD extrapolated to infinitely many generated samples (Chong & Forsyth 2020), as their
+    ``calculate_FID_infinity_path``: for N in ``linspace(min_fake, len(fake), num_points)`` (int32),
+    shuffle the generated features in place (``RandomState(seed)``, one shuffle per N, cumulative) and
+    take the FD of the first N against the real statistics; fit FD = a + b / N by least squares and
+    return a."""
+    n = len(fake)
+    if n <= min_fake:
+        raise ValueError(f"FD-infinity needs more than min_fake = {min_fake} generated samples, got {n}")
+    rng = np.random.RandomState(seed)
+    x = np.array(fake, dtype=np.float64, copy=True)
+    sizes = np.linspace(min_fake, n, num_points).astype("int32")
+    fds = []
+    for m in sizes:
+        rng.shuffle(x)
+        mu, cov = x[:m].mean(0), np.cov(x[:m], rowvar=False)
+        fds.append(frechet_distance(mu, cov, real_mu, real_cov))
+    inv = 1.0 / sizes.astype(np.float64)
+    slope, intercept = np.polyfit(inv, np.asarray(fds), 1)
+    return float(intercept)
 
 
 # ---------------------------------------------------------- distances (torch)

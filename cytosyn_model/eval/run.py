@@ -7,7 +7,7 @@ Config (``pipelines/eval.yaml``, section ``eval``)::
     real_train: splits/train        # optional: FLD bandwidths are fitted on it (else half of each real set)
     generated: {sde250: {path: gen/sde250, steps: 250}}
     extractors: {inception_v3: /weights/inception.pth, uni: /weights/uni.bin}
-    metrics: [fd, fld, pr, kid, cosine]   # pr: precision, recall, density, coverage (k = pr_k, 5)
+    metrics: [fd, fd_inf, fld, pr, kid, cosine]   # pr: precision, recall, density, coverage (k = pr_k, 5)
     bootstrap: {draws: 50, n: 50000}                         # of the FD of each generated set
     preprocess: {real: [], generated: []}                    # jpeg70, centercrop224, ...
     batch_size: 64
@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 
 from .extractors import REGISTRY, build_extractor, center_crop, jpeg_roundtrip
 from .fld import fld
-from .metrics import RunningMoments, bootstrap, cosine_similarity_pairs, frechet_distance, kid, mean_cov, prdc
+from .metrics import RunningMoments, bootstrap, cosine_similarity_pairs, fd_infinity, frechet_distance, kid, mean_cov, prdc
 
-METRICS = ("fd", "fld", "pr", "kid", "cosine")
+METRICS = ("fd", "fd_inf", "fld", "pr", "kid", "cosine")
 
 METRICS_SCHEMA = {"metric": pl.String, "extractor": pl.String, "set": pl.String, "reference": pl.String,
                   "value": pl.Float64, "std": pl.Float64}
@@ -51,6 +51,7 @@ class EvalConfig:
     metrics: list = field(default_factory=lambda: ["fd", "fld", "pr", "cosine"])
     pr_k: int = 5  # nearest neighbours of precision/recall/density/coverage (prdc, dgm-eval)
     kid: dict = field(default_factory=lambda: {"subsets": 100, "subset_size": 1000})  # torch-fidelity's
+    fd_inf: dict = field(default_factory=lambda: {"min_fake": 5000, "num_points": 15})  # Chong & Forsyth's
     bootstrap: dict = field(default_factory=lambda: {"draws": 50, "n": 50000})
     preprocess: dict = field(default_factory=lambda: {"real": [], "generated": []})
     batch_size: int = 64
@@ -77,6 +78,9 @@ class EvalConfig:
         for k, v in (cfg.bootstrap or {}).items():
             one_of(k, f"{where}: bootstrap", ("draws", "n"))
             (non_negative if k == "draws" else positive)(v, f"{where}: bootstrap.{k}", int)  # draws 0: no bootstrap
+        for k, v in (cfg.fd_inf or {}).items():
+            one_of(k, f"{where}: fd_inf", ("min_fake", "num_points"))
+            positive(v, f"{where}: fd_inf.{k}", int)
         for k, v in (cfg.kid or {}).items():
             one_of(k, f"{where}: kid", ("subsets", "subset_size", "seed"))
             if k != "seed":
@@ -246,6 +250,14 @@ def evaluate(cfg: EvalConfig) -> pl.DataFrame:
                 if "pr" in cfg.metrics:
                     m = prdc(rf, gf, cfg.pr_k, device=dev)
                     rows += [(name, ename, gname, rname, m[name], None) for name in ("precision", "recall", "density", "coverage")]
+                if "fd_inf" in cfg.metrics:
+                    lo, pts = int(cfg.fd_inf.get("min_fake", 5000)), int(cfg.fd_inf.get("num_points", 15))
+                    if len(gf) <= lo:
+                        from cytosyn_data.errors import DataError
+
+                        raise DataError(f"fd_inf: generated set {gname} has {len(gf)} images; FD-infinity needs more than "
+                                        f"fd_inf.min_fake = {lo}")
+                    rows.append(("fd_inf", ename, gname, rname, fd_infinity(gf, rmu, rcov, lo, pts, cfg.seed), None))
                 if "kid" in cfg.metrics:
                     size = min(int(cfg.kid.get("subset_size", 1000)), len(rf), len(gf))
                     mean, std = kid(gf, rf, int(cfg.kid.get("subsets", 100)), size, seed=int(cfg.kid.get("seed", 2020)))
