@@ -25,7 +25,7 @@ def config(model: str, batch: int, precision: str) -> TrainConfig:
     name = "train_tiny.yaml" if model == "tiny" else "train_xl.yaml"
     d = yaml.safe_load((ROOT / "pipelines" / name).read_text())["train"]
     d.update(out="/tmp/cytosyn-bench", batch_size=batch, mixed_precision=precision, gan_start_step=0,
-             lpips_weight=1.0, lpips_random_init=True, lpips_vgg_weights=None, lpips_lin_weights=None)
+             lpips_weight=1.0, lpips_vgg_weights="random", lpips_lin_weights="random")
     return TrainConfig.from_dict(d)
 
 

@@ -120,8 +120,11 @@ def cmd_curate(args) -> int:
     if args.curate_cmd in ("fit", "apply"):
         from .run_state import record_run
 
+        from cytosyn_encoders import weights_identity
+
         inputs = [f"{k}: {v}" for k, v in vars(args).items() if k in ("annotations", "backbone_weights")]
-        record_run(work, f"curate {args.curate_cmd}", {k: str(v) for k, v in vars(args).items()}, inputs)
+        record_run(work, f"curate {args.curate_cmd}", {k: str(v) for k, v in vars(args).items()}, inputs,
+                   recorded={"backbone_weights_sha256_16": weights_identity(args.backbone_weights)})
         keys, x = C.compute_features(args.run / "shards", work, args.backbone_weights, args.mean_patch, args.device)
     if args.curate_cmd == "fit":
         ann = C.read_annotations(args.annotations)

@@ -55,46 +55,47 @@ def kl_loss(posterior) -> torch.Tensor:
 class LPIPS(nn.Module):
     """LPIPS (Zhang et al. 2018) with a VGG-16 trunk, built offline.
 
-    ``vgg_weights``: a torchvision ``vgg16`` state dict (``features.*`` keys used);
-    ``lin_weights``: the LPIPS v0.1 linear layers (``lin{0..4}.model.1.weight``).
-    Both are local files; missing ones raise FileNotFoundError naming the path.
-    ``random_init=True`` builds it without weights (tests only: not a perceptual metric).
+    ``vgg_weights``: a torchvision ``vgg16`` state dict (``features.*`` keys used); ``lin_weights``:
+    the LPIPS v0.1 linear layers (``lin{0..4}.model.1.weight``). Both are weight specs of
+    :mod:`cytosyn_encoders.weights`: local files (missing ones raise FileNotFoundError naming the
+    path), or ``random[:seed=N]`` (a seeded random VGG; constant lin weights 1/C): a test network,
+    not a perceptual metric.
     """
 
     CHANNELS = (64, 128, 256, 512, 512)
     SLICES = (4, 9, 16, 23, 30)  # ends of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 
-    def __init__(self, vgg_weights: str | Path | None = None, lin_weights: str | Path | None = None, random_init: bool = False):
+    def __init__(self, vgg_weights=None, lin_weights=None):
         super().__init__()
         from torchvision.models import vgg16
 
-        if not random_init and (vgg_weights is None or lin_weights is None):
+        from cytosyn_encoders.weights import RandomWeights, load_state_dict, parse_weights
+
+        vgg_spec, lin_spec = parse_weights(vgg_weights), parse_weights(lin_weights)
+        if vgg_spec is None or lin_spec is None:
             raise FileNotFoundError(
                 "LPIPS needs local VGG-16 and LPIPS-lin weights (lpips_vgg_weights, lpips_lin_weights in the "
                 "config); they are never downloaded. Set lpips_weight: 0 to train without LPIPS"
             )
-        features = vgg16(weights=None).features
-        if not random_init:
-            from .checkpoint import load_state_dict
-
-            vgg = load_state_dict(vgg_weights, "LPIPS VGG-16")
-            vgg = {k[len("features."):]: v for k, v in vgg.items() if k.startswith("features.")}
-            features.load_state_dict(vgg)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(vgg_spec.seed if isinstance(vgg_spec, RandomWeights) else 0)
+            features = vgg16(weights=None).features
+        if not isinstance(vgg_spec, RandomWeights):
+            vgg = load_state_dict(vgg_spec, "LPIPS VGG-16")
+            features.load_state_dict({k[len("features."):]: v for k, v in vgg.items() if k.startswith("features.")})
         self.slices = nn.ModuleList()
         start = 0
         for end in self.SLICES:
             self.slices.append(nn.Sequential(*[features[i] for i in range(start, end)]))
             start = end
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self.CHANNELS)
-        if not random_init:
-            from .checkpoint import load_state_dict
-
-            lin = load_state_dict(lin_weights, "LPIPS lin layers")
-            for i, conv in enumerate(self.lins):
-                conv.weight.data.copy_(lin[f"lin{i}.model.1.weight"])
-        else:
+        if isinstance(lin_spec, RandomWeights):
             for conv in self.lins:
                 nn.init.constant_(conv.weight, 1.0 / conv.in_channels)
+        else:
+            lin = load_state_dict(lin_spec, "LPIPS lin layers")
+            for i, conv in enumerate(self.lins):
+                conv.weight.data.copy_(lin[f"lin{i}.model.1.weight"])
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False).eval()

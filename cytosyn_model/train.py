@@ -69,7 +69,6 @@ class TrainConfig:
     lpips_weight: float = 1.0
     lpips_vgg_weights: str | None = None
     lpips_lin_weights: str | None = None
-    lpips_random_init: bool = False  # tests only
     kl_weight: float = 1e-6
     gan_weight: float = 0.1  # REPA-E discriminator_weight
     disc_factor: float = 1.0  # REPA-E discriminator_factor
@@ -235,7 +234,7 @@ class Trainer:
             m["bn"] = nn.SyncBatchNorm.convert_sync_batchnorm(m["bn"])
         self.lpips = None
         if cfg.lpips_weight > 0:
-            self.lpips = LPIPS(cfg.lpips_vgg_weights, cfg.lpips_lin_weights, random_init=cfg.lpips_random_init).to(self.device)
+            self.lpips = LPIPS(cfg.lpips_vgg_weights, cfg.lpips_lin_weights).to(self.device)
         self.h0 = None
         self.ema_vae = copy.deepcopy(m["vae"]).requires_grad_(False).eval().to(self.device)
         self.ema_sit = copy.deepcopy(m["sit"]).requires_grad_(False).eval().to(self.device)
@@ -414,10 +413,13 @@ class Trainer:
         from cytosyn_data.run_state import code_version
 
         state = {"step": self.step, "config": dataclasses.asdict(self.cfg), "code_version": code_version()}
-        if self.cfg.h0_mini_weights:  # features computed on the fly: which H0-mini made them
-            from cytosyn_encoders import weights_identity
+        from cytosyn_encoders import weights_identity
 
-            state["h0_mini_weights_sha256_16"] = weights_identity(self.cfg.h0_mini_weights)
+        state["weights_sha256_16"] = {  # every weights file that influenced this checkpoint
+            k: weights_identity(getattr(self.cfg, k))
+            for k in ("vae_init", "sit_init", "latent_stats", "h0_mini_weights", "lpips_vgg_weights", "lpips_lin_weights")
+            if getattr(self.cfg, k)
+        }
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         if final.exists():
             import shutil

@@ -147,7 +147,7 @@ def test_repa_e_style_checkpoints_load(tmp_path):
 def test_lpips_module_and_missing_weights_message():
     with pytest.raises(FileNotFoundError, match="lpips_weight: 0"):
         LPIPS(None, None)
-    lp = LPIPS(random_init=True)
+    lp = LPIPS("random", "random")
     a = torch.rand(2, 3, 64, 64) * 2 - 1
     assert torch.allclose(lp(a, a), torch.zeros(2))
     assert (lp(a, a.flip(-1)) > 0).all()
