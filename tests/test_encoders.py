@@ -3,6 +3,8 @@ of local weights, and the released layouts (DINOv2 at 518 px, iBOT's teacher che
 
 from __future__ import annotations
 
+import contextlib
+
 import timm
 import torch
 
@@ -27,6 +29,23 @@ def test_every_encoder_builds_random_small_networks_and_names_missing_weights():
     assert torch.equal(a.pos_embed, build_network("h0_mini", "random:small").pos_embed)  # seeded
     with pytest.raises(KeyError, match="unknown encoder 'h1'; known: dinov2_vitb14"):
         build_encoder("h1", "random:small")
+
+
+@contextlib.contextmanager
+def small_entry(name: str):
+    """A registry entry like ``name`` at the small test width (for files made in the tests: a real
+    checkpoint of the full width would be hundreds of MB); removed afterwards."""
+    import dataclasses
+
+    import cytosyn_encoders.registry as reg
+
+    spec = REGISTRY[name]
+    test_name = f"{name}_small_test"
+    reg.REGISTRY[test_name] = dataclasses.replace(spec, name=test_name, timm_kwargs={**spec.timm_kwargs, **_SMALL_VIT})
+    try:
+        yield test_name
+    finally:
+        del reg.REGISTRY[test_name]
 
 
 def _small(name: str, **over):
@@ -65,15 +84,8 @@ def test_dinov2_checkpoint_trained_at_518px_loads_into_the_224px_model(tmp_path)
     state["mask_token"] = torch.zeros(1, 64)
     path = tmp_path / "dinov2_vitb14_pretrain.pth"
     torch.save(state, path)
-    spec = REGISTRY["dinov2_vitb14"]
-    import cytosyn_encoders.registry as reg
-
-    small_spec = type(spec)(**{**spec.__dict__, "timm_kwargs": {**spec.timm_kwargs, **_SMALL_VIT}})
-    reg.REGISTRY["dinov2_small_test"] = type(spec)(**{**small_spec.__dict__, "name": "dinov2_small_test"})
-    try:
-        net = build_network("dinov2_small_test", path)
-    finally:
-        del reg.REGISTRY["dinov2_small_test"]
+    with small_entry("dinov2_vitb14") as name:
+        net = build_network(name, path)
     want = resample_abs_pos_embed(state["pos_embed"], new_size=(16, 16), old_size=(37, 37), num_prefix_tokens=1)
     assert torch.equal(net.pos_embed, want)
     assert torch.equal(net.blocks[1].attn.qkv.weight, state["blocks.1.attn.qkv.weight"])
@@ -87,15 +99,8 @@ def test_ibot_teacher_checkpoint_layout_loads(tmp_path):
                       "head.mlp.0.weight": torch.zeros(3, 3), "head.last_layer.weight_g": torch.zeros(1)},
           "student": {}, "epoch": 100}
     torch.save(ck, tmp_path / "checkpoint_teacher.pth")
-    import cytosyn_encoders.registry as reg
-
-    spec = REGISTRY["ibot_vits16"]
-    reg.REGISTRY["ibot_small_test"] = type(spec)(**{**spec.__dict__, "name": "ibot_small_test",
-                                                    "timm_kwargs": {**spec.timm_kwargs, **_SMALL_VIT}})
-    try:
-        loaded = build_network("ibot_small_test", tmp_path / "checkpoint_teacher.pth")
-    finally:
-        del reg.REGISTRY["ibot_small_test"]
+    with small_entry("ibot_vits16") as name:
+        loaded = build_network(name, tmp_path / "checkpoint_teacher.pth")
     for k, v in net.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     assert len(weights_identity(tmp_path / "checkpoint_teacher.pth")) == 16
@@ -107,8 +112,6 @@ def test_hugging_face_dinov2_layout_loads_and_gives_the_same_features(tmp_path):
     transformers = pytest.importorskip("transformers")
     from safetensors.torch import save_file
 
-    import cytosyn_encoders.registry as reg
-
     cfg = transformers.Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
                                     image_size=224, patch_size=16, layerscale_value=0.5)
     torch.manual_seed(0)
@@ -117,13 +120,8 @@ def test_hugging_face_dinov2_layout_loads_and_gives_the_same_features(tmp_path):
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.02)
     save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(tmp_path / "model.safetensors"))
-    spec = REGISTRY["phikon_v2"]
-    reg.REGISTRY["phikon_small_test"] = type(spec)(**{**spec.__dict__, "name": "phikon_small_test",
-                                                      "timm_kwargs": {**spec.timm_kwargs, **_SMALL_VIT}})
-    try:
-        net = build_network("phikon_small_test", tmp_path / "model.safetensors")
-    finally:
-        del reg.REGISTRY["phikon_small_test"]
+    with small_entry("phikon_v2") as name:
+        net = build_network(name, tmp_path / "model.safetensors")
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         theirs = hf(pixel_values=x).last_hidden_state
