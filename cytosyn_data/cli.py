@@ -228,6 +228,14 @@ def cmd_features(args) -> int:
     return 0
 
 
+def cmd_export_geojson(args) -> int:
+    from .geojson import export_geojson
+
+    paths = export_geojson(args.run)
+    print(f"export-geojson: {len(paths)} slide(s) -> {args.run / 'geojson'} (QuPath: File > Import objects)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cytosyn-data", description=__doc__,
                                      epilog="--debug (anywhere): show the traceback of an error")
@@ -238,12 +246,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_curate(sub)
     _add_split(sub)
     _add_features(sub)
+    g = sub.add_parser("export-geojson", help="QuPath GeoJSON per slide: tissue contours and tile boxes by fate")
+    g.add_argument("--run", required=True, type=Path, help="tile run folder")
     return parser
 
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"tile": cmd_tile, "merge": cmd_merge, "curate": cmd_curate, "split": cmd_split, "features": cmd_features}
+    commands = {"tile": cmd_tile, "merge": cmd_merge, "curate": cmd_curate, "split": cmd_split, "features": cmd_features,
+                "export-geojson": cmd_export_geojson}
     return commands[args.command](args)
 
 

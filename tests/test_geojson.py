@@ -1,0 +1,37 @@
+"""QuPath GeoJSON export of a tile run: tissue contours and every candidate tile by its fate."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+
+from conftest import tile_two_slides
+from cytosyn_data.cli import main
+
+
+def test_geojson_per_slide_has_tissue_and_every_tile_by_fate(tmp_path, cmu_slide, tcga_slide):
+    run = tile_two_slides(tmp_path, cmu_slide, tcga_slide, "40")
+    assert main(["split", "--run", str(run), "--val-in-fraction", "0.2", "--guidance-tiles", "4", "--shard-size", "8"]) == 0
+    assert main(["export-geojson", "--run", str(run)]) == 0
+    slides = pl.read_parquet(run / "slides.parquet")
+    cand, tiles = pl.read_parquet(run / "candidates.parquet"), pl.read_parquet(run / "tiles.parquet")
+    splits = pl.read_parquet(run / "splits.parquet")
+    for s in slides.iter_rows(named=True):
+        doc = json.loads((run / "geojson" / f"{s['slide_id']}.geojson").read_text())
+        assert doc["type"] == "FeatureCollection"
+        kinds = [f["properties"]["objectType"] for f in doc["features"]]
+        assert "annotation" in kinds  # the tissue
+        boxes = [f for f in doc["features"] if f["properties"]["objectType"] == "detection"]
+        assert len(boxes) == cand.filter(pl.col("slide_id") == s["slide_id"]).height  # every candidate
+        fates = {f["properties"]["name"]: f["properties"]["classification"]["name"] for f in boxes}
+        mine = splits.filter(pl.col("slide_id") == s["slide_id"])
+        for row in mine.iter_rows(named=True):
+            assert fates[row["key"]] == ("guidance" if row["guidance"] else row["split"])
+        unselected = set(cand.filter(pl.col("slide_id") == s["slide_id"])["key"]) - set(tiles["key"])
+        assert {k for k, v in fates.items() if v == "candidate"} == unselected
+        for f in doc["features"]:
+            for x, y in f["geometry"]["coordinates"][0]:
+                assert -1 <= x <= s["width"] + 1 and -1 <= y <= s["height"] + 1
+        ring = next(f for f in boxes if f["properties"]["name"] in set(mine["key"]))["geometry"]["coordinates"][0]
+        assert ring[0] == ring[-1] and len(ring) == 5
