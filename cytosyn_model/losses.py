@@ -8,7 +8,6 @@ latents [B, 4, 28, 28], alignment tokens [B, 196, 768].
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F

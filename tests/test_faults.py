@@ -399,4 +399,4 @@ def test_bad_shard_members_stop_training_with_the_shard_and_key(tmp_path, tile_r
     proc = model_cli("train_main", "--shards", shards, "--config", _train_config(tmp_path, shuffle_buffer=1), "--out", tmp_path / "t")
     assert proc.returncode == 1
     line = error_line(proc)
-    assert f"bad-000000.tar: " in line and message in line, line
+    assert "bad-000000.tar: " in line and message in line, line

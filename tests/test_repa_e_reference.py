@@ -5,7 +5,6 @@ the reference allows it."""
 from __future__ import annotations
 
 import argparse
-import copy
 
 import pytest
 import torch
