@@ -113,10 +113,12 @@ def build_network(name: str, weights) -> nn.Module:
                                 f"({spec.weights}) or 'random:small' for a random test network")
     if "torchscript" in spec.layouts and not isinstance(w, RandomWeights):
         return _torchscript(name, w)
-    seed = w.seed if isinstance(w, RandomWeights) else 0
+    random = isinstance(w, RandomWeights)
+    # a TorchScript-only network has no architecture here: its random stand-in is always the small one
+    small = random and (w.small or "torchscript" in spec.layouts)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # a random init never depends on the caller's RNG
-        model = _network(spec, isinstance(w, RandomWeights) and w.small or "torchscript" in spec.layouts)
+        torch.manual_seed(w.seed if random else 0)  # a random init never depends on the caller's RNG
+        model = _network(spec, small)
     if not isinstance(w, RandomWeights):
         state = load_state_dict(w, name)
         strict_load(model, convert_layout(spec, state, model), name, w)

@@ -184,7 +184,7 @@ def vae_generator_losses(
         l1 = F.l1_loss(x32, r32, reduction="mean")
         lp = lpips(x32, r32).mean() if lpips is not None else zero
         kl = kl_loss(posterior)
-        gan = -disc(r32).mean() if disc is not None and disc_factor > 0 and weights.gan > 0 else zero
+        gan = hinge_g_loss(disc(r32)) if disc is not None and disc_factor > 0 and weights.gan > 0 else zero
     total = weights.l1 * l1 + weights.lpips * lp + weights.kl * kl + weights.gan * disc_factor * gan
     return {"l1": l1, "lpips": lp, "kl": kl, "gan_g": gan, "vae_rec": total}
 

@@ -111,10 +111,9 @@ def baseline_nll(train: torch.Tensor, test: torch.Tensor, size: int, g: torch.Ge
     return float(mog.nll_per_dim(test).mean())
 
 
-def fld(real: np.ndarray, fake: np.ndarray, real_train: np.ndarray | None = None, seed: int = 0, device=None,
-        mode: str = "test") -> float:
-    """FLD of generated features ``fake`` against the test features ``real`` and the training features
-    ``real_train`` (without them: a seeded half of ``real`` each). ``mode``: ``test`` (FLD) or ``gap``."""
+def _fit_generated(real, fake, real_train, seed: int, device):
+    """Standardised (train, test) and the mixture on the (capped) generated features fitted to train,
+    plus the generator whose stream the baseline continues."""
     g = torch.Generator().manual_seed(seed)
     if real_train is None:
         perm = torch.randperm(len(real), generator=g).numpy()
@@ -125,11 +124,28 @@ def fld(real: np.ndarray, fake: np.ndarray, real_train: np.ndarray | None = None
     train, test, gen = standardise(train, test, gen)
     mog = IsotropicMixture(gen)
     mog.fit(train, g)
-    if mode == "gap":
-        return 100.0 * float(mog.nll_per_dim(train).mean() - mog.nll_per_dim(test).mean())
-    if mode != "test":
+    return train, test, mog, g
+
+
+def fld_and_gap(real: np.ndarray, fake: np.ndarray, real_train: np.ndarray | None = None, seed: int = 0,
+                device=None) -> tuple[float, float]:
+    """(FLD, train/test gap) from one fit of the generated mixture (see :func:`fld`)."""
+    train, test, mog, g = _fit_generated(real, fake, real_train, seed, device)
+    test_nll = float(mog.nll_per_dim(test).mean())
+    gap = 100.0 * (float(mog.nll_per_dim(train).mean()) - test_nll)
+    return 100.0 * (test_nll - baseline_nll(train, test, mog.m, g)), gap
+
+
+def fld(real: np.ndarray, fake: np.ndarray, real_train: np.ndarray | None = None, seed: int = 0, device=None,
+        mode: str = "test") -> float:
+    """FLD of generated features ``fake`` against the test features ``real`` and the training features
+    ``real_train`` (without them: a seeded half of ``real`` each). ``mode``: ``test`` (FLD) or ``gap``."""
+    if mode == "test":
+        return fld_and_gap(real, fake, real_train, seed, device)[0]
+    if mode != "gap":
         raise ValueError(f"FLD mode {mode!r}: test or gap")
-    return 100.0 * (float(mog.nll_per_dim(test).mean()) - baseline_nll(train, test, len(gen), g))
+    train, test, mog, _ = _fit_generated(real, fake, real_train, seed, device)
+    return 100.0 * float(mog.nll_per_dim(train).mean() - mog.nll_per_dim(test).mean())
 
 
 def memorisation_scores(real_train: np.ndarray, real: np.ndarray, fake: np.ndarray, seed: int = 0, device=None) -> np.ndarray:

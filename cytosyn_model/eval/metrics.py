@@ -104,23 +104,10 @@ def _device(device):
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def pairwise_sqdist_chunks(a: torch.Tensor, b: torch.Tensor, chunk: int = 4096):
-    """Yield (start, squared distances [chunk, len(b)]) of rows of ``a`` to ``b`` (float32 on device)."""
-    bn = (b * b).sum(1)
-    for i in range(0, a.shape[0], chunk):
-        x = a[i : i + chunk]
-        d = (x * x).sum(1, keepdim=True) + bn[None] - 2 * x @ b.T
-        yield i, d.clamp_min_(0)
-
-
-def _sqdist64(x: torch.Tensor, y: torch.Tensor, same: bool) -> torch.Tensor:
-    """Squared Euclidean distances in float64 (|x|^2 + |y|^2 - 2 x.y, clipped at 0); a row's distance
-    to itself is exactly 0 when ``same``. Exact for integer-valued features (ties kept)."""
-    d = (x * x).sum(1, keepdim=True) + (y * y).sum(1)[None] - 2 * x @ y.T
-    d = d.clamp_min_(0)
-    if same:
-        d.fill_diagonal_(0)
-    return d
+def _sqdist64(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Squared Euclidean distances [len(x), len(y)] in float64 (|x|^2 + |y|^2 - 2 x.y, clipped at 0);
+    exact for integer-valued features (ties kept)."""
+    return ((x * x).sum(1, keepdim=True) + (y * y).sum(1)[None] - 2 * x @ y.T).clamp_min_(0)
 
 
 def kth_nn_radii(x: torch.Tensor, k: int = 5, chunk: int = 4096) -> torch.Tensor:
@@ -129,8 +116,7 @@ def kth_nn_radii(x: torch.Tensor, k: int = 5, chunk: int = 4096) -> torch.Tensor
     x = x.double()
     out = torch.empty(x.shape[0], device=x.device, dtype=torch.float64)
     for i in range(0, x.shape[0], chunk):
-        d = (x[i : i + chunk] * x[i : i + chunk]).sum(1, keepdim=True) + (x * x).sum(1)[None] - 2 * x[i : i + chunk] @ x.T
-        d = d.clamp_min_(0)
+        d = _sqdist64(x[i : i + chunk], x)
         rows = torch.arange(d.shape[0], device=x.device)
         d[rows, rows + i] = 0.0
         out[i : i + d.shape[0]] = d.topk(k + 1, dim=1, largest=False).values[:, -1].sqrt()
@@ -151,7 +137,7 @@ def prdc(real: np.ndarray, fake: np.ndarray, k: int = 5, device=None, chunk: int
     real_in = torch.zeros(r.shape[0], dtype=torch.bool, device=dev)  # recall: real inside any fake ball
     real_nn = torch.empty(r.shape[0], dtype=torch.float64, device=dev)  # coverage: nearest fake
     for i in range(0, r.shape[0], chunk):
-        d = _sqdist64(r[i : i + chunk], f, same=False).sqrt()
+        d = _sqdist64(r[i : i + chunk], f).sqrt()
         inside = d < r_rad[i : i + chunk, None]
         fake_in |= inside.any(0)
         fake_count += inside.sum(0)

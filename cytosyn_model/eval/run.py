@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .extractors import REGISTRY, build_extractor, center_crop, jpeg_roundtrip
-from .fld import fld, memorisation_scores
+from .fld import fld, fld_and_gap, memorisation_scores
 from .metrics import RunningMoments, bootstrap, cosine_similarity_pairs, fd_infinity, frechet_distance, kid, mean_cov, prdc
 
 METRICS = ("fd", "fd_inf", "fld", "pr", "kid", "cosine")
@@ -262,14 +262,14 @@ def evaluate(cfg: EvalConfig) -> pl.DataFrame:
                     size = min(int(cfg.kid.get("subset_size", 1000)), len(rf), len(gf))
                     mean, std = kid(gf, rf, int(cfg.kid.get("subsets", 100)), size, seed=int(cfg.kid.get("seed", 2020)))
                     rows.append(("kid", ename, gname, rname, mean, std))
-                if "fld" in cfg.metrics:
-                    rows.append(("fld", ename, gname, rname, fld(rf, gf, real_train=train, seed=cfg.seed, device=dev), None))
-                    if train is not None:  # the memorisation gap and per-sample scores need the training set
-                        gap = fld(rf, gf, real_train=train, seed=cfg.seed, device=dev, mode="gap")
-                        rows.append(("fld_gap", ename, gname, rname, gap, None))
-                        scores = memorisation_scores(train, rf, gf, cfg.seed, dev)
-                        pl.DataFrame({"key": gkeys, "memorisation": scores}).write_parquet(
-                            out / f"memorisation_{ename}_{gname}_{rname}.parquet")
+                if "fld" in cfg.metrics and train is None:
+                    rows.append(("fld", ename, gname, rname, fld(rf, gf, seed=cfg.seed, device=dev), None))
+                elif "fld" in cfg.metrics:  # the memorisation gap and per-sample scores need the training set
+                    value, gap = fld_and_gap(rf, gf, real_train=train, seed=cfg.seed, device=dev)
+                    rows += [("fld", ename, gname, rname, value, None), ("fld_gap", ename, gname, rname, gap, None)]
+                    scores = memorisation_scores(train, rf, gf, cfg.seed, dev)  # all generated samples, as the reference
+                    pl.DataFrame({"key": gkeys, "memorisation": scores}).write_parquet(
+                        out / f"memorisation_{ename}_{gname}_{rname}.parquet")
                 if "cosine" in cfg.metrics:
                     pos = {k: i for i, k in enumerate(rkeys)}
                     pairs = [(pos[rk], j) for j, k in enumerate(gkeys) if (rk := reference_key(k)) in pos]
