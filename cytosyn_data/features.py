@@ -11,7 +11,6 @@ Several processes (``accelerate launch``) take shards ``i % world == rank``.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import time
@@ -21,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from cytosyn_encoders.weights import file_sha256
 
 from .png import decode_tile
 from .run_state import code_version, file_identity
@@ -47,14 +48,6 @@ def _model_identity(weights) -> str:
     from cytosyn_encoders import weights_identity
 
     return f"h0-mini:{weights_identity(weights)}"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _is_done(mark, shard: Path, ident: str) -> bool:

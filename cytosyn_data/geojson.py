@@ -21,6 +21,7 @@ import polars as pl
 from .errors import DataError
 from .png import decode_png
 from .shards import atomic_write_bytes
+from .split import read_windows
 
 #: QuPath classification colours (RGB)
 COLOURS = {"tissue": (0, 160, 0), "train": (40, 110, 255), "val_in": (255, 170, 0), "val_out": (220, 40, 40),
@@ -65,8 +66,7 @@ def tile_fates(run: Path) -> pl.DataFrame:
         removed = pl.read_parquet(run / "curation.parquet").filter(~pl.col("keep"))["key"]
         fate = fate.with_columns(fate=pl.when(pl.col("key").is_in(removed.implode())).then(pl.lit("removed"))
                                  .otherwise(pl.col("fate")))
-    windows = tiles.select("key", "slide_id", x0=pl.col("level_x") * pl.col("downsample"),
-                           y0=pl.col("level_y") * pl.col("downsample"), side=pl.col("region") * pl.col("downsample"))
+    windows = read_windows(tiles).select("key", "slide_id", "x0", "y0", side=pl.col("x1") - pl.col("x0")).collect()
     written = windows.join(fate, on="key")
     footprint = pl.read_parquet(run / "slides.parquet").select("slide_id", "footprint")
     others = (cand.filter(~pl.col("key").is_in(tiles["key"].implode())).join(footprint, on="slide_id")

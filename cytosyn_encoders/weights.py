@@ -21,13 +21,18 @@ _WRAPPER_KEYS = ("state_dict", "ema", "teacher", "model", "module")
 _PREFIXES = ("module.", "_orig_mod.", "model.", "ema.", "net.")
 
 
-@functools.lru_cache(maxsize=64)
-def _digest(path: str, size: int, mtime: float) -> str:
+def file_sha256(path: str | Path) -> str:
+    """sha256 (hex) of a file's content, read in 4 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
-    return h.hexdigest()[:16]
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, size: int, mtime: float) -> str:
+    return file_sha256(path)[:16]
 
 
 def file_digest(path: str | Path) -> str:
