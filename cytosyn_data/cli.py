@@ -19,6 +19,45 @@ def _tiles_arg(value: str) -> int | None:
     return n
 
 
+def add_cluster_options(p) -> None:
+    """Where work units run: the local pool (--workers), or Dask (--scheduler / --cluster)."""
+    g = p.add_argument_group("distributed execution (Dask)")
+    g.add_argument("--scheduler", help="address of a running Dask scheduler, e.g. tcp://10.0.0.5:8786")
+    g.add_argument("--cluster", choices=["local", "slurm"],
+                   help="start a Dask cluster: 'local' (--workers processes on 127.0.0.1) or 'slurm' (dask-jobqueue)")
+    g.add_argument("--jobs", type=cli_type(positive, int), default=1, help="SLURM jobs to start (--cluster slurm)")
+    g.add_argument("--cores", type=cli_type(positive, int), default=8, help="cores per SLURM job (one worker each)")
+    g.add_argument("--memory", default="32GiB", help="memory per SLURM job, e.g. 32GiB")
+    g.add_argument("--walltime", default="04:00:00", help="walltime per SLURM job, HH:MM:SS")
+    g.add_argument("--queue", help="SLURM partition")
+    g.add_argument("--account", help="SLURM account")
+    g.add_argument("--job-extra", action="append", default=[], help="extra #SBATCH directive (repeatable)")
+
+
+def cluster_spec(args):
+    """The :class:`ClusterSpec` of the parsed options."""
+    import re
+
+    from .executors import ClusterSpec
+
+    if args.scheduler and args.cluster:
+        raise UsageError("give --scheduler (an existing cluster) or --cluster (start one), not both")
+    if args.scheduler:
+        if not re.fullmatch(r"(tcp|tls|inproc|ucx)://[^\s]+", args.scheduler):
+            raise UsageError(f"--scheduler: expected an address like tcp://HOST:PORT, got {args.scheduler!r}")
+        return ClusterSpec("scheduler", workers=args.workers, address=args.scheduler)
+    if args.cluster == "local":
+        return ClusterSpec("dask-local", workers=args.workers)
+    if args.cluster == "slurm":
+        if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", args.memory):
+            raise UsageError(f"--memory: expected a size like 32GiB, got {args.memory!r}")
+        if not re.fullmatch(r"(\d+-)?\d{1,3}:\d{2}:\d{2}", args.walltime):
+            raise UsageError(f"--walltime: expected HH:MM:SS, got {args.walltime!r}")
+        return ClusterSpec("slurm", jobs=args.jobs, cores=args.cores, memory=args.memory, walltime=args.walltime,
+                           queue=args.queue, account=args.account, job_extra=tuple(args.job_extra))
+    return ClusterSpec("local", workers=args.workers)
+
+
 def _add_tile(sub) -> None:
     p = sub.add_parser("tile", help="slides -> tissue tiles -> lossless PNG WebDataset shards")
     p.add_argument("--slides", nargs="+", required=True, help="slide files, folders, or one CSV/parquet table")
@@ -29,11 +68,11 @@ def _add_tile(sub) -> None:
     p.add_argument("--tiles", type=_tiles_arg, default=argparse.SUPPRESS, help="global tile budget or 'all'")
     p.add_argument("--seed", type=int, default=argparse.SUPPRESS)
     p.add_argument("--shard-size", type=cli_type(positive, int), default=argparse.SUPPRESS, help="tiles per shard")
-    p.add_argument("--workers", type=cli_type(positive, int), default=1, help="processes (slides in parallel)")
+    p.add_argument("--workers", type=cli_type(positive, int), default=1, help="processes (units: slides, shards) in parallel")
     p.add_argument("--shard-index", type=cli_type(non_negative, int), default=0, help="this job's index (e.g. SLURM_ARRAY_TASK_ID)")
     p.add_argument("--num-shards", type=cli_type(positive, int), default=1, help="number of jobs the slides are split across")
     p.add_argument("--stage", choices=["all", "detect", "extract"], default="all")
-    p.add_argument("--keep-staging", action="store_true", help="keep per-slide staging files")
+    add_cluster_options(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run made in --out with other settings or slides (default: refuse)")
 
@@ -61,13 +100,14 @@ def cmd_tile(args) -> int:
         shard_index=args.shard_index,
         num_shards=args.num_shards,
         stage=args.stage,
-        keep_staging=args.keep_staging,
         overwrite=args.overwrite,
+        cluster=cluster_spec(args),
     )
     print(
         f"\ncytosyn-data tile: {res.n_slides} slide(s), {len(res.failed)} failed, "
         f"{res.n_candidates} candidates, {res.n_tiles} tiles in {res.n_shards} shard(s) -> {res.out}"
     )
+    print(f"  backend: {res.backend}")
     for k, v in res.seconds.items():
         print(f"  {k:8s} {v:8.2f} s")
     if res.failed:

@@ -26,9 +26,9 @@ def markdown_table(df: pl.DataFrame, float_fmt: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_tile_report(path: Path, result, slides: pl.DataFrame, tiles: pl.DataFrame, cfg, workers: int) -> str:
+def write_tile_report(path: Path, result, slides: pl.DataFrame, tiles: pl.DataFrame, cfg) -> str:
     """Write the tile stage's report: slides ok/failed, candidates, selection per TSS, speed."""
-    work_s = result.seconds.get("extract", 0.0) + result.seconds.get("shard", 0.0)
+    work_s = result.seconds.get("write", 0.0)
     rate = result.n_tiles / work_s if work_s > 0 else float("nan")
     ok = slides.filter(pl.col("status") == "ok").height
     per_tss = (
@@ -53,8 +53,8 @@ def write_tile_report(path: Path, result, slides: pl.DataFrame, tiles: pl.DataFr
 - candidates (tissue fraction >= {cfg.tissue_threshold}): {result.n_candidates}
 - tiles written: {result.n_tiles} in {result.n_shards} shard(s); budget: {cfg.tiles if cfg.tiles is not None else 'all'}; seed {cfg.seed}
 - target: {cfg.tile_size} px at {cfg.target_mpp} MPP; PNG encoder {cfg.png_encoder}; resample {cfg.resample}
-- time: detect {result.seconds.get('detect', 0):.2f} s, extract {result.seconds.get('extract', 0):.2f} s, shard {result.seconds.get('shard', 0):.2f} s
-- throughput (extract + shard): {rate:.1f} tiles/s with {workers} worker(s), {rate / max(workers, 1):.1f} tiles/s per worker
+- time: detect {result.seconds.get('detect', 0):.2f} s, write shards {result.seconds.get('write', 0):.2f} s
+- throughput (write phase): {rate:.1f} tiles/s on {result.backend}
 
 ## Selection per TSS
 

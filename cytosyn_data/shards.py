@@ -7,6 +7,7 @@ temporary name in the same folder and renamed into place when complete.
 
 from __future__ import annotations
 
+import json
 import os
 import tarfile
 from pathlib import Path
@@ -47,28 +48,75 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+class TarAppender:
+    """A tar written member by member to a temporary name, renamed into place by :meth:`commit`.
+
+    :meth:`tell` / :meth:`truncate` let a writer drop the members added since a point (a slide
+    that failed half-way); the finished bytes equal ``tarfile``'s PAX output for the same members.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = tmp_path(self.path)
+        self._fh = open(self.tmp, "wb", buffering=1 << 22)
+        self.count = 0
+
+    def add(self, name: str, data: bytes) -> None:
+        header = _tarinfo(name, len(data)).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        self._fh.write(b"".join((header, data, b"\0" * (-len(data) % tarfile.BLOCKSIZE))))
+        self.count += 1
+
+    def tell(self) -> tuple[int, int]:
+        return self._fh.tell(), self.count
+
+    def truncate(self, mark: tuple[int, int]) -> None:
+        self._fh.seek(mark[0])
+        self._fh.truncate()
+        self.count = mark[1]
+
+    def commit(self) -> int:
+        """Write the end blocks, fsync, rename to ``path``; returns the member count."""
+        end = 2 * tarfile.BLOCKSIZE
+        end += -(self._fh.tell() + end) % tarfile.RECORDSIZE
+        self._fh.write(b"\0" * end)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        os.replace(self.tmp, self.path)
+        return self.count
+
+    def abort(self) -> None:
+        self._fh.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        if not self._fh.closed:
+            self.abort()
+
+
 def write_tar_atomic(path: Path, members: Iterable[tuple[str, bytes]]) -> int:
     """Write (name, bytes) members in order to the tar ``path`` atomically; returns the count."""
+    with TarAppender(path) as tar:
+        for name, data in members:
+            tar.add(name, data)
+        return tar.commit()
+
+
+def write_parquet_atomic(df, path: Path) -> None:
+    """Write a polars DataFrame to ``path`` via a temporary name and rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_path(path)
-    n = 0
-    written = 0
-    with open(tmp, "wb", buffering=1 << 22) as raw:
-        # the same bytes as tarfile.addfile, one write per member instead of 16 KiB chunks
-        for name, data in members:
-            header = _tarinfo(name, len(data)).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-            pad = -len(data) % tarfile.BLOCKSIZE
-            raw.write(b"".join((header, data, b"\0" * pad)))
-            written += len(header) + len(data) + pad
-            n += 1
-        end = 2 * tarfile.BLOCKSIZE
-        end += -(written + end) % tarfile.RECORDSIZE
-        raw.write(b"\0" * end)
-        raw.flush()
-        os.fsync(raw.fileno())
+    df.write_parquet(tmp, statistics=False)
     os.replace(tmp, path)
-    return n
+
+
+def write_json_atomic(obj: dict, path: Path, durable: bool = False) -> None:
+    atomic_write_bytes(Path(path), json.dumps(obj, indent=1, sort_keys=True).encode(), durable)
 
 
 def iter_tar_members(path: Path) -> Iterable[tuple[str, bytes]]:

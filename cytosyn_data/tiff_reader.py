@@ -38,6 +38,15 @@ class TiledTiffReader:
         self._alpha = [p.samplesperpixel >= 4 and tuple(p.extrasamples or (0,))[0] in (1, 2) for p in pages]
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cache_tiles = cache_tiles
+        self.decoded = 0  # TIFF tiles decoded so far (cache misses)
+
+    def hold_band(self, level: int, height: int) -> None:
+        """Grow the cache to hold every TIFF tile of a band ``height`` level pixels high (plus the
+        tile row it shares with the next band), so that reading regions row-major, band after band,
+        decodes each TIFF tile once."""
+        page = self.pages[level]
+        across = -(-page.imagewidth // page.tilewidth)
+        self._cache_tiles = max(self._cache_tiles, across * (-(-height // page.tilelength) + 1))
 
     def close(self) -> None:
         self._tf.close()
@@ -49,6 +58,7 @@ class TiledTiffReader:
             self._cache.move_to_end(key)
             return hit
         page = self.pages[level]
+        self.decoded += 1
         fh = self._tf.filehandle
         offset, count = page.dataoffsets[index], page.databytecounts[index]
         if count == 0:

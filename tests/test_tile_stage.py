@@ -201,14 +201,14 @@ def _cli(out: Path, table: Path) -> list[str]:
             "--tiles", "all", "--shard-size", "7", "--seed", "3"]
 
 
-@pytest.mark.parametrize("kill_when", ["staging", "shards"])
+@pytest.mark.parametrize("kill_when", ["detect", "shards"])
 def test_kill_and_resume_is_byte_identical(tmp_path, cmu_slide, tcga_slide, kill_when):
     table = _table(tmp_path, cmu_slide, tcga_slide, n=4)
     ref = tmp_path / "ref"
     subprocess.run(_cli(ref, table), check=True, capture_output=True)
     out = tmp_path / "killed"
     proc = subprocess.Popen(_cli(out, table), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    watch = out / "work" / "staging" if kill_when == "staging" else out / "shards"
+    watch = out / "work" / "detect" if kill_when == "detect" else out / "shards"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if watch.exists() and any(watch.iterdir()):

@@ -1,0 +1,123 @@
+"""Where work units run: this process, a local process pool, or a Dask distributed cluster.
+
+Every backend has one method, ``map(fn, items, desc)``, that yields ``fn(item)`` for each item
+as units complete, with a progress bar. Units are idempotent (their output appears by atomic
+rename and is skipped when current), so a unit Dask re-runs after losing a worker is harmless.
+
+- ``LocalPool(workers)``: ``concurrent.futures`` with spawned processes (1 = in this process);
+- ``DaskCluster(client)``: an existing scheduler (``--scheduler tcp://HOST:PORT``), a
+  ``LocalCluster`` on 127.0.0.1 (``--cluster local``) or SLURM jobs started with dask-jobqueue
+  (``--cluster slurm --jobs N``, see ``pipelines/slurm/``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+from .errors import UsageError
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """How to reach or start a cluster; ``kind`` is ``local`` (process pool), ``dask-local``,
+    ``scheduler`` (``address``) or ``slurm``. Memory like ``"16GiB"``, walltime ``"HH:MM:SS"``."""
+
+    kind: str = "local"
+    workers: int = 1
+    address: str | None = None
+    jobs: int = 1
+    cores: int = 8
+    memory: str = "32GiB"
+    walltime: str = "04:00:00"
+    queue: str | None = None
+    account: str | None = None
+    job_extra: tuple[str, ...] = ()
+    local_directory: str | None = None
+
+
+class LocalPool:
+    """Units in this process (``workers <= 1``) or in spawned processes."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.name = f"local pool, {workers} process(es)"
+
+    def map(self, fn, items: list, desc: str):
+        if self.workers <= 1 or len(items) <= 1:
+            for it in tqdm(items, desc=desc, unit="unit"):
+                yield fn(it)
+            return
+        # spawn, not fork: forking a process that runs polars' thread pool can deadlock
+        with ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn")) as ex:
+            futs = [ex.submit(fn, it) for it in items]
+            for f in tqdm(as_completed(futs), total=len(futs), desc=desc, unit="unit"):
+                yield f.result()
+
+
+class DaskCluster:
+    """Units as Dask tasks; a task whose worker dies is re-run elsewhere by the scheduler."""
+
+    def __init__(self, client, name: str):
+        self.client = client
+        self.name = name
+
+    def map(self, fn, items: list, desc: str):
+        from distributed import as_completed as dask_completed
+
+        if not items:
+            return
+        futs = self.client.map(fn, items, pure=False, retries=2)
+        try:
+            for f in tqdm(dask_completed(futs), total=len(futs), desc=desc, unit="unit"):
+                yield f.result()
+        finally:
+            self.client.cancel(futs)
+
+
+@contextlib.contextmanager
+def open_executor(spec: ClusterSpec):
+    """The backend for ``spec``; clusters this call starts are closed on exit."""
+    if spec.kind == "local":
+        yield LocalPool(spec.workers)
+        return
+    try:
+        from distributed import Client, LocalCluster
+    except ImportError:
+        raise UsageError("--scheduler/--cluster need dask distributed: pip install 'cytosyn[dask]'") from None
+    if spec.kind == "scheduler":
+        with Client(spec.address, timeout="30s") as client:
+            yield DaskCluster(client, f"Dask scheduler {spec.address}")
+    elif spec.kind == "dask-local":
+        with LocalCluster(n_workers=spec.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                          dashboard_address=None, local_directory=spec.local_directory) as cluster, \
+                Client(cluster) as client:
+            yield DaskCluster(client, f"Dask LocalCluster, {spec.workers} worker(s)")
+    elif spec.kind == "slurm":
+        with slurm_cluster(spec) as cluster, Client(cluster) as client:
+            cluster.scale(jobs=spec.jobs)
+            yield DaskCluster(client, f"Dask on SLURM, {spec.jobs} job(s) x {spec.cores} cores")
+    else:
+        raise UsageError(f"unknown cluster kind {spec.kind!r}")
+
+
+def slurm_cluster(spec: ClusterSpec):
+    """A dask-jobqueue ``SLURMCluster`` (one Dask worker process per core, one thread each)."""
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise UsageError("--cluster slurm needs dask-jobqueue: pip install 'cytosyn[dask]'") from None
+    return SLURMCluster(
+        cores=spec.cores,
+        processes=spec.cores,
+        memory=spec.memory,
+        walltime=spec.walltime,
+        queue=spec.queue,
+        account=spec.account,
+        job_extra_directives=list(spec.job_extra),
+        local_directory=spec.local_directory or "$TMPDIR",
+    )

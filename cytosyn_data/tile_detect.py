@@ -1,0 +1,130 @@
+"""Phase 1 of the tile stage, one work unit per slide: open, resolve MPP, tissue mask, candidates.
+
+Outputs (each written to a temporary name and renamed): ``work/detect/{slide_id}.json`` (slide
+facts, status, error), ``.parquet`` (candidate tiles, level-0 pixels), ``.thumb.png`` and
+``.mask.png`` (the tissue mask at ``tissue_mpp`` microns per pixel).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from .png import encode_png
+from .run_state import file_identity
+from .shards import atomic_write_bytes, write_json_atomic, write_parquet_atomic
+from .tissue import tile_tissue_fractions, tissue_mask
+from .wsi import SlideError, make_read_plan, open_slide, resolve_mpp
+
+
+def tile_key(slide_id: str, x: int, y: int) -> str:
+    """Unique tile key ``{slide_id}__x{x}_y{y}`` (level-0 pixels of the top-left corner)."""
+    return f"{slide_id}__x{x}_y{y}"
+
+
+def _write_png(rgb: np.ndarray, path: Path) -> None:
+    atomic_write_bytes(path, encode_png(rgb), durable=False)
+
+
+CANDIDATE_SCHEMA = {
+    "key": pl.String,
+    "slide_id": pl.String,
+    "col": pl.Int32,
+    "row": pl.Int32,
+    "x": pl.Int64,
+    "y": pl.Int64,
+    "tissue_fraction": pl.Float32,
+}
+
+
+def detect_slide(slide: dict, cfg, work: Path) -> dict:
+    """Open one slide, resolve its MPP and read plan, find tissue and candidate tiles.
+
+    Writes ``work/detect/{slide_id}.{json,parquet,thumb.png,mask.png}``; returns the json dict
+    (status ``ok`` or ``failed`` with the error naming the file and the cause).
+    """
+    sid = slide["slide_id"]
+    d = work / "detect"
+    info: dict = {"slide_id": sid, "path": slide["path"], "status": "failed", "error": None}
+    t0 = time.perf_counter()
+    try:
+        info["file"] = file_identity(slide["path"])
+        with open_slide(slide["path"]) as s:
+            mpp0, source = resolve_mpp(s, slide.get("mpp_override"))
+            plan = make_read_plan(s, mpp0, cfg.target_mpp, cfg.tile_size, cfg.mpp_tolerance, cfg.resample)
+            w0, h0 = s.dimensions
+            tw = max(1, int(round(w0 * mpp0 / cfg.tissue_mpp)))
+            th = max(1, int(round(h0 * mpp0 / cfg.tissue_mpp)))
+            thumb = s.thumbnail((tw, th))
+            info.update(
+                backend=s.backend,
+                vendor=s.vendor,
+                width=w0,
+                height=h0,
+                levels=s.level_count,
+                mpp=mpp0,
+                mpp_source=source,
+                fast_reads=s.fast_reads,
+                level_dimensions=s.level_dimensions,
+                level_downsamples=s.level_downsamples,
+            )
+            level_dims = s.level_dimensions[plan.level]
+        mask_mpp = mpp0 * w0 / thumb.shape[1]
+        mask = tissue_mask(thumb, mask_mpp, cfg.tissue)
+        ncol, nrow = plan.grid_shape(level_dims)
+        cols, rows = np.meshgrid(np.arange(ncol), np.arange(nrow))
+        cols, rows = cols.ravel(), rows.ravel()
+        x0, y0 = plan.level0_xy(cols, rows)
+        frac = tile_tissue_fractions(mask, x0, y0, plan.footprint, (w0, h0))
+        keep = frac >= cfg.tissue_threshold
+        cand = pl.DataFrame(
+            {
+                "key": [tile_key(sid, int(x), int(y)) for x, y in zip(x0[keep], y0[keep])],
+                "slide_id": [sid] * int(keep.sum()),
+                "col": cols[keep],
+                "row": rows[keep],
+                "x": x0[keep],
+                "y": y0[keep],
+                "tissue_fraction": frac[keep],
+            },
+            schema=CANDIDATE_SCHEMA,
+        )
+        _write_png(thumb, d / f"{sid}.thumb.png")
+        _write_png(np.repeat((mask * 255).astype(np.uint8)[..., None], 3, 2), d / f"{sid}.mask.png")
+        write_parquet_atomic(cand, d / f"{sid}.parquet")
+        info.update(
+            status="ok",
+            read_level=plan.level,
+            level_mpp=plan.level_mpp,
+            downsample=plan.downsample,
+            region=plan.region,
+            native=plan.native,
+            footprint=plan.footprint,
+            n_grid=int(ncol * nrow),
+            n_candidates=int(keep.sum()),
+            tissue_area_fraction=float(mask.mean()),
+        )
+    except SlideError as exc:
+        info["error"] = str(exc)
+    except Exception as exc:  # noqa: BLE001 - any failure of one slide is recorded, the run goes on
+        info["error"] = f"{slide['path']}: {type(exc).__name__}: {exc}"
+    info["detect_seconds"] = time.perf_counter() - t0
+    write_json_atomic(info, d / f"{sid}.json")
+    return info
+
+
+def detect_ok(work: Path, slide: dict) -> bool:
+    """Detection of this slide finished and was made from the file as it is now (size, mtime)."""
+    p = work / "detect" / f"{slide['slide_id']}.json"
+    if not p.exists() or not (work / "detect" / f"{slide['slide_id']}.parquet").exists():
+        return False
+    info = json.loads(p.read_text())
+    try:
+        same_file = info.get("file") == file_identity(slide["path"])
+    except OSError:
+        return False
+    return info.get("status") == "ok" and same_file

@@ -1,0 +1,131 @@
+"""Planning of the tile stage: per-slide selection, and the shard plan cut into work units.
+
+The plan lists every tile to write, in member order: slides in a keyed-hash order (seeded),
+the tiles of a slide row-major (so the JPEG tiles of a row band are decoded once, while they are
+in the reader's cache). The list is cut every ``shard_size`` tiles; each shard is one work unit,
+written by one worker straight to its final name (a large slide is several units; several small
+slides can share one). The global shuffle across slides is the split stage's job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from .sampling import NULL_STRATUM, allocate_quotas, select_tiles, shard_order
+from .tile_kernel import QC_SCHEMA
+from .wsi import RESAMPLE_NAMES
+
+#: tiles.parquet; ``level_x, level_y, region`` is the read window in pixels of ``read_level``
+#: (level-0 window starts at level_x * downsample); QC columns see :mod:`tile_kernel`.
+TILES_SCHEMA = {
+    "key": pl.String,
+    "slide_id": pl.String,
+    "tss": pl.String,
+    "project": pl.String,
+    "patient": pl.String,
+    "slide_type": pl.String,
+    "x": pl.Int64,
+    "y": pl.Int64,
+    "footprint": pl.Float64,
+    "level_x": pl.Int64,
+    "level_y": pl.Int64,
+    "region": pl.Int32,
+    "downsample": pl.Float64,
+    "mpp": pl.Float64,
+    "read_level": pl.Int32,
+    "resample": pl.String,
+    "tissue_fraction": pl.Float32,
+    "shard": pl.String,
+    "sha256": pl.String,
+    **QC_SCHEMA,
+}
+#: what a worker computes per tile (the rest of a tiles.parquet row is known from the plan)
+WRITTEN_SCHEMA = {"key": pl.String, "sha256": pl.String, **QC_SCHEMA}
+PLAN_COLUMNS = [c for c in TILES_SCHEMA if c not in WRITTEN_SCHEMA or c == "key"]
+
+#: the slide facts a worker needs to read tiles (from ``work/detect/{slide_id}.json``)
+READ_FIELDS = ("path", "file", "fast_reads", "level_dimensions", "level_downsamples", "read_level",
+               "level_mpp", "downsample", "region", "native", "footprint")
+
+
+@dataclass(frozen=True)
+class ShardUnit:
+    """One shard to write: its plan rows (member order) and the slides they come from."""
+
+    name: str
+    shard_dir: str
+    plans_dir: str
+    rows: pl.DataFrame
+    slides: dict[str, dict]
+    settings: dict = field(default_factory=dict)  # tile_size, target_mpp, resample, png_encoder
+    digest: str = ""
+    complete: bool = True  # False: rows of failed slides were cut; the digest is then not recorded
+
+
+def slide_quotas(ok_rows: list[dict], infos: dict, budget: int | None, seed: int) -> tuple[dict[str, int], dict]:
+    """Per-slide quotas (global over all jobs) and per-stratum totals, stratified by TSS."""
+    strata = [r["tss"] or NULL_STRATUM for r in ok_rows]
+    n_cand = np.array([infos[r["slide_id"]]["n_candidates"] for r in ok_rows], dtype=np.int64)
+    quotas, totals = allocate_quotas(strata, n_cand, [r["slide_id"] for r in ok_rows], budget, seed)
+    return {r["slide_id"]: int(q) for r, q in zip(ok_rows, quotas)}, totals
+
+
+def select_candidates(cand: pl.DataFrame, slide_id: str, quota: int, seed: int) -> pl.DataFrame:
+    """The candidates with a ``selected`` flag (``quota`` of them, drawn per slide)."""
+    pick = select_tiles(slide_id, cand.height, quota, seed)
+    return cand.with_columns(pl.Series("selected", np.isin(np.arange(cand.height), pick)))
+
+
+def slide_plan_rows(cand: pl.DataFrame, slide: dict, info: dict, target_mpp: float, resample: str) -> pl.DataFrame:
+    """Plan rows of one slide's selected tiles, row-major, with the slide-level columns."""
+    ds = float(info["downsample"])
+    return (
+        cand.filter(pl.col("selected"))
+        .sort(["row", "col"])
+        .select("key", "x", "y", "tissue_fraction")
+        .with_columns(
+            slide_id=pl.lit(slide["slide_id"]),
+            tss=pl.lit(slide["tss"], pl.String),
+            project=pl.lit(slide["project"], pl.String),
+            patient=pl.lit(slide["patient"], pl.String),
+            slide_type=pl.lit(slide["slide_type"], pl.String),
+            footprint=pl.lit(float(info["footprint"])),
+            level_x=((pl.col("x") / ds) + 0.5).floor().cast(pl.Int64),
+            level_y=((pl.col("y") / ds) + 0.5).floor().cast(pl.Int64),
+            region=pl.lit(int(info["region"]), pl.Int32),
+            downsample=pl.lit(ds),
+            mpp=pl.lit(target_mpp),
+            read_level=pl.lit(int(info["read_level"]), pl.Int32),
+            resample=pl.lit("native" if info["native"] else RESAMPLE_NAMES[resample]),
+        )
+    )
+
+
+def shard_plan(parts: dict[str, pl.DataFrame], seed: int, shard_size: int, prefix: str) -> pl.DataFrame:
+    """Concatenate per-slide plan rows in keyed slide order and cut them into named shards."""
+    sids = [s for s in parts if parts[s].height]
+    if not sids:
+        return pl.DataFrame(schema={c: TILES_SCHEMA[c] for c in PLAN_COLUMNS})
+    order = shard_order(sids, seed)
+    plan = pl.concat([parts[sids[i]] for i in order], how="diagonal_relaxed")
+    shard_no = (pl.int_range(pl.len(), dtype=pl.Int64) // shard_size).cast(pl.String).str.zfill(6)
+    plan = plan.with_columns(shard=pl.format("{}-{}.tar", pl.lit(prefix), shard_no))
+    return plan.select(PLAN_COLUMNS).cast({c: TILES_SCHEMA[c] for c in PLAN_COLUMNS})
+
+
+def shard_units(plan: pl.DataFrame, infos: dict, settings: dict, shard_dir: Path, plans_dir: Path) -> list[ShardUnit]:
+    """One :class:`ShardUnit` per shard of ``plan``, each with the digest of what makes its bytes."""
+    units = []
+    for (name,), rows in plan.group_by("shard", maintain_order=True):
+        slides = {sid: {k: infos[sid][k] for k in READ_FIELDS}
+                  for sid in rows["slide_id"].unique(maintain_order=True).to_list()}
+        h = hashlib.sha256(json.dumps({"settings": settings, "slides": slides}, sort_keys=True).encode())
+        h.update(rows.write_ipc(None, compression="uncompressed").getvalue())
+        units.append(ShardUnit(name, str(shard_dir), str(plans_dir), rows, slides, settings, h.hexdigest()))
+    return units
