@@ -41,22 +41,42 @@ class ClusterSpec:
 
 
 class LocalPool:
-    """Units in this process (``workers <= 1``) or in spawned processes."""
+    """Units in this process (``workers <= 1``) or in one pool of spawned processes kept for the
+    whole run; the workers import the stage's modules (``warm``) while the caller starts working."""
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, warm: tuple[str, ...] = ()):
         self.workers = workers
         self.name = f"local pool, {workers} process(es)"
+        self._ex = None
+        if workers > 1:
+            # spawn, not fork: forking a process that runs polars' thread pool can deadlock
+            self._ex = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+            for _ in range(workers):
+                self._ex.submit(_import_modules, warm)
 
     def map(self, fn, items: list, desc: str):
-        if self.workers <= 1 or len(items) <= 1:
+        if self._ex is None or len(items) <= 1:
             for it in tqdm(items, desc=desc, unit="unit"):
                 yield fn(it)
             return
-        # spawn, not fork: forking a process that runs polars' thread pool can deadlock
-        with ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn")) as ex:
-            futs = [ex.submit(fn, it) for it in items]
+        futs = [self._ex.submit(fn, it) for it in items]
+        try:
             for f in tqdm(as_completed(futs), total=len(futs), desc=desc, unit="unit"):
                 yield f.result()
+        finally:
+            for f in futs:
+                f.cancel()
+
+    def close(self) -> None:
+        if self._ex is not None:
+            self._ex.shutdown(wait=True, cancel_futures=True)
+
+
+def _import_modules(names: tuple[str, ...]) -> None:
+    import importlib
+
+    for n in names:
+        importlib.import_module(n)
 
 
 class DaskCluster:
@@ -80,10 +100,15 @@ class DaskCluster:
 
 
 @contextlib.contextmanager
-def open_executor(spec: ClusterSpec):
-    """The backend for ``spec``; clusters this call starts are closed on exit."""
+def open_executor(spec: ClusterSpec, warm: tuple[str, ...] = ()):
+    """The backend for ``spec``; pools and clusters this call starts are closed on exit. ``warm``:
+    modules the local pool's workers import as soon as they start."""
     if spec.kind == "local":
-        yield LocalPool(spec.workers)
+        pool = LocalPool(spec.workers, warm)
+        try:
+            yield pool
+        finally:
+            pool.close()
         return
     try:
         from distributed import Client, LocalCluster

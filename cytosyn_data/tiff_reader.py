@@ -27,8 +27,16 @@ class TiledTiffReader:
         pages = [lvl.keyframe for lvl in series.levels]
         dims = [(p.imagewidth, p.imagelength) for p in pages]
         if dims[: len(level_dimensions)] != [tuple(d) for d in level_dimensions]:
-            self._tf.close()
-            raise ValueError(f"{path}: TIFF levels {dims} do not match the slide levels {level_dimensions}")
+            # levels that tifffile files as separate series (an SVS without its thumbnail page):
+            # take the tiled page of each level's size, in file order
+            by_size: dict[tuple[int, int], object] = {}
+            for p in self._tf.pages:
+                if p.is_tiled:
+                    by_size.setdefault((p.imagewidth, p.imagelength), p)
+            pages = [by_size.get(tuple(d)) for d in level_dimensions]
+            if any(p is None for p in pages):
+                self._tf.close()
+                raise ValueError(f"{path}: TIFF levels {dims} do not match the slide levels {level_dimensions}")
         for p in pages:
             if not p.is_tiled or p.samplesperpixel < 3 or p.dtype != np.uint8 or p.planarconfig != 1:
                 self._tf.close()

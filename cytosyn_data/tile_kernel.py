@@ -5,13 +5,15 @@ detection found one (its cache holds a whole row band of the read level, so read
 row-major decodes each source JPEG tile once per pass; a segment boundary inside a band costs
 one extra decode of that band's tiles), else the openslide/tiffslide handle.
 
-QC measures of the written 224 x 224 tile (:data:`QC_SCHEMA`), cheap enough for every tile:
+QC measures of the written 224 x 224 tile (:data:`QC_SCHEMA`), cheap enough for every tile (blur
+on the tile area-averaged to 112 x 112, 1 micron per pixel; the colour measures to 56 x 56, 2
+microns per pixel):
 
 - ``qc_tissue``: fraction of pixels with HSV saturation > 20 and value >= 30 (0-1);
-- ``qc_blur``: variance of the 3 x 3 Laplacian of the grey image (grey levels squared;
-  low = blurred or empty);
+- ``qc_blur``: variance of the 3 x 3 Laplacian of the grey image at 1 micron per pixel (grey
+  levels squared; low = blurred or empty);
 - ``qc_saturation``, ``qc_brightness``: mean HSV saturation and value (0-255);
-- ``qc_pen``: fraction of pixels matching the pen-ink hue rules of :func:`tissue.pen_mask` (0-1).
+- ``qc_pen``: fraction of pixels matching the pen-ink rules of :func:`tissue.pen_mask` (0-1).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import numpy as np
 import polars as pl
 
 from .png import encode_png
-from .tissue import pen_mask
 from .wsi import ReadPlan, level_pixel, open_slide, resize_to_tile
 
 QC_SCHEMA = {
@@ -34,14 +35,32 @@ QC_SCHEMA = {
 
 
 def tile_qc(rgb: np.ndarray) -> tuple[float, float, float, float, float]:
-    """QC measures of an RGB uint8 tile, in the order of :data:`QC_SCHEMA`."""
-    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL)
-    sat, val = hsv[..., 1], hsv[..., 2]
-    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    blur = cv2.Laplacian(grey, cv2.CV_32F, ksize=1).var()
-    tissue = np.count_nonzero((sat > 20) & (val >= 30)) / sat.size
-    pen = np.count_nonzero(pen_mask(rgb)) / sat.size
-    return float(tissue), float(blur), float(sat.mean()), float(val.mean()), float(pen)
+    """QC measures of an RGB uint8 tile, in the order of :data:`QC_SCHEMA`: blur on the tile
+    area-averaged to half its side (1 micron per pixel at 0.5 MPP), the colour measures to a
+    quarter (2 microns per pixel); together a small fraction of the tile's cost."""
+    h, w = rgb.shape[:2]
+    half = cv2.resize(rgb, (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+    grey = cv2.cvtColor(half, cv2.COLOR_RGB2GRAY)
+    blur = cv2.meanStdDev(cv2.Laplacian(grey, cv2.CV_16S, ksize=1))[1][0, 0] ** 2  # exact: |lap| <= 1020
+    small = cv2.resize(half, (w // 4, h // 4), interpolation=cv2.INTER_AREA)
+    hsv = cv2.cvtColor(small, cv2.COLOR_RGB2HSV_FULL)
+    tissue = cv2.countNonZero(cv2.inRange(hsv, (0, 21, 30), (255, 255, 255))) / (hsv.shape[0] * hsv.shape[1])
+    pen = pen_pixels(small, hsv) / (hsv.shape[0] * hsv.shape[1])
+    _, mean_sat, mean_val, _ = cv2.mean(hsv)
+    return float(tissue), float(blur), float(mean_sat), float(mean_val), float(pen)
+
+
+def pen_pixels(rgb: np.ndarray, hsv: np.ndarray) -> int:
+    """Count of the pixels :func:`tissue.pen_mask` marks, from OpenCV range tests (5x faster on a
+    small tile; equal pixel for pixel, tested). The hue bounds are pen_mask's degrees on OpenCV's
+    0-255 hue: 15 deg -> 10, 345 -> 246, 315 -> 224, 70 -> 50, 200 -> 142, 195 -> 139, 250 -> 177."""
+    r, g, b = cv2.split(rgb)
+    red = cv2.inRange(hsv, (0, 140, 0), (10, 255, 255)) | cv2.inRange(hsv, (246, 140, 0), (255, 255, 255))
+    dark_red = cv2.inRange(hsv, (224, 120, 0), (245, 255, 109))
+    green = cv2.inRange(hsv, (50, 40, 0), (142, 255, 255)) & cv2.compare(cv2.subtract(g, r), 20, cv2.CMP_GT)
+    blue = (cv2.inRange(hsv, (139, 60, 0), (177, 255, 255)) & cv2.compare(cv2.subtract(b, r), 45, cv2.CMP_GT)
+            & cv2.compare(b, g, cv2.CMP_GT))
+    return cv2.countNonZero(red | dark_red | green | blue)
 
 
 class _TiffOnly:

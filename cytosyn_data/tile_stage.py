@@ -50,7 +50,7 @@ class TileConfig:
     tissue_threshold: float = 0.6
     tiles: int | None = None  # global budget; None takes every candidate
     seed: int = 0
-    shard_size: int = 1000  # tiles per shard = per write unit (~100-150 MB of PNG)
+    shard_size: int = 500  # tiles per shard = per write unit (~50-75 MB of PNG)
     shard_name: str = "tiles"
     resample: str = "area"
     png_encoder: str = "fpng"
@@ -187,7 +187,7 @@ def run_tile(
                 files[r["slide_id"]] = f"unreadable: {exc.strerror}"
         check_run_file(out, "tile", {"config": cfg.fingerprint()}, inputs, overwrite, lambda: clear_tile_outputs(out),
                        recorded={"slide_files": files})
-        with open_executor(spec) as ex:
+        with open_executor(spec, warm=("cytosyn_data.tile_write", "cytosyn_data.tile_detect")) as ex:
             return _run_tile(slides, out, cfg, ex, shard_index, num_shards, stage)
 
 

@@ -17,6 +17,7 @@ import json
 import time
 from pathlib import Path
 
+import cv2
 import polars as pl
 
 from .shards import TarAppender, atomic_write_bytes, write_parquet_atomic
@@ -59,11 +60,23 @@ def write_shard(unit: ShardUnit) -> dict:
 
 
 def _write_segment(tar: TarAppender, seg: pl.DataFrame, info: dict, settings: dict, written: list) -> None:
-    """Append ``{key}.png`` and ``{key}.json`` (the tiles.parquet row) for each row of one slide."""
+    """Append ``{key}.png`` and ``{key}.json`` (the tiles.parquet row) for each row of one slide.
+
+    OpenCV runs single-threaded meanwhile: its thread pool costs more than it gives on 224-px
+    tiles, and parallelism comes from the units."""
     plan = plan_from_info(info, settings["tile_size"], settings["target_mpp"], settings["resample"])
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        _render_rows(tar, seg, info, plan, settings["png_encoder"], written)
+    finally:
+        cv2.setNumThreads(threads)
+
+
+def _render_rows(tar: TarAppender, seg: pl.DataFrame, info: dict, plan, encoder: str, written: list) -> None:
     with open_reader(info) as reader:
         for row in seg.iter_rows(named=True):
-            png, qc = render_tile(reader, row["x"], row["y"], plan, settings["png_encoder"])
+            png, qc = render_tile(reader, row["x"], row["y"], plan, encoder)
             sha = hashlib.sha256(png).hexdigest()
             qc = {k: round(v, 4) for k, v in zip(QC_SCHEMA, qc)}
             tar.add(f"{row['key']}.png", png)

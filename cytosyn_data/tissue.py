@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import cv2
 import numpy as np
-from scipy import ndimage
 
 
 @dataclass(frozen=True)
@@ -80,10 +79,20 @@ def tissue_mask(rgb: np.ndarray, mpp: float = 8.0, params: TissueParams = Tissue
 def fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
     """Fill the holes of ``mask`` (background regions not connected to the border) smaller than
     ``max_px`` pixels; a large enclosed glass area (a lumen, a tear) stays background."""
-    holes = ndimage.binary_fill_holes(mask) & ~mask
+    holes = enclosed_background(mask)
     if not holes.any():
         return mask
     return mask | _drop_small(holes, 0) & ~_drop_small(holes, max_px)
+
+
+def enclosed_background(mask: np.ndarray) -> np.ndarray:
+    """Background pixels not 4-connected to the image border: ``scipy.ndimage.binary_fill_holes(mask)
+    & ~mask`` (equal, tested), with OpenCV's labelling (scipy's import alone costs more than a slide's
+    whole tissue detection)."""
+    n, labels = cv2.connectedComponents((~mask).astype(np.uint8), connectivity=4)
+    enclosed = np.ones(n, dtype=bool)
+    enclosed[np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])] = False
+    return enclosed[labels] & ~mask
 
 
 def _drop_small(mask: np.ndarray, min_px: float) -> np.ndarray:

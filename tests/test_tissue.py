@@ -61,3 +61,14 @@ def test_tile_fractions_from_integral_image():
     np.testing.assert_allclose(f, [1.0, 1.0, 0.0, 0.5])
     f = tile_tissue_fractions(mask, np.array([750]), np.array([250]), 500.0, (2000, 1000))
     np.testing.assert_allclose(f, [0.25])
+
+
+def test_enclosed_background_equals_scipy_binary_fill_holes():
+    from scipy import ndimage
+
+    from cytosyn_data.tissue import enclosed_background
+
+    rng = np.random.default_rng(0)
+    for i in range(300):
+        m = rng.random((int(rng.integers(1, 60)), int(rng.integers(1, 60)))) < rng.random()
+        assert np.array_equal(enclosed_background(m), ndimage.binary_fill_holes(m) & ~m), i
