@@ -58,10 +58,25 @@ def cluster_spec(args):
     return ClusterSpec("local", workers=args.workers)
 
 
+def _size_arg(value: str) -> int:
+    """'50GiB', '200 GB', '512MiB' or a byte count -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", value, re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"expected a size like 50GiB or 200GB, got {value!r}")
+    base = 1024 if m.group(3) or not m.group(2) else 1000
+    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
+
+
 def _add_tile(sub) -> None:
     p = sub.add_parser("tile", help="slides -> tissue tiles -> lossless PNG WebDataset shards")
     p.add_argument("--slides", nargs="+", required=True, help="slide files, folders, or one CSV/parquet table")
-    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--out", required=True, help="output folder, or an fsspec URL (s3://bucket/run) with --work-dir")
+    p.add_argument("--work-dir", type=Path, help="local folder the run is made in when --out is a URL")
+    p.add_argument("--cache-dir", type=Path, help="local cache of remote slides (default OUT/work/slide-cache)")
+    p.add_argument("--cache-size", type=_size_arg, default=50 * 2**30,
+                   help="remote-slide cache limit beyond the slides in use, e.g. 200GiB (default 50GiB)")
     p.add_argument("--config", type=Path, help="YAML config (section 'tile'), e.g. pipelines/tile.yaml")
     p.add_argument("--mpp-override", "--mpp", dest="mpp_override", type=cli_type(positive),
                    help="level-0 MPP for every slide")
@@ -91,10 +106,15 @@ def cmd_tile(args) -> int:
     cfg = TileConfig.from_dict(conf, f"{args.config} (section tile)" if args.config else "tile options")
     if not 0 <= args.shard_index < args.num_shards:
         raise UsageError(f"--shard-index must be in [0, {args.num_shards}), got {args.shard_index}")
+    from .remote import is_url, publish
+
+    if is_url(args.out) and not args.work_dir:
+        raise UsageError(f"--out {args.out} is a URL: give a local --work-dir to make the run in")
+    local_out = args.work_dir if is_url(args.out) else Path(args.out)
     slides = build_slide_table(args.slides, args.mpp_override)
     res = run_tile(
         slides,
-        args.out,
+        local_out,
         cfg,
         workers=args.workers,
         shard_index=args.shard_index,
@@ -102,7 +122,14 @@ def cmd_tile(args) -> int:
         stage=args.stage,
         overwrite=args.overwrite,
         cluster=cluster_spec(args),
+        cache_dir=args.cache_dir,
+        cache_bytes=args.cache_size,
     )
+    if res.downloaded:
+        print(f"  fetched {res.downloaded / 2**20:.1f} MiB of remote slides")
+    if is_url(args.out):
+        sent = publish(local_out, args.out)
+        print(f"  published to {args.out}: {sent['uploaded']} file(s) uploaded, {sent['removed']} removed")
     print(
         f"\ncytosyn-data tile: {res.n_slides} slide(s), {len(res.failed)} failed, "
         f"{res.n_candidates} candidates, {res.n_tiles} tiles in {res.n_shards} shard(s) -> {res.out}"

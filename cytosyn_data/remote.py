@@ -6,8 +6,10 @@ Credentials and the endpoint come from the standard environment (``AWS_ACCESS_KE
 
 Remote slides are copied whole into a bounded local cache (:class:`SlideCache`): downloaded under
 a temporary name and renamed, keyed by URL and the object's ETag/size, evicted least recently used
-once the cache is over its size limit (slides in use are never evicted). :func:`fetch_in_waves`
-hands the stage groups of slides that fit the cache while the next group downloads.
+once the cache is over its size limit (slides in use are never evicted). :func:`localized`
+hands the stage groups of work whose slides fit the cache while the next group downloads.
+:func:`publish` uploads a finished output folder; :func:`register_with_webdataset` lets the
+training, feature and evaluation readers stream shards from such URLs.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import hashlib
 import json
 import os
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -131,28 +132,87 @@ class SlideCache:
                 meta.unlink()
 
 
-def fetch_in_waves(urls: list[str], cache: SlideCache, sizes: dict[str, int]):
-    """Yield ``{url: local path}`` for consecutive groups of ``urls`` whose sizes fit half the cache
-    (at least one slide per group); the next group downloads while the caller works on this one."""
-    waves, cur, cur_bytes = [], [], 0
-    for u in urls:
-        if cur and cur_bytes + sizes[u] > cache.max_bytes // 2:
-            waves.append(cur)
-            cur, cur_bytes = [], 0
-        cur.append(u)
-        cur_bytes += sizes[u]
-    if cur:
-        waves.append(cur)
+def localized(items: list, urls_of, localize, cache: SlideCache | None, sizes: dict[str, int]):
+    """Yield consecutive groups of ``items`` with their remote inputs in the local cache.
 
-    def get(wave):
-        return {u: cache.fetch(u) for u in wave}
+    ``urls_of(item)``: the slide paths an item reads; ``localize(item, {url: local path})``: the item
+    reading local copies. A group's slides fit half the cache (at least one item per group); the
+    next group downloads while the caller works on this one, and slides of earlier groups are
+    evicted as the cache fills. Without remote inputs (or a cache) the items come as one group."""
+    if cache is None or not any(is_url(u) for it in items for u in urls_of(it)):
+        if items:
+            yield items
+        return
+    groups, cur, cur_urls = [], [], {}
+    for it in items:
+        new = {u: sizes.get(u, 0) for u in urls_of(it) if is_url(u) and u not in cur_urls}
+        if cur and sum(cur_urls.values()) + sum(new.values()) > cache.max_bytes // 2:
+            groups.append((cur, list(cur_urls)))
+            cur, cur_urls = [], {}
+            new = {u: sizes.get(u, 0) for u in urls_of(it) if is_url(u)}
+        cur.append(it)
+        cur_urls.update(new)
+    groups.append((cur, list(cur_urls)))
+
+    def get(urls):  # a slide that cannot be fetched maps to its error message: its unit reports it
+        out = {}
+        for u in urls:
+            try:
+                out[u] = cache.fetch(u)
+            except DataError as exc:
+                out[u] = str(exc)
+        return out
 
     with ThreadPoolExecutor(max_workers=1) as pool:
-        nxt = pool.submit(get, waves[0]) if waves else None
-        for i in range(len(waves)):
-            t = time.perf_counter()
+        nxt = pool.submit(get, groups[0][1])
+        for i, (group, _) in enumerate(groups):
             local = nxt.result()
-            wait = time.perf_counter() - t
-            cache.evict(set(local.values()))
-            nxt = pool.submit(get, waves[i + 1]) if i + 1 < len(waves) else None
-            yield local, wait
+            cache.evict({v for v in local.values() if isinstance(v, Path)})
+            nxt = pool.submit(get, groups[i + 1][1]) if i + 1 < len(groups) else None
+            yield [localize(it, local) for it in group]
+
+
+def publish(local_out: Path, url: str, skip: tuple[str, ...] = ("work/",)) -> dict[str, int]:
+    """Upload a finished output folder to ``url``: files new or changed since the last publish
+    (``.published.json`` keeps their size and mtime), tables last so that their presence means the
+    shards are complete, and remote files the folder no longer has are deleted."""
+    fs, root = filesystem(url)
+    root = root.rstrip("/")
+    record_path = local_out / ".published.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    files = sorted(p for p in local_out.rglob("*") if p.is_file() and not p.name.startswith("."))
+    rel = [p.relative_to(local_out).as_posix() for p in files]
+    keep = [(p, r) for p, r in zip(files, rel) if not r.startswith(skip)]
+    keep.sort(key=lambda pr: (pr[1].endswith((".parquet", ".json", ".md")), pr[1]))  # tables last
+    sent = 0
+    for p, r in keep:
+        st = p.stat()
+        ident = [st.st_size, st.st_mtime_ns]
+        if record.get(r) != ident or not fs.exists(f"{root}/{r}"):
+            fs.put_file(str(p), f"{root}/{r}")
+            record[r] = ident
+            sent += 1
+    names = {r for _, r in keep}
+    removed = 0
+    for r in [r for r in record if r not in names]:
+        fs.rm_file(f"{root}/{r}") if fs.exists(f"{root}/{r}") else None
+        del record[r]
+        removed += 1
+    record_path.write_text(json.dumps(record, sort_keys=True))
+    return {"uploaded": sent, "removed": removed, "files": len(keep)}
+
+
+def open_for_webdataset(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    """A webdataset ``gopen`` handler reading through fsspec (s3://, gs://, ...)."""
+    fs, path = filesystem(url)
+    return fs.open(path, mode, block_size=1 << 24)
+
+
+def register_with_webdataset(urls: list[str]) -> None:
+    """Let webdataset open the schemes of ``urls`` through fsspec (s3 has no handler of its own)."""
+    from webdataset.gopen import gopen_schemes
+
+    for u in urls:
+        scheme = u.split("://", 1)[0]
+        if is_url(u) and scheme not in ("http", "https", "pipe"):
+            gopen_schemes[scheme] = open_for_webdataset

@@ -29,7 +29,12 @@ def code_version() -> str:
 
 
 def file_identity(path: str | Path) -> dict:
-    """Size (bytes) and mtime (ns) of a local file: how a stage notices a file changed in place."""
+    """Size (bytes) and mtime (ns) of a local file, or size and ETag of an object at an fsspec URL:
+    how a stage notices a file changed in place."""
+    from .remote import is_url, remote_identity
+
+    if is_url(path):
+        return remote_identity(str(path))
     st = os.stat(path)
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 

@@ -13,6 +13,7 @@ import polars as pl
 from .barcode import parse_slide_name, slide_id_from_path
 from .checks import safe_slide_id
 from .errors import DataError, UsageError
+from .remote import filesystem, is_url, list_remote, remote_is_dir
 
 SLIDE_EXTENSIONS = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".dcm"}
 
@@ -32,23 +33,28 @@ class SlideTableError(DataError, ValueError):
     """The slide list or table is unusable (message names the file, the row and the cause)."""
 
 
-def _read_table(path: Path) -> pl.DataFrame:
-    if path.suffix.lower() == ".csv":
-        df = pl.read_csv(path, infer_schema_length=0)  # all strings; cast below
+def _read_table(path: Path | str) -> pl.DataFrame:
+    """Rows of a CSV/parquet slide table (local or at a URL); relative paths are relative to it."""
+    csv = str(path).lower().endswith(".csv")
+    if is_url(path):
+        fs, inner = filesystem(str(path))
+        with fs.open(inner, "rb") as fh:
+            data = fh.read()
+        import io
+
+        df = pl.read_csv(io.BytesIO(data), infer_schema_length=0) if csv else pl.read_parquet(io.BytesIO(data))
     else:
-        df = pl.read_parquet(path)
+        df = pl.read_csv(path, infer_schema_length=0) if csv else pl.read_parquet(path)  # csv: all strings
     if "path" not in df.columns:
         raise SlideTableError(f"{path}: slide table has no 'path' column (columns: {df.columns})")
-    base = path.parent
     rows = []
-    for i, r in enumerate(df.iter_rows(named=True), start=2 if path.suffix.lower() == ".csv" else 0):
-        where = f"{path}, {'line' if path.suffix.lower() == '.csv' else 'row'} {i}"
+    for i, r in enumerate(df.iter_rows(named=True), start=2 if csv else 0):
+        where = f"{path}, {'line' if csv else 'row'} {i}"
         if r["path"] in (None, ""):
             raise SlideTableError(f"{where}: empty path")
-        p = Path(str(r["path"]))
         rows.append(
             {
-                "path": str(p if p.is_absolute() else (base / p)),
+                "path": _relative_to_table(str(r["path"]), path),
                 "slide_id": r.get("slide_id") or None,
                 "mpp": _table_mpp(r.get("mpp"), where),
                 "project": r.get("project") or None,
@@ -56,6 +62,14 @@ def _read_table(path: Path) -> pl.DataFrame:
             }
         )
     return rows
+
+
+def _relative_to_table(value: str, table: Path | str) -> str:
+    if is_url(value) or Path(value).is_absolute():
+        return value
+    if is_url(table):
+        return str(table).rsplit("/", 1)[0] + "/" + value
+    return str(Path(table).parent / value)
 
 
 def _table_mpp(value, where: str) -> float | None:
@@ -82,7 +96,9 @@ def build_slide_table(inputs: list[str | Path], mpp_override: float | None = Non
     rows: list[dict] = []
     for item in inputs:
         p = Path(item)
-        if p.suffix.lower() in {".csv", ".parquet"}:
+        if is_url(item):
+            rows.extend(_remote_rows(str(item)))
+        elif p.suffix.lower() in {".csv", ".parquet"}:
             if not p.exists():
                 raise SlideTableError(f"{p}: slide table not found")
             rows.extend(_read_table(p))
@@ -101,11 +117,11 @@ def build_slide_table(inputs: list[str | Path], mpp_override: float | None = Non
             sid = safe_slide_id(r["slide_id"] or slide_id_from_path(r["path"]), r.get("where", r["path"]))
         except UsageError as exc:
             raise SlideTableError(str(exc)) from None
-        name = parse_slide_name(sid if r["slide_id"] else Path(r["path"]).stem)
+        name = parse_slide_name(sid if r["slide_id"] else Path(r["path"].split("?")[0]).stem)
         out.append(
             {
                 "slide_id": sid,
-                "path": str(Path(r["path"]).resolve()),
+                "path": r["path"] if is_url(r["path"]) else str(Path(r["path"]).resolve()),
                 "mpp_override": mpp_override if mpp_override is not None else r["mpp"],
                 "project": r["project"],
                 "tss": name.tss,
@@ -119,3 +135,15 @@ def build_slide_table(inputs: list[str | Path], mpp_override: float | None = Non
     if dup:
         raise SlideTableError(f"duplicate slide_id(s) {dup[:5]}: give a slide_id column to tell them apart")
     return df
+
+
+def _remote_rows(url: str) -> list[dict]:
+    """A slide table, a folder-like prefix, or one slide at an fsspec URL."""
+    if url.lower().endswith((".csv", ".parquet")):
+        return _read_table(url)
+    if remote_is_dir(url):
+        found = list_remote(url, SLIDE_EXTENSIONS)
+        if not found:
+            raise SlideTableError(f"{url}: no slide files ({', '.join(sorted(SLIDE_EXTENSIONS))}) under this prefix")
+        return [{"path": u, "slide_id": None, "mpp": None, "project": None} for u in found]
+    return [{"path": url, "slide_id": None, "mpp": None, "project": None}]

@@ -15,6 +15,7 @@ import numpy as np
 import polars as pl
 
 from .png import encode_png
+from .errors import DataError
 from .run_state import file_identity
 from .shards import atomic_write_bytes, write_json_atomic, write_parquet_atomic
 from .tissue import tile_tissue_fractions, tissue_mask
@@ -51,9 +52,12 @@ def detect_slide(slide: dict, cfg, work: Path) -> dict:
     d = work / "detect"
     info: dict = {"slide_id": sid, "path": slide["path"], "status": "failed", "error": None}
     t0 = time.perf_counter()
+    src = slide.get("local_path") or slide["path"]  # a remote slide is read from its cached copy
     try:
-        info["file"] = file_identity(slide["path"])
-        with open_slide(slide["path"]) as s:
+        if slide.get("fetch_error"):
+            raise SlideError(slide["fetch_error"])
+        info["file"] = slide["file"] if isinstance(slide.get("file"), dict) else file_identity(slide["path"])
+        with open_slide(src) as s:
             mpp0, source = resolve_mpp(s, slide.get("mpp_override"))
             plan = make_read_plan(s, mpp0, cfg.target_mpp, cfg.tile_size, cfg.mpp_tolerance, cfg.resample)
             w0, h0 = s.dimensions
@@ -109,22 +113,23 @@ def detect_slide(slide: dict, cfg, work: Path) -> dict:
             tissue_area_fraction=float(mask.mean()),
         )
     except SlideError as exc:
-        info["error"] = str(exc)
+        info["error"] = str(exc).replace(str(src), slide["path"])
     except Exception as exc:  # noqa: BLE001 - any failure of one slide is recorded, the run goes on
-        info["error"] = f"{slide['path']}: {type(exc).__name__}: {exc}"
+        info["error"] = f"{slide['path']}: {type(exc).__name__}: {str(exc).replace(str(src), slide['path'])}"
     info["detect_seconds"] = time.perf_counter() - t0
     write_json_atomic(info, d / f"{sid}.json")
     return info
 
 
-def detect_ok(work: Path, slide: dict) -> bool:
-    """Detection of this slide finished and was made from the file as it is now (size, mtime)."""
+def detect_ok(work: Path, slide: dict, identity: dict | str | None = None) -> bool:
+    """Detection of this slide finished and was made from the file as it is now (size and mtime,
+    or size and ETag of a remote object; ``identity`` when already known)."""
     p = work / "detect" / f"{slide['slide_id']}.json"
     if not p.exists() or not (work / "detect" / f"{slide['slide_id']}.parquet").exists():
         return False
     info = json.loads(p.read_text())
     try:
-        same_file = info.get("file") == file_identity(slide["path"])
-    except OSError:
+        same_file = info.get("file") == (identity if identity is not None else file_identity(slide["path"]))
+    except (OSError, DataError):
         return False
     return info.get("status") == "ok" and same_file

@@ -125,7 +125,8 @@ def shard_units(plan: pl.DataFrame, infos: dict, settings: dict, shard_dir: Path
     for (name,), rows in plan.group_by("shard", maintain_order=True):
         slides = {sid: {k: infos[sid][k] for k in READ_FIELDS}
                   for sid in rows["slide_id"].unique(maintain_order=True).to_list()}
-        h = hashlib.sha256(json.dumps({"settings": settings, "slides": slides}, sort_keys=True).encode())
+        ident = {sid: {k: v for k, v in i.items() if k != "path"} for sid, i in slides.items()}  # not where it lies
+        h = hashlib.sha256(json.dumps({"settings": settings, "slides": ident}, sort_keys=True).encode())
         h.update(rows.write_ipc(None, compression="uncompressed").getvalue())
         units.append(ShardUnit(name, str(shard_dir), str(plans_dir), rows, slides, settings, h.hexdigest()))
     return units

@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 
 from . import qc
 from .checks import fraction, integer, non_negative, one_of, positive
-from .errors import UsageError
+from .errors import DataError, UsageError
 from .executors import ClusterSpec, open_executor
+from .remote import SlideCache, is_url, localized
 from .run_state import RunLock, check_run_file, file_identity
 from .shards import remove_stale_tmp, write_parquet_atomic
 from .tile_detect import CANDIDATE_SCHEMA, detect_ok, detect_slide, tile_key  # noqa: F401 - tile_key re-exported
@@ -113,6 +114,7 @@ class TileResult:
     seconds: dict[str, float]
     stratum_quotas: dict[str, int]
     backend: str = ""
+    downloaded: int = 0  # bytes of remote slides fetched into the cache
 
     @property
     def ok(self) -> bool:
@@ -159,6 +161,8 @@ def run_tile(
     stage: str = "all",
     overwrite: bool = False,
     cluster: ClusterSpec | None = None,
+    cache_dir: str | Path | None = None,
+    cache_bytes: int = 50 * 2**30,
 ) -> TileResult:
     """Run the tile stage for the slide table ``slides`` (see slide_table.build_slide_table).
 
@@ -173,6 +177,10 @@ def run_tile(
     (detection of every slide must exist) or ``all``. With ``num_shards > 1`` this job handles
     slides ``index % num_shards == shard_index`` and names its shards and tables with a part
     suffix; ``cytosyn-data merge`` joins the parts.
+
+    Slides at fsspec URLs (``s3://...``) are copied into ``cache_dir`` (default ``out/work/slide-cache``),
+    at most ``cache_bytes`` beyond the slides in use, the next ones downloading meanwhile; the shards
+    equal those of the same files tiled locally.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -185,10 +193,31 @@ def run_tile(
                 files[r["slide_id"]] = file_identity(r["path"])
             except OSError as exc:
                 files[r["slide_id"]] = f"unreadable: {exc.strerror}"
+            except DataError as exc:
+                files[r["slide_id"]] = f"unreadable: {exc}"
         check_run_file(out, "tile", {"config": cfg.fingerprint()}, inputs, overwrite, lambda: clear_tile_outputs(out),
                        recorded={"slide_files": files})
+        remote = any(is_url(p) for p in slides["path"])
+        cache = SlideCache(cache_dir or out / "work" / "slide-cache", cache_bytes) if remote else None
         with open_executor(spec, warm=("cytosyn_data.tile_write", "cytosyn_data.tile_detect")) as ex:
-            return _run_tile(slides, out, cfg, ex, shard_index, num_shards, stage)
+            return _run_tile(slides, out, cfg, _Runner(ex, cache, files), shard_index, num_shards, stage)
+
+
+@dataclass
+class _Runner:
+    """Where units run (``ex``), the cache of remote slides and every slide's file identity."""
+
+    ex: object
+    cache: SlideCache | None
+    files: dict
+
+    @property
+    def name(self) -> str:
+        return self.ex.name
+
+    def sizes(self, rows: list[dict]) -> dict[str, int]:
+        return {r["path"]: (self.files.get(r["slide_id"]) or {}).get("size", 0) if isinstance(
+            self.files.get(r["slide_id"]), dict) else 0 for r in rows}
 
 
 def clear_tile_outputs(out: Path) -> None:
@@ -202,7 +231,7 @@ def clear_tile_outputs(out: Path) -> None:
             p.unlink()
 
 
-def _run_tile(slides: pl.DataFrame, out: Path, cfg: TileConfig, ex, shard_index: int, num_shards: int,
+def _run_tile(slides: pl.DataFrame, out: Path, cfg: TileConfig, ex: "_Runner", shard_index: int, num_shards: int,
               stage: str) -> TileResult:
     work = out / "work"
     remove_stale_tmp(work / "detect")
@@ -225,7 +254,7 @@ def _run_tile(slides: pl.DataFrame, out: Path, cfg: TileConfig, ex, shard_index:
             candidates[sid] = select_candidates(cand, sid, quota_of[sid], cfg.seed)
             parts[sid] = slide_plan_rows(candidates[sid], r, infos[sid], cfg.target_mpp, cfg.resample)
     plan = shard_plan(parts, cfg.seed, cfg.shard_size, f"{cfg.shard_name}{suffix}")
-    tiles = _write_phase(plan, infos, cfg, out, ex)
+    tiles = _write_phase(plan, infos, cfg, out, ex, ex.sizes(all_rows))
     seconds["write"] = time.perf_counter() - t
 
     slides_df = _slides_table(mine, infos, tiles)
@@ -240,6 +269,7 @@ def _run_tile(slides: pl.DataFrame, out: Path, cfg: TileConfig, ex, shard_index:
         out=out, n_slides=slides_df.height, failed=slides_df.filter(pl.col("status") != "ok")["slide_id"].to_list(),
         n_candidates=cand_df.height, n_tiles=tiles.height, n_shards=plan["shard"].n_unique() if plan.height else 0,
         seconds=seconds, stratum_quotas=stratum_totals, backend=ex.name,
+        downloaded=ex.cache.downloaded if ex.cache else 0,
     )
     from .report import write_tile_report
 
@@ -247,13 +277,19 @@ def _run_tile(slides: pl.DataFrame, out: Path, cfg: TileConfig, ex, shard_index:
     return result
 
 
-def _detect_phase(mine: list[dict], cfg: TileConfig, work: Path, ex) -> float:
+def _detect_phase(mine: list[dict], cfg: TileConfig, work: Path, ex: "_Runner") -> float:
     """Detect every slide of this job whose detection is missing, failed or out of date."""
     t = time.perf_counter()
-    todo = [(r, cfg, work) for r in mine if not detect_ok(work, r)]
-    for info in ex.map(_detect_unit, todo, "detect"):
-        if info["status"] != "ok":
-            tqdm.write(f"FAILED {info['error']}")
+    todo = [{**r, "file": ex.files[r["slide_id"]]} for r in mine if not detect_ok(work, r, ex.files[r["slide_id"]])]
+
+    def localize(r: dict, local: dict) -> dict:
+        got = local.get(r["path"])
+        return {**r, "local_path": str(got)} if isinstance(got, Path) else {**r, "fetch_error": got}
+
+    for batch in localized(todo, lambda r: [r["path"]], localize, ex.cache, ex.sizes(todo)):
+        for info in ex.ex.map(_detect_unit, [(r, cfg, work) for r in batch], "detect"):
+            if info["status"] != "ok":
+                tqdm.write(f"FAILED {info['error']}")
     return time.perf_counter() - t
 
 
@@ -277,7 +313,8 @@ def _load_infos(all_rows: list[dict], work: Path) -> dict[str, dict]:
     return infos
 
 
-def _write_phase(plan: pl.DataFrame, infos: dict, cfg: TileConfig, out: Path, ex) -> pl.DataFrame:
+def _write_phase(plan: pl.DataFrame, infos: dict, cfg: TileConfig, out: Path, ex: "_Runner",
+                 sizes: dict[str, int]) -> pl.DataFrame:
     """Write every shard of ``plan`` (skipping current ones); returns the tiles.parquet table."""
     shard_dir, plans_dir = out / "shards", out / "work" / "shard_plans"
     remove_stale_tmp(shard_dir)
@@ -286,11 +323,11 @@ def _write_phase(plan: pl.DataFrame, infos: dict, cfg: TileConfig, out: Path, ex
     _remove_stale_shards(shard_dir, plans_dir, names, f"{cfg.shard_name}")
     settings = {k: getattr(cfg, k) for k in ("tile_size", "target_mpp", "resample", "png_encoder")}
     units = shard_units(plan, infos, settings, shard_dir, plans_dir)
-    failed = _run_units(units, infos, ex)
+    failed = _run_units(units, infos, ex, sizes)
     if failed:  # tiles a failed slide left in its other shards go: no shard holds a tile tiles.parquet lacks
         cut = [dataclasses.replace(u, rows=u.rows.filter(~pl.col("slide_id").is_in(failed)), complete=False)
                for u in units if failed & set(u.slides)]
-        _run_units(cut, infos, ex)
+        _run_units(cut, infos, ex, sizes)
     remove_stale_tmp(shard_dir)  # left by a unit whose worker died (Dask ran it again elsewhere)
     remove_stale_tmp(plans_dir)
     if not names:
@@ -300,14 +337,22 @@ def _write_phase(plan: pl.DataFrame, infos: dict, cfg: TileConfig, out: Path, ex
     return tiles.select(list(TILES_SCHEMA)).cast(TILES_SCHEMA)
 
 
-def _run_units(units: list, infos: dict, ex) -> set[str]:
-    """Write ``units`` on the backend; slides that failed are marked in ``infos`` and returned."""
+def _run_units(units: list, infos: dict, ex: "_Runner", sizes: dict[str, int]) -> set[str]:
+    """Write ``units`` on the backend (remote slides fetched group by group into the cache); slides
+    that failed are marked in ``infos`` and returned."""
+    def localize(u, local: dict):
+        slides = {sid: {**i, "path": str(local[i["path"]]), "url": i["path"]} if isinstance(local.get(i["path"]), Path)
+                  else i for sid, i in u.slides.items()}
+        return dataclasses.replace(u, slides=slides)
+
     failed: set[str] = set()
-    for res in ex.map(write_shard, units, "shards"):
-        for sid, err in res["failed"].items():
-            tqdm.write(f"FAILED {err}")
-            infos[sid].update(status="failed", error=err)
-            failed.add(sid)
+    urls_of = lambda u: [i["path"] for i in u.slides.values()]  # noqa: E731
+    for batch in localized(units, urls_of, localize, ex.cache, sizes):
+        for res in ex.ex.map(write_shard, batch, "shards"):
+            for sid, err in res["failed"].items():
+                tqdm.write(f"FAILED {err}")
+                infos[sid].update(status="failed", error=err)
+                failed.add(sid)
     return failed
 
 

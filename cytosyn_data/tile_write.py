@@ -49,7 +49,8 @@ def write_shard(unit: ShardUnit) -> dict:
             except Exception as exc:  # noqa: BLE001 - one slide's failure is recorded, the rest is written
                 tar.truncate(mark)
                 del written[n0:]
-                failed[sid] = f"{unit.slides[sid]['path']}: extraction failed: {type(exc).__name__}: {exc}"
+                where = unit.slides[sid].get("url", unit.slides[sid]["path"])
+                failed[sid] = f"{where}: extraction failed: {type(exc).__name__}: {exc}"
         write_parquet_atomic(pl.DataFrame(written, schema=WRITTEN_SCHEMA, orient="row"), plans / f"{unit.name}.parquet")
         tar.commit()
     if not failed and unit.complete:

@@ -24,6 +24,14 @@ def shard_urls(shards: str | Path | list) -> list[str]:
         for s in shards:
             out.extend(shard_urls(s))
         return out
+    from cytosyn_data.remote import is_url, list_remote, register_with_webdataset
+
+    if is_url(shards):  # s3://bucket/run/splits/train/ (a prefix) or one .tar URL, read through fsspec
+        urls = [str(shards)] if str(shards).endswith(".tar") else list_remote(str(shards), {".tar"})
+        if not urls:
+            raise FileNotFoundError(f"{shards}: no .tar shards under this URL")
+        register_with_webdataset(urls)
+        return urls
     p = Path(shards)
     if p.is_dir():
         urls = sorted(str(q) for q in p.rglob("*.tar"))

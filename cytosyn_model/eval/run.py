@@ -126,8 +126,15 @@ def iter_images(source: str | Path, limit: int | None = None):
     grey, 16-bit and RGBA images are converted, a corrupt one stops with the file (and key) named."""
     from cytosyn_data.png import to_rgb8
 
-    src = Path(source)
-    tars = sorted(src.glob("*.tar")) if src.is_dir() else ([src] if src.suffix == ".tar" else [])
+    from cytosyn_data.remote import is_url
+
+    if is_url(source):
+        from cytosyn_model.data import shard_urls
+
+        tars, src = shard_urls(str(source)), None
+    else:
+        src = Path(source)
+        tars = sorted(src.glob("*.tar")) if src.is_dir() else ([src] if src.suffix == ".tar" else [])
     n = 0
     if tars:
         import webdataset as wds
@@ -153,6 +160,18 @@ def iter_images(source: str | Path, limit: int | None = None):
 def set_identity(source, limit: int | None) -> str:
     """12 hex of a hash of the set's files (name, size, mtime) and the image cap: a changed set
     (other files, rewritten shards, another ``max_images``) gets a new feature cache."""
+    from cytosyn_data.remote import is_url
+
+    if is_url(source):  # the shards' URLs with their size and ETag
+        import hashlib
+
+        from cytosyn_data.run_state import file_identity
+        from cytosyn_model.data import shard_urls
+
+        h = hashlib.sha256(f"limit={limit}".encode())
+        for u in shard_urls(str(source)):
+            h.update(f"\n{u}\t{file_identity(u)}".encode())
+        return h.hexdigest()[:12]
     src = Path(source)
     if not src.exists():
         from cytosyn_data.errors import DataError
