@@ -35,6 +35,10 @@ def file_identity(path: str | Path) -> dict:
 
     if is_url(path):
         return remote_identity(str(path))
+    if Path(path).is_dir():  # a DICOM series: its files together
+        stats = [p.stat() for p in sorted(Path(path).iterdir()) if p.is_file()]
+        return {"size": sum(st.st_size for st in stats), "mtime_ns": max((st.st_mtime_ns for st in stats), default=0),
+                "files": len(stats)}
     st = os.stat(path)
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 

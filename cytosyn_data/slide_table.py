@@ -64,6 +64,27 @@ def _read_table(path: Path | str) -> pl.DataFrame:
     return rows
 
 
+def _default_id(path: str) -> str:
+    """slide_id from a path: the file stem, or a DICOM series folder's whole name ('.' -> '-')."""
+    if not is_url(path) and Path(path).is_dir():
+        return Path(path).name.replace(".", "-")
+    return slide_id_from_path(path.split("?")[0])
+
+
+def find_slides(folder: Path) -> list[Path]:
+    """Slide files under ``folder`` (recursive), sorted; every folder of ``.dcm`` files is one slide
+    (a DICOM WSI series: its levels, label and overview are separate instances)."""
+    found, series = [], set()
+    for q in folder.rglob("*"):
+        if not q.is_file():
+            continue
+        if q.suffix.lower() == ".dcm":
+            series.add(q.parent)
+        elif q.suffix.lower() in SLIDE_EXTENSIONS:
+            found.append(q)
+    return sorted(found + list(series))
+
+
 def _relative_to_table(value: str, table: Path | str) -> str:
     if is_url(value) or Path(value).is_absolute():
         return value
@@ -103,7 +124,7 @@ def build_slide_table(inputs: list[str | Path], mpp_override: float | None = Non
                 raise SlideTableError(f"{p}: slide table not found")
             rows.extend(_read_table(p))
         elif p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.suffix.lower() in SLIDE_EXTENSIONS and q.is_file())
+            found = find_slides(p)
             rows.extend({"path": str(q), "slide_id": None, "mpp": None, "project": None} for q in found)
             if not found:
                 raise SlideTableError(f"{p}: no slide files ({', '.join(sorted(SLIDE_EXTENSIONS))}) in this folder")
@@ -114,10 +135,10 @@ def build_slide_table(inputs: list[str | Path], mpp_override: float | None = Non
     out = []
     for r in rows:
         try:
-            sid = safe_slide_id(r["slide_id"] or slide_id_from_path(r["path"]), r.get("where", r["path"]))
+            sid = safe_slide_id(r["slide_id"] or _default_id(r["path"]), r.get("where", r["path"]))
         except UsageError as exc:
             raise SlideTableError(str(exc)) from None
-        name = parse_slide_name(sid if r["slide_id"] else Path(r["path"].split("?")[0]).stem)
+        name = parse_slide_name(sid if r["slide_id"] else _default_id(r["path"]))
         out.append(
             {
                 "slide_id": sid,

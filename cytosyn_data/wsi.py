@@ -33,7 +33,7 @@ class SlideHandle:
         self.level_downsamples: list[float] = [float(d) for d in obj.level_downsamples]
         self.properties: dict[str, str] = {str(k): str(v) for k, v in obj.properties.items()}
         self._fast = None
-        if self.dimensions and self.level_count:
+        if self.dimensions and self.level_count and self.path.is_file():
             try:
                 from .tiff_reader import TiledTiffReader
 
@@ -128,21 +128,36 @@ def composite_on_white(pixels: np.ndarray) -> np.ndarray:
     return out.astype(np.uint8)
 
 
+def dicom_series_file(folder: Path) -> Path:
+    """A file of the DICOM WSI series in ``folder`` (one folder = one series = one slide); openslide
+    finds the series' other instances (levels, label, overview) beside it."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".dcm")
+    if not files:
+        raise SlideError(f"{folder}: a folder is a slide only when it holds a DICOM WSI series (.dcm files); none here")
+    return files[0]
+
+
 def open_slide(path: str | Path) -> SlideHandle:
-    """Open with openslide, fall back to tiffslide; raise SlideError naming the file and both causes."""
+    """Open with openslide, fall back to tiffslide; raise SlideError naming the file and both causes.
+
+    ``path`` is a slide file, or a folder holding one DICOM WSI series (read with openslide's DICOM
+    support; the MPP comes from the DICOM pixel spacing)."""
     path = Path(path)
     if not path.exists():
         raise SlideError(f"{path}: file not found")
     errors = []
+    target = dicom_series_file(path) if path.is_dir() else path
     try:
         import openslide
 
-        return SlideHandle(path, "openslide", openslide.OpenSlide(str(path)))
+        return SlideHandle(path, "openslide", openslide.OpenSlide(str(target)))
     except Exception as exc:  # noqa: BLE001 - every backend failure is reported
         errors.append(f"openslide: {type(exc).__name__}: {exc}")
     try:
         import tiffslide
 
+        if path.is_dir():
+            raise SlideError(f"{path}: DICOM series need openslide >= 4 ({errors[0]})")
         return SlideHandle(path, "tiffslide", tiffslide.TiffSlide(str(path)))
     except Exception as exc:  # noqa: BLE001
         errors.append(f"tiffslide: {type(exc).__name__}: {exc}")
