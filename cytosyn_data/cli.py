@@ -281,6 +281,8 @@ def _add_features(sub) -> None:
                    help="local H0-mini weights (safetensors or torch); 'random:small' for a random test network")
     p.add_argument("--batch-size", type=cli_type(positive, int), default=256)
     p.add_argument("--device")
+    p.add_argument("--workers", type=cli_type(positive, int), default=1, help="Dask worker processes (--cluster local)")
+    add_cluster_options(p)
 
 
 def cmd_features(args) -> int:
@@ -289,7 +291,11 @@ def cmd_features(args) -> int:
     from .features import add_features
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    res = add_features(args.shards, args.h0_mini_weights, args.batch_size, args.device, rank, world)
+    spec = cluster_spec(args)
+    cluster = None if spec.kind == "local" else spec
+    if cluster is not None and (world > 1 or (args.device or "").startswith("cuda")):
+        raise UsageError("--scheduler/--cluster run features on CPU workers; GPUs take RANK/WORLD_SIZE (torchrun)")
+    res = add_features(args.shards, args.h0_mini_weights, args.batch_size, args.device, rank, world, cluster)
     print(f"features: {res.shards_done} shard(s) written, {res.shards_skipped} already done, {res.tiles} tiles, "
           f"{res.tiles / res.seconds if res.seconds > 0 and res.tiles else 0:.1f} tiles/s")
     return 0

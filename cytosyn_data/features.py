@@ -3,10 +3,11 @@
 For each shard, every ``{key}.png`` gets ``{key}.cls.npy`` (float16 [768]) and
 ``{key}.tok.npy`` (float16 [196, 768]: the 16x16 patch tokens resized to 14x14, bicubic,
 antialias). The shard is rewritten atomically (temp name, rename) with its original members
-first, so training streams the features with the image. ``features_done.json`` in the shard
-folder records finished shards by content (size, mtime and sha256 of the written shard) and the
-encoder's weights digest; a re-run skips a shard only when both still match.
-Several processes (``accelerate launch``) take shards ``i % world == rank``.
+first, so training streams the features with the image. ``.features/{shard}.json`` in the shard
+folder records a finished shard by content (size, mtime and sha256 of the written shard) and the
+encoder's weights digest; a re-run skips a shard only when both still match. Each shard is a
+work unit: several processes (``accelerate launch``/torchrun) take shards ``i % world == rank``
+on GPUs; on CPUs the units can run on a Dask cluster (``--scheduler`` / ``--cluster``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import io
 import json
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +84,22 @@ def encode_tiles(model, pngs: list[bytes], device, batch_size: int, dtype, keys:
     return np.concatenate(cls_out), np.concatenate(tok_out)
 
 
+@dataclass(frozen=True)
+class FeatureUnit:
+    """One shard to give features (a work unit of the local loop or of a Dask cluster)."""
+
+    shard: str
+    weights: str
+    ident: str
+    batch_size: int
+    device: str | None
+
+
+def marker_path(shard: Path) -> Path:
+    """``{shard folder}/.features/{shard name}.json``: one marker per shard, so units never share a file."""
+    return shard.parent / ".features" / f"{shard.name}.json"
+
+
 def add_features(
     shard_dir: str | Path,
     weights: str | None = None,
@@ -89,9 +107,11 @@ def add_features(
     device: str | None = None,
     rank: int = 0,
     world: int = 1,
+    cluster=None,
 ) -> FeatureResult:
-    """Add H0-mini features to every shard under ``shard_dir`` (this process's share)."""
-    from cytosyn_encoders.h0mini import build_h0_mini
+    """Add H0-mini features to every shard under ``shard_dir`` (this process's share ``i % world ==
+    rank``, or every shard as units on ``cluster``, a :class:`executors.ClusterSpec` for CPU workers)."""
+    from .executors import open_executor
 
     shard_dir = Path(shard_dir)
     shards = sorted(shard_dir.glob("*.tar"))
@@ -101,38 +121,54 @@ def add_features(
         raise FileNotFoundError("H0-mini: no weights given (--h0-mini-weights: a local file, or random:small for a "
                                 "random test network); weights are never downloaded")
     ident = _model_identity(weights)
-    model_dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if model_dev.type == "cuda" else torch.float32
     remove_stale_tmp(shard_dir)
-    done_path = shard_dir / f"features_done.rank{rank}.json" if world > 1 else shard_dir / "features_done.json"
-    done = json.loads(done_path.read_text()) if done_path.exists() else {}
-    model = None
     t0 = time.perf_counter()
+    units = [FeatureUnit(str(s), weights, ident, batch_size, device) for i, s in enumerate(shards) if i % world == rank]
     n_tiles = skipped = finished = 0
-    mine = [s for i, s in enumerate(shards) if i % world == rank]
-    for shard in tqdm(mine, desc="features", unit="shard"):
-        if _is_done(done.get(shard.name), shard, ident):
-            skipped += 1
-            continue
-        members = [(n, b) for n, b in iter_tar_members(shard) if not n.endswith(FEATURE_EXTS)]
-        keys = [n[: -len(".png")] for n, _ in members if n.endswith(".png")]
-        pngs = [b for n, b in members if n.endswith(".png")]
-        if not pngs:  # nothing to add (e.g. an empty split)
-            skipped += 1
-            continue
-        if model is None:
-            model = build_h0_mini(weights).to(model_dev)
-        cls, tok = encode_tiles(model, pngs, model_dev, batch_size, dtype, keys, str(shard))
-        feats = {k: (c, t) for k, c, t in zip(keys, cls, tok)}
-        out = []
-        for name, data in members:  # the feature members follow each key's own members
-            out.append((name, data))
-            if name.endswith(".png"):
-                k = name[: -len(".png")]
-                out += [(f"{k}.cls.npy", npy_bytes(feats[k][0])), (f"{k}.tok.npy", npy_bytes(feats[k][1]))]
-        write_tar_atomic(shard, out)
-        done[shard.name] = {"model": ident, **file_identity(shard), "sha256": file_sha256(shard), "code_version": code_version()}
-        atomic_write_bytes(done_path, json.dumps(done, indent=1, sort_keys=True).encode())
-        n_tiles += len(keys)
-        finished += 1
+    if cluster is None:
+        results = (feature_shard(u) for u in tqdm(units, desc="features", unit="shard"))
+        for res in results:
+            n_tiles, skipped, finished = n_tiles + res["tiles"], skipped + res["skipped"], finished + res["written"]
+    else:
+        with open_executor(cluster, warm=("cytosyn_data.features",)) as ex:
+            for res in ex.map(feature_shard, units, "features"):
+                n_tiles, skipped, finished = n_tiles + res["tiles"], skipped + res["skipped"], finished + res["written"]
     return FeatureResult(finished, skipped, n_tiles, time.perf_counter() - t0)
+
+
+@lru_cache(maxsize=2)
+def _frozen_h0_mini(weights: str, device: str):
+    """The frozen encoder, built once per process (a Dask worker keeps it between its shards)."""
+    from cytosyn_encoders.h0mini import build_h0_mini
+
+    return build_h0_mini(weights).to(torch.device(device)).eval()
+
+
+def feature_shard(unit: FeatureUnit) -> dict:
+    """Rewrite one shard with ``{key}.cls.npy`` and ``{key}.tok.npy`` after each PNG, unless its marker
+    says it already has them from this encoder; the marker is written after the shard's rename."""
+    shard = Path(unit.shard)
+    mark = marker_path(shard)
+    old = json.loads(mark.read_text()) if mark.exists() else None
+    if _is_done(old, shard, unit.ident):
+        return {"skipped": 1, "written": 0, "tiles": 0}
+    members = [(n, b) for n, b in iter_tar_members(shard) if not n.endswith(FEATURE_EXTS)]
+    keys = [n[: -len(".png")] for n, _ in members if n.endswith(".png")]
+    pngs = [b for n, b in members if n.endswith(".png")]
+    if not pngs:  # nothing to add (e.g. an empty split)
+        return {"skipped": 1, "written": 0, "tiles": 0}
+    device = torch.device(unit.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = _frozen_h0_mini(unit.weights, str(device))
+    cls, tok = encode_tiles(model, pngs, device, unit.batch_size, dtype, keys, str(shard))
+    feats = {k: (c, t) for k, c, t in zip(keys, cls, tok)}
+    out = []
+    for name, data in members:  # the feature members follow each key's own members
+        out.append((name, data))
+        if name.endswith(".png"):
+            k = name[: -len(".png")]
+            out += [(f"{k}.cls.npy", npy_bytes(feats[k][0])), (f"{k}.tok.npy", npy_bytes(feats[k][1]))]
+    write_tar_atomic(shard, out)
+    record = {"model": unit.ident, **file_identity(shard), "sha256": file_sha256(shard), "code_version": code_version()}
+    atomic_write_bytes(mark, json.dumps(record, indent=1, sort_keys=True).encode())
+    return {"skipped": 0, "written": 1, "tiles": len(keys)}

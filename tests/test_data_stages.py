@@ -120,8 +120,8 @@ def test_features_shapes_dtypes_keys_and_token_resize(run, tmp_path):
     shutil.copytree(run / "shards", d)
     before = {p.name: [n for n, _ in iter_tar_members(p)] for p in d.glob("*.tar")}
     assert main(["features", "--shards", str(d), "--h0-mini-weights", "random:small", "--batch-size", "16"]) == 0
-    done = json.loads((d / "features_done.json").read_text())
-    assert set(done) == set(before)
+    done = {m.name[: -len(".json")]: json.loads(m.read_text()) for m in (d / ".features").glob("*.json")}
+    assert set(done) == set(before) and all(v["model"].startswith("h0-mini:") for v in done.values())
     model = build_h0_mini("random:small")
     p = sorted(d.glob("*.tar"))[0]
     members = dict(iter_tar_members(p))

@@ -145,3 +145,18 @@ def test_slurm_cluster_job_script(tmp_path):
                  "#SBATCH -t 08:00:00", "#SBATCH --constraint=avx2", "--nworkers 16", "--nthreads 1"):
         assert line in script, (line, script)
     assert np.isclose(float(script.split("--memory-limit ")[1].split("GiB")[0]), 4.0)
+
+
+def test_features_on_a_dask_cluster_equal_the_local_loop(tmp_path, cmu_slide):
+    import shutil
+
+    assert main(["tile", "--slides", str(cmu_slide), "--out", str(tmp_path / "t"), "--tiles", "12", "--shard-size", "4"]) == 0
+    for d in ("a", "b"):
+        shutil.copytree(tmp_path / "t" / "shards", tmp_path / d)
+    feats = ["--h0-mini-weights", "random:small", "--batch-size", "8"]
+    assert main(["features", "--shards", str(tmp_path / "a"), *feats]) == 0
+    assert main(["features", "--shards", str(tmp_path / "b"), *feats, "--cluster", "local", "--workers", "2"]) == 0
+    a = {p.name: p.read_bytes() for p in (tmp_path / "a").glob("*.tar")}
+    b = {p.name: p.read_bytes() for p in (tmp_path / "b").glob("*.tar")}
+    assert a == b and len(a) == 3 and all(b"cls.npy" in v for v in a.values())
+    assert sorted(p.name for p in (tmp_path / "b" / ".features").glob("*.json")) == sorted(f"{n}.json" for n in a)
