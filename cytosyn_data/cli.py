@@ -258,6 +258,10 @@ def _add_split(sub) -> None:
     p.add_argument("--jpeg-quality", type=cli_type(positive, int), help="also write JPEG copies (ablation), e.g. 70")
     p.add_argument("--expand-px", type=cli_type(non_negative, int), default=0,
                    help="also write tiles expanded by this many px per side (16)")
+    p.add_argument("--min-blur", type=cli_type(non_negative),
+                   help="leave out tiles whose qc_blur (variance of the Laplacian at 1 um/px) is below this, e.g. 50")
+    p.add_argument("--max-pen", type=cli_type(fraction), help="leave out tiles whose pen-ink fraction qc_pen is above this")
+    p.add_argument("--min-qc-tissue", type=cli_type(fraction), help="leave out tiles whose tissue fraction qc_tissue is below this")
     p.add_argument("--overwrite", action="store_true", help="replace a split made with other settings or inputs")
 
 
@@ -265,12 +269,13 @@ def cmd_split(args) -> int:
     from .split import SplitConfig, run_split
 
     cfg = SplitConfig(args.val_out_fraction, args.val_in_fraction, args.guidance_tiles, args.seed, args.shard_size,
-                      args.jpeg_quality, args.expand_px)
+                      args.jpeg_quality, args.expand_px, args.min_blur, args.max_pen, args.min_qc_tissue)
     if args.jpeg_quality is not None and args.jpeg_quality > 100:
         raise UsageError(f"--jpeg-quality must be in [1, 100], got {args.jpeg_quality}")
     res = run_split(args.run, args.out, cfg, args.curation, args.overwrite)
     print(res["sizes"])
-    print(f"split shards: {res['counts']}; audit: {'OK' if res['ok'] else 'LEAKAGE'}")
+    print(f"split shards: {res['counts']}; left out by QC thresholds: {res['removed_by_qc']}; "
+          f"audit: {'OK' if res['ok'] else 'LEAKAGE'}")
     return 0 if res["ok"] else 1
 
 

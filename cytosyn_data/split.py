@@ -6,7 +6,9 @@
 - val_in: tiles of training slides held out of training (``val_in_fraction`` per slide), checked
   geometrically (level-0 squares) never to overlap a training tile.
 - guidance: a TSS-stratified subset of the training tiles (they stay in train; ``guidance`` flag).
-- Tiles removed by curation (``curation.parquet`` keep == false) are left out of every split.
+- Tiles removed by curation (``curation.parquet`` keep == false), and tiles outside the per-tile QC
+  thresholds (``min_blur``, ``max_pen``, ``min_qc_tissue`` on tiles.parquet's QC columns), are left
+  out of every split.
 Shards per split under ``splits/{split}/`` are a pure re-sharding of the tile shards (bytes
 copied, members in a keyed-hash global shuffle, fixed tar metadata): byte-reproducible.
 """
@@ -44,6 +46,27 @@ class SplitConfig:
     shard_size: int = 10_000
     jpeg_quality: int | None = None  # also write JPEG copies of every split (ablation), e.g. 70
     expand_px: int = 0  # also write tiles expanded by this many px per side (16 -> 256x256), re-read from the slides
+    min_blur: float | None = None  # tiles with qc_blur below this (variance of the Laplacian) are left out
+    max_pen: float | None = None  # tiles with qc_pen above this (pen-ink pixel fraction) are left out
+    min_qc_tissue: float | None = None  # tiles with qc_tissue below this (tissue pixel fraction) are left out
+
+
+#: SplitConfig field -> (tiles.parquet QC column, keep rule); see tile_kernel for the measures
+QC_FILTERS = {"min_blur": ("qc_blur", ">="), "max_pen": ("qc_pen", "<="), "min_qc_tissue": ("qc_tissue", ">=")}
+
+
+def qc_keep(tiles: pl.DataFrame, cfg: SplitConfig, where: str = "tiles.parquet") -> pl.Expr:
+    """The rows kept by the per-tile QC thresholds of ``cfg`` (all rows when none is set)."""
+    keep = pl.lit(True)
+    for name, (col, rule) in QC_FILTERS.items():
+        value = getattr(cfg, name)
+        if value is None:
+            continue
+        if col not in tiles.columns:
+            raise DataError(f"{where}: no {col} column (a tile run made before per-tile QC): re-tile, or drop "
+                            f"--{name.replace('_', '-')}")
+        keep = keep & (pl.col(col) >= value if rule == ">=" else pl.col(col) <= value)
+    return keep
 
 
 def choose_val_out(slides: pl.DataFrame, fraction: float, seed: int) -> set[str]:
@@ -124,7 +147,7 @@ def val_in_quotas(train: pl.DataFrame, cfg: SplitConfig) -> pl.DataFrame:
 
 def assign_splits(slides: pl.DataFrame, tiles: pl.DataFrame, curation: pl.DataFrame | None, cfg: SplitConfig) -> pl.DataFrame:
     """splits table: key, slide_id, patient, tss, split (train/val_in/val_out), guidance."""
-    t = tiles.with_columns(patient=pl.coalesce("patient", "slide_id"))
+    t = tiles.with_columns(patient=pl.coalesce("patient", "slide_id")).filter(qc_keep(tiles, cfg))
     if curation is not None:
         removed = curation.filter(~pl.col("keep"))["key"]
         t = t.filter(~pl.col("key").is_in(removed.implode()))
@@ -327,6 +350,7 @@ def _run_split(run: Path, out: Path, cfg: SplitConfig, cur_path: Path | None) ->
     tiles = pl.read_parquet(run / "tiles.parquet")
     cur = pl.read_parquet(cur_path) if cur_path is not None else None
     splits = assign_splits(slides, tiles, cur, cfg)
+    n_qc = tiles.height - tiles.filter(qc_keep(tiles, cfg)).height
     tmp = out / ".splits.parquet.tmp"
     splits.write_parquet(tmp)
     tmp.replace(run / "splits.parquet" if out == run / "splits" else out / "splits.parquet")
@@ -342,4 +366,5 @@ def _run_split(run: Path, out: Path, cfg: SplitConfig, cur_path: Path | None) ->
     counts = write_split_shards(splits, index, out, cfg, expanded)
     atomic_write_bytes(out / "counts.json", json.dumps(counts, indent=1, sort_keys=True).encode())
     result["counts"] = counts
+    result["removed_by_qc"] = n_qc
     return result

@@ -105,3 +105,23 @@ def test_tissue_mask_keeps_large_enclosed_glass():
     mask = tissue_mask(img, mpp=8.0)
     assert not mask[60:140, 60:140].any()
     assert mask[21, 21] and mask[10, 100]
+
+
+def test_split_leaves_out_tiles_outside_the_qc_thresholds(tmp_path, cmu_slide, tcga_slide, capsys):
+    from conftest import tile_two_slides
+
+    from cytosyn_data.cli import main
+
+    (tmp_path / "run").mkdir()
+    run = tile_two_slides(tmp_path / "run", cmu_slide, tcga_slide, "40")
+    tiles = pl.read_parquet(run / "tiles.parquet")
+    blur = float(tiles["qc_blur"].median())
+    assert main(["split", "--run", str(run), "--min-blur", str(blur), "--max-pen", "0.5", "--guidance-tiles", "3"]) == 0
+    splits = pl.read_parquet(run / "splits.parquet")
+    want = tiles.filter((pl.col("qc_blur") >= blur) & (pl.col("qc_pen") <= 0.5))["key"]
+    assert 0 < splits.height <= want.len() < tiles.height and set(splits["key"]) <= set(want)
+    assert f"left out by QC thresholds: {tiles.height - want.len()}" in capsys.readouterr().out
+    # a tile run without QC columns (made before per-tile QC) names the cause
+    tiles.drop("qc_blur").write_parquet(run / "tiles.parquet")
+    assert main(["split", "--run", str(run), "--out", str(tmp_path / "s2"), "--min-blur", "1"]) == 1
+    assert "no qc_blur column (a tile run made before per-tile QC)" in capsys.readouterr().err
