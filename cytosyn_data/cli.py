@@ -221,7 +221,15 @@ def cmd_curate(args) -> int:
         text = ["# curation report", "", f"- tiles scored: {cur.height}; removed (mean of 5 fold probabilities >= "
                 f"{args.threshold}): {int((~cur['keep']).sum())}", "",
                 markdown_table(rep.rename({"removed_fraction": "fraction"}), "{:.3f}")]
+        kept = cur.filter(pl.col("keep")).sort("artifact_prob", descending=True).head(64)
+        pngs = C.pngs_for(args.run / "shards", kept["key"].to_list())
+        C.contact_sheet([pngs[k] for k in kept["key"]], [f"{p:.2f} {k}" for k, p in zip(kept["key"], kept["artifact_prob"])],
+                        work / "kept_highest_scores.png")
         (work / "report.md").write_text("\n".join(text) + "\n")
+        if (args.run / "candidates.parquet").exists():
+            from .html_report import write_report
+
+            write_report(args.run)
         print("\n".join(text))
         return 0
     if args.curate_cmd == "sheet":
@@ -306,6 +314,14 @@ def cmd_features(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .html_report import write_report
+
+    path = write_report(args.run)
+    print(f"report: {path} (open it in a browser; it works from disk)")
+    return 0
+
+
 def cmd_export_geojson(args) -> int:
     from .geojson import export_geojson
 
@@ -326,13 +342,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_features(sub)
     g = sub.add_parser("export-geojson", help="QuPath GeoJSON per slide: tissue contours and tile boxes by fate")
     g.add_argument("--run", required=True, type=Path, help="tile run folder")
+    r = sub.add_parser("report", help="static HTML page of a run: slides with tiles by fate, tables, curation, audit")
+    r.add_argument("--run", required=True, type=Path, help="tile run folder")
     return parser
 
 
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"tile": cmd_tile, "merge": cmd_merge, "curate": cmd_curate, "split": cmd_split, "features": cmd_features,
-                "export-geojson": cmd_export_geojson}
+                "export-geojson": cmd_export_geojson, "report": cmd_report}
     return commands[args.command](args)
 
 

@@ -367,4 +367,8 @@ def _run_split(run: Path, out: Path, cfg: SplitConfig, cur_path: Path | None) ->
     atomic_write_bytes(out / "counts.json", json.dumps(counts, indent=1, sort_keys=True).encode())
     result["counts"] = counts
     result["removed_by_qc"] = n_qc
+    if out == run / "splits":  # the run's page shows the splits
+        from .html_report import write_report
+
+        write_report(run)
     return result

@@ -2,7 +2,8 @@
 
 Outputs (each written to a temporary name and renamed): ``work/detect/{slide_id}.json`` (slide
 facts, status, error), ``.parquet`` (candidate tiles, level-0 pixels), ``.thumb.png`` and
-``.mask.png`` (the tissue mask at ``tissue_mpp`` microns per pixel).
+``.mask.png`` (the tissue mask at ``tissue_mpp`` microns per pixel), ``.view.jpg`` (the slide at
+least 1024 px on its long side, for the HTML report).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import polars as pl
 
@@ -25,6 +27,16 @@ from .wsi import SlideError, make_read_plan, open_slide, resolve_mpp
 def tile_key(slide_id: str, x: int, y: int) -> str:
     """Unique tile key ``{slide_id}__x{x}_y{y}`` (level-0 pixels of the top-left corner)."""
     return f"{slide_id}__x{x}_y{y}"
+
+
+#: long side (pixels) of the picture of each slide kept for the HTML report (``{slide_id}.view.jpg``)
+VIEW_SIDE = 1024
+
+
+def _view_size(w0: int, h0: int) -> tuple[int, int]:
+    """(w, h) with the long side VIEW_SIDE (level 0's size when the slide is smaller)."""
+    f = min(1.0, VIEW_SIDE / max(w0, h0))
+    return max(1, round(w0 * f)), max(1, round(h0 * f))
 
 
 def _write_png(rgb: np.ndarray, path: Path) -> None:
@@ -64,6 +76,7 @@ def detect_slide(slide: dict, cfg, work: Path) -> dict:
             tw = max(1, int(round(w0 * mpp0 / cfg.tissue_mpp)))
             th = max(1, int(round(h0 * mpp0 / cfg.tissue_mpp)))
             thumb = s.thumbnail((tw, th))
+            view = thumb if max(thumb.shape[:2]) >= VIEW_SIDE else s.thumbnail(_view_size(w0, h0))
             info.update(
                 backend=s.backend,
                 vendor=s.vendor,
@@ -98,6 +111,8 @@ def detect_slide(slide: dict, cfg, work: Path) -> dict:
             schema=CANDIDATE_SCHEMA,
         )
         _write_png(thumb, d / f"{sid}.thumb.png")
+        ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(view, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+        atomic_write_bytes(d / f"{sid}.view.jpg", jpg.tobytes(), durable=False)
         _write_png(np.repeat((mask * 255).astype(np.uint8)[..., None], 3, 2), d / f"{sid}.mask.png")
         write_parquet_atomic(cand, d / f"{sid}.parquet")
         info.update(

@@ -274,6 +274,10 @@ def _run_tile(slides: pl.DataFrame, out: Path, cfg: TileConfig, ex: "_Runner", s
     from .report import write_tile_report
 
     write_tile_report(out / f"report{suffix}.md", result, slides_df, tiles, cfg)
+    if num_shards == 1:  # a split run gets its page after `merge` (cytosyn-data report)
+        from .html_report import write_report
+
+        write_report(out)
     return result
 
 

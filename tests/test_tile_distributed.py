@@ -56,14 +56,14 @@ def _corrupt_level(path: Path, level: int) -> bytes:
     return original
 
 
-def test_a_slide_failing_mid_write_is_cut_out_then_rewritten_when_fixed(tmp_path, big_slide, cmu_slide):
-    bad = tmp_path / "bad.tif"
-    bad.write_bytes(big_slide.read_bytes())
+def test_a_slide_failing_mid_write_is_cut_out_then_rewritten_when_fixed(tmp_path, cmu_slide):
+    bad = tmp_path / "bad.tif"  # 4096 px: the report's 1024-px view comes from level 2, tiles from level 1
+    write_pyramid_tiff(bad, mpp=0.25, size=4096, levels=3)
     table = tmp_path / "slides.csv"
     pl.DataFrame({"path": [str(cmu_slide), str(bad)], "slide_id": ["cmu", "bad"]}).write_csv(table)
     args = ["tile", "--slides", str(table), "--out", str(tmp_path / "o"), "--tiles", "all", "--shard-size", "5"]
     assert main(args + ["--out", str(tmp_path / "clean")]) == 0
-    original = _corrupt_level(bad, 1)  # level 1 = 0.5 MPP, the read level; detection uses level 2
+    original = _corrupt_level(bad, 1)  # level 1 = 0.5 MPP, the read level; detection reads level 2
     os.utime(bad, ns=(1, 1))
     assert main(args) == 1
     slides = pl.read_parquet(tmp_path / "o" / "slides.parquet").sort("slide_id")

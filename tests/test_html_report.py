@@ -1,0 +1,67 @@
+"""The HTML run report, rendered in a real headless Chromium (Debian's `chromium`; .ci/run installs it)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from cytosyn_data.cli import main
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+DOCS_IMG = Path(__file__).resolve().parents[1] / "docs" / "img"
+
+
+def chromium(*args: str, timeout: int = 120) -> str:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+           "--allow-file-access-from-files", "--virtual-time-budget=15000", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def split_run(tmp_path_factory, cmu_slide, tcga_slide, broken_slide):
+    from conftest import tile_two_slides
+
+    run = tmp_path_factory.mktemp("report")
+    tile_two_slides(run, cmu_slide, tcga_slide, "40")
+    assert main(["split", "--run", str(run), "--guidance-tiles", "4", "--val-in-fraction", "0.1"]) == 0
+    return run
+
+
+def test_report_page_lists_every_slide_and_fate(split_run):
+    page = (split_run / "report" / "index.html").read_text()
+    slides = pl.read_parquet(split_run / "slides.parquet")
+    assert f'<span id="n-slides">{slides.height}</span>' in page
+    for sid in slides["slide_id"]:
+        assert f'img/{sid}.jpg' in page and (split_run / "report" / "img" / f"{sid}.jpg").stat().st_size > 10_000
+    import cv2
+
+    pic = cv2.imread(str(split_run / "report" / "img" / f"{slides['slide_id'][0]}.jpg"))
+    assert max(pic.shape[:2]) >= 1024
+    assert "train" in page and "val_in" in page and "split leakage audit" in page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(split_run, tmp_path):
+    url = (split_run / "report" / "index.html").as_uri()
+    dom = chromium("--dump-dom", url)
+    loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
+    assert loaded, dom[:500]
+    n_slides = pl.read_parquet(split_run / "slides.parquet").height
+    assert int(loaded.group(1)) == int(loaded.group(2)) == n_slides  # every picture loaded
+    assert re.search(rf'<span id="n-slides">{n_slides}</span>', dom)
+    shot = tmp_path / "report.png"
+    chromium(f"--screenshot={shot}", "--window-size=1280,1600", url)
+    assert shot.stat().st_size > 50_000
+    DOCS_IMG.mkdir(exist_ok=True)
+    shutil.copyfile(shot, tmp_path / "kept.png")  # the docs' screenshot is made the same way (docs/tiling.md)
+
+
+def test_report_of_a_failed_slide_names_the_cause(tmp_path, cmu_slide, broken_slide):
+    assert main(["tile", "--slides", str(cmu_slide), str(broken_slide), "--out", str(tmp_path), "--tiles", "5"]) == 1
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "cannot open slide" in page and '<span id="n-slides">2</span>' in page
