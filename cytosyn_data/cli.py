@@ -77,6 +77,9 @@ def _add_tile(sub) -> None:
     p.add_argument("--cache-dir", type=Path, help="local cache of remote slides (default OUT/work/slide-cache)")
     p.add_argument("--cache-size", type=_size_arg, default=50 * 2**30,
                    help="remote-slide cache limit beyond the slides in use, e.g. 200GiB (default 50GiB)")
+    p.add_argument("--include-regions", type=Path,
+                   help="folder of {slide_id}.geojson (QuPath annotations, level-0 px): tile only inside them")
+    p.add_argument("--exclude-regions", type=Path, help="folder of {slide_id}.geojson regions never to tile")
     p.add_argument("--config", type=Path, help="YAML config (section 'tile'), e.g. pipelines/tile.yaml")
     p.add_argument("--mpp-override", "--mpp", dest="mpp_override", type=cli_type(positive),
                    help="level-0 MPP for every slide")
@@ -111,6 +114,10 @@ def cmd_tile(args) -> int:
     if is_url(args.out) and not args.work_dir:
         raise UsageError(f"--out {args.out} is a URL: give a local --work-dir to make the run in")
     local_out = args.work_dir if is_url(args.out) else Path(args.out)
+    for opt in ("include_regions", "exclude_regions"):
+        folder = getattr(args, opt)
+        if folder is not None and not folder.is_dir():
+            raise UsageError(f"--{opt.replace('_', '-')} {folder}: not a folder (it holds {{slide_id}}.geojson files)")
     slides = build_slide_table(args.slides, args.mpp_override)
     res = run_tile(
         slides,
@@ -124,6 +131,8 @@ def cmd_tile(args) -> int:
         cluster=cluster_spec(args),
         cache_dir=args.cache_dir,
         cache_bytes=args.cache_size,
+        include_regions=args.include_regions,
+        exclude_regions=args.exclude_regions,
     )
     if res.downloaded:
         print(f"  fetched {res.downloaded / 2**20:.1f} MiB of remote slides")

@@ -20,6 +20,7 @@ from .png import encode_png
 from .errors import DataError
 from .run_state import file_identity
 from .shards import atomic_write_bytes, write_json_atomic, write_parquet_atomic
+from .regions import apply_regions
 from .tissue import tile_tissue_fractions, tissue_mask
 from .wsi import SlideError, make_read_plan, open_slide, resolve_mpp
 
@@ -90,26 +91,10 @@ def detect_slide(slide: dict, cfg, work: Path) -> dict:
                 level_downsamples=s.level_downsamples,
             )
             level_dims = s.level_dimensions[plan.level]
-        mask_mpp = mpp0 * w0 / thumb.shape[1]
-        mask = tissue_mask(thumb, mask_mpp, cfg.tissue)
-        ncol, nrow = plan.grid_shape(level_dims)
-        cols, rows = np.meshgrid(np.arange(ncol), np.arange(nrow))
-        cols, rows = cols.ravel(), rows.ravel()
-        x0, y0 = plan.level0_xy(cols, rows)
-        frac = tile_tissue_fractions(mask, x0, y0, plan.footprint, (w0, h0))
-        keep = frac >= cfg.tissue_threshold
-        cand = pl.DataFrame(
-            {
-                "key": [tile_key(sid, int(x), int(y)) for x, y in zip(x0[keep], y0[keep])],
-                "slide_id": [sid] * int(keep.sum()),
-                "col": cols[keep],
-                "row": rows[keep],
-                "x": x0[keep],
-                "y": y0[keep],
-                "tissue_fraction": frac[keep],
-            },
-            schema=CANDIDATE_SCHEMA,
-        )
+        mask = tissue_mask(thumb, mpp0 * w0 / thumb.shape[1], cfg.tissue)
+        mask = apply_regions(mask, w0, slide.get("include_regions"), slide.get("exclude_regions"))
+        info["regions"] = {k: slide.get(f"{k}_regions") for k in ("include", "exclude")}
+        cand = grid_candidates(sid, mask, plan, level_dims, (w0, h0), cfg.tissue_threshold)
         _write_png(thumb, d / f"{sid}.thumb.png")
         ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(view, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
         atomic_write_bytes(d / f"{sid}.view.jpg", jpg.tobytes(), durable=False)
@@ -123,8 +108,8 @@ def detect_slide(slide: dict, cfg, work: Path) -> dict:
             region=plan.region,
             native=plan.native,
             footprint=plan.footprint,
-            n_grid=int(ncol * nrow),
-            n_candidates=int(keep.sum()),
+            n_grid=int(np.prod(plan.grid_shape(level_dims))),
+            n_candidates=cand.height,
             tissue_area_fraction=float(mask.mean()),
         )
     except SlideError as exc:
@@ -134,6 +119,29 @@ def detect_slide(slide: dict, cfg, work: Path) -> dict:
     info["detect_seconds"] = time.perf_counter() - t0
     write_json_atomic(info, d / f"{sid}.json")
     return info
+
+
+def grid_candidates(sid: str, mask: np.ndarray, plan, level_dims, level0_size: tuple[int, int],
+                    threshold: float) -> pl.DataFrame:
+    """Grid cells (whole tiles of the read level from (0, 0)) whose tissue fraction >= ``threshold``."""
+    ncol, nrow = plan.grid_shape(level_dims)
+    cols, rows = np.meshgrid(np.arange(ncol), np.arange(nrow))
+    cols, rows = cols.ravel(), rows.ravel()
+    x0, y0 = plan.level0_xy(cols, rows)
+    frac = tile_tissue_fractions(mask, x0, y0, plan.footprint, level0_size)
+    keep = frac >= threshold
+    return pl.DataFrame(
+        {
+            "key": [tile_key(sid, int(x), int(y)) for x, y in zip(x0[keep], y0[keep])],
+            "slide_id": [sid] * int(keep.sum()),
+            "col": cols[keep],
+            "row": rows[keep],
+            "x": x0[keep],
+            "y": y0[keep],
+            "tissue_fraction": frac[keep],
+        },
+        schema=CANDIDATE_SCHEMA,
+    )
 
 
 def detect_ok(work: Path, slide: dict, identity: dict | str | None = None) -> bool:

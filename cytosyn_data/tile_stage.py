@@ -31,6 +31,7 @@ from . import qc
 from .checks import fraction, integer, non_negative, one_of, positive
 from .errors import DataError, UsageError
 from .executors import ClusterSpec, open_executor
+from .regions import region_file
 from .remote import SlideCache, is_url, localized
 from .run_state import RunLock, check_run_file, file_identity
 from .shards import remove_stale_tmp, write_parquet_atomic
@@ -163,6 +164,8 @@ def run_tile(
     cluster: ClusterSpec | None = None,
     cache_dir: str | Path | None = None,
     cache_bytes: int = 50 * 2**30,
+    include_regions: str | Path | None = None,
+    exclude_regions: str | Path | None = None,
 ) -> TileResult:
     """Run the tile stage for the slide table ``slides`` (see slide_table.build_slide_table).
 
@@ -181,12 +184,19 @@ def run_tile(
     Slides at fsspec URLs (``s3://...``) are copied into ``cache_dir`` (default ``out/work/slide-cache``),
     at most ``cache_bytes`` beyond the slides in use, the next ones downloading meanwhile; the shards
     equal those of the same files tiled locally.
+
+    ``include_regions`` / ``exclude_regions``: folders of ``{slide_id}.geojson`` region files (QuPath
+    annotations, level-0 pixels) that restrict tissue to, or remove it from, their polygons
+    (:mod:`regions`); the files are inputs of the run (a changed one is a changed run).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     spec = cluster or ClusterSpec("local", workers=workers)
     with RunLock(out, f".lock{_part_suffix(shard_index, num_shards)}"):
-        inputs = [f"{r['slide_id']}\t{r['path']}\tmpp={r['mpp_override']}" for r in slides.to_dicts()]
+        regions = {r["slide_id"]: {"include_regions": region_file(include_regions, r["slide_id"]),
+                                   "exclude_regions": region_file(exclude_regions, r["slide_id"])} for r in slides.to_dicts()}
+        inputs = [f"{r['slide_id']}\t{r['path']}\tmpp={r['mpp_override']}" + "".join(
+            f"\t{k}={file_identity(v) if v else None}" for k, v in regions[r["slide_id"]].items()) for r in slides.to_dicts()]
         files = {}
         for r in slides.to_dicts():
             try:
@@ -200,7 +210,7 @@ def run_tile(
         remote = any(is_url(p) for p in slides["path"])
         cache = SlideCache(cache_dir or out / "work" / "slide-cache", cache_bytes) if remote else None
         with open_executor(spec, warm=("cytosyn_data.tile_write", "cytosyn_data.tile_detect")) as ex:
-            return _run_tile(slides, out, cfg, _Runner(ex, cache, files), shard_index, num_shards, stage)
+            return _run_tile(slides, out, cfg, _Runner(ex, cache, files, regions), shard_index, num_shards, stage)
 
 
 @dataclass
@@ -210,6 +220,7 @@ class _Runner:
     ex: object
     cache: SlideCache | None
     files: dict
+    regions: dict  # slide_id -> include_regions / exclude_regions file (or None)
 
     @property
     def name(self) -> str:
@@ -284,7 +295,8 @@ def _run_tile(slides: pl.DataFrame, out: Path, cfg: TileConfig, ex: "_Runner", s
 def _detect_phase(mine: list[dict], cfg: TileConfig, work: Path, ex: "_Runner") -> float:
     """Detect every slide of this job whose detection is missing, failed or out of date."""
     t = time.perf_counter()
-    todo = [{**r, "file": ex.files[r["slide_id"]]} for r in mine if not detect_ok(work, r, ex.files[r["slide_id"]])]
+    todo = [{**r, "file": ex.files[r["slide_id"]], **ex.regions[r["slide_id"]]} for r in mine
+            if not detect_ok(work, r, ex.files[r["slide_id"]])]
 
     def localize(r: dict, local: dict) -> dict:
         got = local.get(r["path"])
