@@ -80,6 +80,8 @@ def _add_tile(sub) -> None:
     p.add_argument("--include-regions", type=Path,
                    help="folder of {slide_id}.geojson (QuPath annotations, level-0 px): tile only inside them")
     p.add_argument("--exclude-regions", type=Path, help="folder of {slide_id}.geojson regions never to tile")
+    p.add_argument("--coords", type=Path,
+                   help="folder of {slide_id}.h5 (TRIDENT/CLAM 'coords', level-0 x, y): tile exactly those (with --tiles all)")
     p.add_argument("--config", type=Path, help="YAML config (section 'tile'), e.g. pipelines/tile.yaml")
     p.add_argument("--mpp-override", "--mpp", dest="mpp_override", type=cli_type(positive),
                    help="level-0 MPP for every slide")
@@ -114,10 +116,10 @@ def cmd_tile(args) -> int:
     if is_url(args.out) and not args.work_dir:
         raise UsageError(f"--out {args.out} is a URL: give a local --work-dir to make the run in")
     local_out = args.work_dir if is_url(args.out) else Path(args.out)
-    for opt in ("include_regions", "exclude_regions"):
+    for opt, ext in (("include_regions", "geojson"), ("exclude_regions", "geojson"), ("coords", "h5")):
         folder = getattr(args, opt)
         if folder is not None and not folder.is_dir():
-            raise UsageError(f"--{opt.replace('_', '-')} {folder}: not a folder (it holds {{slide_id}}.geojson files)")
+            raise UsageError(f"--{opt.replace('_', '-')} {folder}: not a folder (it holds {{slide_id}}.{ext} files)")
     slides = build_slide_table(args.slides, args.mpp_override)
     res = run_tile(
         slides,
@@ -133,6 +135,7 @@ def cmd_tile(args) -> int:
         cache_bytes=args.cache_size,
         include_regions=args.include_regions,
         exclude_regions=args.exclude_regions,
+        coords=args.coords,
     )
     if res.downloaded:
         print(f"  fetched {res.downloaded / 2**20:.1f} MiB of remote slides")
@@ -331,6 +334,14 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export_h5(args) -> int:
+    from .coords_h5 import export_h5
+
+    paths = export_h5(args.run)
+    print(f"export-h5: {len(paths)} slide(s) -> {args.run / 'h5'} (TRIDENT/CLAM 'coords' with read attributes)")
+    return 0
+
+
 def cmd_export_geojson(args) -> int:
     from .geojson import export_geojson
 
@@ -351,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_features(sub)
     g = sub.add_parser("export-geojson", help="QuPath GeoJSON per slide: tissue contours and tile boxes by fate")
     g.add_argument("--run", required=True, type=Path, help="tile run folder")
+    h = sub.add_parser("export-h5", help="TRIDENT/CLAM-style HDF5 of the written tiles' level-0 coordinates per slide")
+    h.add_argument("--run", required=True, type=Path, help="tile run folder")
     r = sub.add_parser("report", help="static HTML page of a run: slides with tiles by fate, tables, curation, audit")
     r.add_argument("--run", required=True, type=Path, help="tile run folder")
     return parser
@@ -359,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"tile": cmd_tile, "merge": cmd_merge, "curate": cmd_curate, "split": cmd_split, "features": cmd_features,
-                "export-geojson": cmd_export_geojson, "report": cmd_report}
+                "export-geojson": cmd_export_geojson, "report": cmd_report,
+                "export-h5": cmd_export_h5}
     return commands[args.command](args)
 
 

@@ -20,6 +20,7 @@ from .png import encode_png
 from .errors import DataError
 from .run_state import file_identity
 from .shards import atomic_write_bytes, write_json_atomic, write_parquet_atomic
+from .coords_h5 import read_coords
 from .regions import apply_regions
 from .tissue import tile_tissue_fractions, tissue_mask
 from .wsi import SlideError, make_read_plan, open_slide, resolve_mpp
@@ -94,7 +95,11 @@ def detect_slide(slide: dict, cfg, work: Path) -> dict:
         mask = tissue_mask(thumb, mpp0 * w0 / thumb.shape[1], cfg.tissue)
         mask = apply_regions(mask, w0, slide.get("include_regions"), slide.get("exclude_regions"))
         info["regions"] = {k: slide.get(f"{k}_regions") for k in ("include", "exclude")}
-        cand = grid_candidates(sid, mask, plan, level_dims, (w0, h0), cfg.tissue_threshold)
+        if slide.get("coords"):  # exactly the tiles of a TRIDENT/CLAM coordinates file
+            cand = coords_candidates(sid, read_coords(slide["coords"], plan.footprint, (w0, h0)), mask, plan, (w0, h0))
+            info["coords"] = slide["coords"]
+        else:
+            cand = grid_candidates(sid, mask, plan, level_dims, (w0, h0), cfg.tissue_threshold)
         _write_png(thumb, d / f"{sid}.thumb.png")
         ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(view, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
         atomic_write_bytes(d / f"{sid}.view.jpg", jpg.tobytes(), durable=False)
@@ -142,6 +147,24 @@ def grid_candidates(sid: str, mask: np.ndarray, plan, level_dims, level0_size: t
         },
         schema=CANDIDATE_SCHEMA,
     )
+
+
+def coords_candidates(sid: str, xy: np.ndarray, mask: np.ndarray, plan, level0_size: tuple[int, int]) -> pl.DataFrame:
+    """Candidates at given level-0 (x, y) (any position); ``col, row`` only order them row-major."""
+    x0, y0 = xy[:, 0], xy[:, 1]
+    frac = tile_tissue_fractions(mask, x0, y0, plan.footprint, level0_size) if len(xy) else np.zeros(0)
+    return pl.DataFrame(
+        {
+            "key": [tile_key(sid, int(x), int(y)) for x, y in zip(x0, y0)],
+            "slide_id": [sid] * len(xy),
+            "col": (x0 // plan.footprint).astype(np.int32),
+            "row": (y0 // plan.footprint).astype(np.int32),
+            "x": x0,
+            "y": y0,
+            "tissue_fraction": frac,
+        },
+        schema=CANDIDATE_SCHEMA,
+    ).sort(["row", "col", "x", "y"])
 
 
 def detect_ok(work: Path, slide: dict, identity: dict | str | None = None) -> bool:

@@ -31,6 +31,7 @@ from . import qc
 from .checks import fraction, integer, non_negative, one_of, positive
 from .errors import DataError, UsageError
 from .executors import ClusterSpec, open_executor
+from .coords_h5 import coords_file
 from .regions import region_file
 from .remote import SlideCache, is_url, localized
 from .run_state import RunLock, check_run_file, file_identity
@@ -166,6 +167,7 @@ def run_tile(
     cache_bytes: int = 50 * 2**30,
     include_regions: str | Path | None = None,
     exclude_regions: str | Path | None = None,
+    coords: str | Path | None = None,
 ) -> TileResult:
     """Run the tile stage for the slide table ``slides`` (see slide_table.build_slide_table).
 
@@ -187,16 +189,22 @@ def run_tile(
 
     ``include_regions`` / ``exclude_regions``: folders of ``{slide_id}.geojson`` region files (QuPath
     annotations, level-0 pixels) that restrict tissue to, or remove it from, their polygons
-    (:mod:`regions`); the files are inputs of the run (a changed one is a changed run).
+    (:mod:`regions`); the files are inputs of the run (a changed one is a changed run). ``coords``: a
+    folder of ``{slide_id}.h5`` (TRIDENT/CLAM ``coords``, :mod:`coords_h5`): exactly those tiles are
+    written (``cfg.tiles`` must be None: no budget, no tissue threshold).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     spec = cluster or ClusterSpec("local", workers=workers)
     with RunLock(out, f".lock{_part_suffix(shard_index, num_shards)}"):
+        if coords is not None and cfg.tiles is not None:
+            raise UsageError("--coords tiles exactly the given coordinates: give --tiles all (no budget)")
         regions = {r["slide_id"]: {"include_regions": region_file(include_regions, r["slide_id"]),
-                                   "exclude_regions": region_file(exclude_regions, r["slide_id"])} for r in slides.to_dicts()}
+                                   "exclude_regions": region_file(exclude_regions, r["slide_id"]),
+                                   "coords": coords_file(coords, r["slide_id"])} for r in slides.to_dicts()}
         inputs = [f"{r['slide_id']}\t{r['path']}\tmpp={r['mpp_override']}" + "".join(
-            f"\t{k}={file_identity(v) if v else None}" for k, v in regions[r["slide_id"]].items()) for r in slides.to_dicts()]
+            f"\t{k}={file_identity(v) if v and Path(v).exists() else v}" for k, v in regions[r["slide_id"]].items())
+            for r in slides.to_dicts()]
         files = {}
         for r in slides.to_dicts():
             try:
