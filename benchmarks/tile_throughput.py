@@ -195,7 +195,7 @@ def main() -> None:
         same = all((Path(tmp) / "many0" / "shards" / p.name).read_bytes() == p.read_bytes() for p in shards)
         shard_bytes = sum(p.stat().st_size for p in shards)
     med = {k: {f: float(np.median([r[f] for r in v])) for f in ("wall", "cpu", "tiles", "rss_gib")} for k, v in runs.items()}
-    one, many = runs["one"][0], runs["many"][0]
+    one = runs["one"][0]
     rate = {k: med[k]["tiles"] / med[k]["cpu"] for k in ("one", "limit", "naive")}
     write_one = np.median([r["seconds"]["write"] for r in runs["one"]])
     write_many = np.median([r["seconds"]["write"] for r in runs["many"]])

@@ -191,7 +191,6 @@ def cmd_curate(args) -> int:
     import polars as pl
 
     from . import curate as C
-    from .report import markdown_table
 
     work = args.run / "curate"
     if not (args.run / "shards").is_dir():
@@ -222,28 +221,7 @@ def cmd_curate(args) -> int:
         print(f"mean AUC {m['auc'].mean():.3f}, mean balanced accuracy {m['balanced_accuracy'].mean():.3f}")
         return 0
     if args.curate_cmd == "apply":
-        cur = C.apply_probes(keys, x, C.load_probes(work / "probes.npz"), args.threshold)
-        cur.write_parquet(args.run / "curation.parquet")
-        tiles = pl.read_parquet(args.run / "tiles.parquet") if (args.run / "tiles.parquet").exists() else None
-        rep = C.removal_report(cur, tiles)
-        top = cur.sort("artifact_prob", descending=True).head(64)
-        pngs = C.pngs_for(args.run / "shards", top["key"].to_list())
-        C.contact_sheet([pngs[k] for k in top["key"]], [f"{p:.2f} {k}" for k, p in zip(top["key"], top["artifact_prob"])],
-                        work / "top_artifacts.png")
-        text = ["# curation report", "", f"- tiles scored: {cur.height}; removed (mean of 5 fold probabilities >= "
-                f"{args.threshold}): {int((~cur['keep']).sum())}", "",
-                markdown_table(rep.rename({"removed_fraction": "fraction"}), "{:.3f}")]
-        kept = cur.filter(pl.col("keep")).sort("artifact_prob", descending=True).head(64)
-        pngs = C.pngs_for(args.run / "shards", kept["key"].to_list())
-        C.contact_sheet([pngs[k] for k in kept["key"]], [f"{p:.2f} {k}" for k, p in zip(kept["key"], kept["artifact_prob"])],
-                        work / "kept_highest_scores.png")
-        (work / "report.md").write_text("\n".join(text) + "\n")
-        if (args.run / "candidates.parquet").exists():
-            from .html_report import write_report
-
-            write_report(args.run)
-        print("\n".join(text))
-        return 0
+        return _curate_apply(args, C, keys, x, work)
     if args.curate_cmd == "sheet":
         tiles = pl.read_parquet(args.run / "tiles.parquet").sample(min(args.n, 10**9), seed=args.seed, shuffle=True)
         keys = tiles["key"].to_list()[: args.n]
@@ -263,6 +241,34 @@ def cmd_curate(args) -> int:
         print(f"weak labels for {len(rows)} tiles -> {args.out} (a starting point: review before fitting)")
         return 0
     return 2
+
+
+def _curate_apply(args, C, keys, x, work: Path) -> int:
+    """Score every tile with the fitted probes, write curation.parquet, the report, the contact
+    sheets (removed: highest scores; kept: highest scores below the threshold) and the HTML page."""
+    import polars as pl
+
+    from .report import markdown_table
+
+    cur = C.apply_probes(keys, x, C.load_probes(work / "probes.npz"), args.threshold)
+    cur.write_parquet(args.run / "curation.parquet")
+    tiles = pl.read_parquet(args.run / "tiles.parquet") if (args.run / "tiles.parquet").exists() else None
+    rep = C.removal_report(cur, tiles)
+    for name, part in (("top_artifacts", cur), ("kept_highest_scores", cur.filter(pl.col("keep")))):
+        top = part.sort("artifact_prob", descending=True).head(64)
+        pngs = C.pngs_for(args.run / "shards", top["key"].to_list())
+        C.contact_sheet([pngs[k] for k in top["key"]], [f"{p:.2f} {k}" for k, p in zip(top["key"], top["artifact_prob"])],
+                        work / f"{name}.png")
+    text = ["# curation report", "", f"- tiles scored: {cur.height}; removed (mean of 5 fold probabilities >= "
+            f"{args.threshold}): {int((~cur['keep']).sum())}", "",
+            markdown_table(rep.rename({"removed_fraction": "fraction"}), "{:.3f}")]
+    (work / "report.md").write_text("\n".join(text) + "\n")
+    if (args.run / "candidates.parquet").exists():
+        from .html_report import write_report
+
+        write_report(args.run)
+    print("\n".join(text))
+    return 0
 
 
 def _add_split(sub) -> None:

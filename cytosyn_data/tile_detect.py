@@ -79,18 +79,9 @@ def detect_slide(slide: dict, cfg, work: Path) -> dict:
             th = max(1, int(round(h0 * mpp0 / cfg.tissue_mpp)))
             thumb = s.thumbnail((tw, th))
             view = thumb if max(thumb.shape[:2]) >= VIEW_SIDE else s.thumbnail(_view_size(w0, h0))
-            info.update(
-                backend=s.backend,
-                vendor=s.vendor,
-                width=w0,
-                height=h0,
-                levels=s.level_count,
-                mpp=mpp0,
-                mpp_source=source,
-                fast_reads=s.fast_reads,
-                level_dimensions=s.level_dimensions,
-                level_downsamples=s.level_downsamples,
-            )
+            info.update(backend=s.backend, vendor=s.vendor, width=w0, height=h0, levels=s.level_count, mpp=mpp0,
+                        mpp_source=source, fast_reads=s.fast_reads, level_dimensions=s.level_dimensions,
+                        level_downsamples=s.level_downsamples)
             level_dims = s.level_dimensions[plan.level]
         mask = tissue_mask(thumb, mpp0 * w0 / thumb.shape[1], cfg.tissue)
         mask = apply_regions(mask, w0, slide.get("include_regions"), slide.get("exclude_regions"))

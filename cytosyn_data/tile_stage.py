@@ -36,7 +36,7 @@ from .regions import region_file
 from .remote import SlideCache, is_url, localized
 from .run_state import RunLock, check_run_file, file_identity
 from .shards import remove_stale_tmp, write_parquet_atomic
-from .tile_detect import CANDIDATE_SCHEMA, detect_ok, detect_slide, tile_key  # noqa: F401 - tile_key re-exported
+from .tile_detect import CANDIDATE_SCHEMA, detect_ok, detect_slide
 from .tile_plan import TILES_SCHEMA, select_candidates, shard_plan, shard_units, slide_plan_rows, slide_quotas
 from .tile_write import write_shard
 from .tissue import TissueParams
@@ -193,32 +193,36 @@ def run_tile(
     folder of ``{slide_id}.h5`` (TRIDENT/CLAM ``coords``, :mod:`coords_h5`): exactly those tiles are
     written (``cfg.tiles`` must be None: no budget, no tissue threshold).
     """
+    if coords is not None and cfg.tiles is not None:
+        raise UsageError("--coords tiles exactly the given coordinates: give --tiles all (no budget)")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     spec = cluster or ClusterSpec("local", workers=workers)
     with RunLock(out, f".lock{_part_suffix(shard_index, num_shards)}"):
-        if coords is not None and cfg.tiles is not None:
-            raise UsageError("--coords tiles exactly the given coordinates: give --tiles all (no budget)")
+        rows = slides.to_dicts()
         regions = {r["slide_id"]: {"include_regions": region_file(include_regions, r["slide_id"]),
                                    "exclude_regions": region_file(exclude_regions, r["slide_id"]),
-                                   "coords": coords_file(coords, r["slide_id"])} for r in slides.to_dicts()}
+                                   "coords": coords_file(coords, r["slide_id"])} for r in rows}
         inputs = [f"{r['slide_id']}\t{r['path']}\tmpp={r['mpp_override']}" + "".join(
             f"\t{k}={file_identity(v) if v and Path(v).exists() else v}" for k, v in regions[r["slide_id"]].items())
-            for r in slides.to_dicts()]
-        files = {}
-        for r in slides.to_dicts():
-            try:
-                files[r["slide_id"]] = file_identity(r["path"])
-            except OSError as exc:
-                files[r["slide_id"]] = f"unreadable: {exc.strerror}"
-            except DataError as exc:
-                files[r["slide_id"]] = f"unreadable: {exc}"
+            for r in rows]
+        files = {r["slide_id"]: _identity_or_cause(r["path"]) for r in rows}
         check_run_file(out, "tile", {"config": cfg.fingerprint()}, inputs, overwrite, lambda: clear_tile_outputs(out),
                        recorded={"slide_files": files})
         remote = any(is_url(p) for p in slides["path"])
         cache = SlideCache(cache_dir or out / "work" / "slide-cache", cache_bytes) if remote else None
         with open_executor(spec, warm=("cytosyn_data.tile_write", "cytosyn_data.tile_detect")) as ex:
             return _run_tile(slides, out, cfg, _Runner(ex, cache, files, regions), shard_index, num_shards, stage)
+
+
+def _identity_or_cause(path: str) -> dict | str:
+    """The slide file's identity (size and mtime or ETag), or why it cannot be read."""
+    try:
+        return file_identity(path)
+    except OSError as exc:
+        return f"unreadable: {exc.strerror}"
+    except DataError as exc:
+        return f"unreadable: {exc}"
 
 
 @dataclass
