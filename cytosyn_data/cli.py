@@ -307,7 +307,8 @@ def cmd_split(args) -> int:
 
 def _add_features(sub) -> None:
     p = sub.add_parser("features", help="H0-mini CLS and 14x14 tokens into the shards (cls.npy, tok.npy)")
-    p.add_argument("--shards", required=True, type=Path, help="folder of shards (rewritten in place, atomically)")
+    p.add_argument("--shards", required=True,
+                   help="folder of shards, or an fsspec URL prefix (s3://...); rewritten in place, atomically")
     p.add_argument("--h0-mini-weights", required=True,
                    help="local H0-mini weights (safetensors or torch); 'random:small' for a random test network")
     p.add_argument("--batch-size", type=cli_type(positive, int), default=256)

@@ -27,6 +27,7 @@ from cytosyn_encoders.weights import file_sha256
 
 from .png import decode_tile
 from .run_state import code_version, file_identity
+from .remote import filesystem, is_url, list_remote, remote_identity
 from .shards import atomic_write_bytes, iter_tar_members, remove_stale_tmp, write_tar_atomic
 
 FEATURE_EXTS = ("cls.npy", "tok.npy")
@@ -113,15 +114,18 @@ def add_features(
     rank``, or every shard as units on ``cluster``, a :class:`executors.ClusterSpec` for CPU workers)."""
     from .executors import open_executor
 
-    shard_dir = Path(shard_dir)
-    shards = sorted(shard_dir.glob("*.tar"))
+    if is_url(shard_dir):  # s3://bucket/run/splits/train/: each shard fetched, rewritten, put back
+        shards = list_remote(str(shard_dir), {".tar"})
+    else:
+        shard_dir = Path(shard_dir)
+        shards = sorted(shard_dir.glob("*.tar"))
+        remove_stale_tmp(shard_dir)
     if not shards:
         raise FileNotFoundError(f"{shard_dir}: no .tar shards")
     if weights is None:
         raise FileNotFoundError("H0-mini: no weights given (--h0-mini-weights: a local file, or random:small for a "
                                 "random test network); weights are never downloaded")
     ident = _model_identity(weights)
-    remove_stale_tmp(shard_dir)
     t0 = time.perf_counter()
     units = [FeatureUnit(str(s), weights, ident, batch_size, device) for i, s in enumerate(shards) if i % world == rank]
     n_tiles = skipped = finished = 0
@@ -147,16 +151,51 @@ def _frozen_h0_mini(weights: str, device: str):
 def feature_shard(unit: FeatureUnit) -> dict:
     """Rewrite one shard with ``{key}.cls.npy`` and ``{key}.tok.npy`` after each PNG, unless its marker
     says it already has them from this encoder; the marker is written after the shard's rename."""
+    if is_url(unit.shard):
+        return _feature_remote_shard(unit)
     shard = Path(unit.shard)
     mark = marker_path(shard)
     old = json.loads(mark.read_text()) if mark.exists() else None
     if _is_done(old, shard, unit.ident):
         return {"skipped": 1, "written": 0, "tiles": 0}
+    n = _rewrite_with_features(shard, unit)
+    if n:
+        record = {"model": unit.ident, **file_identity(shard), "sha256": file_sha256(shard), "code_version": code_version()}
+        atomic_write_bytes(mark, json.dumps(record, indent=1, sort_keys=True).encode())
+    return {"skipped": int(n == 0), "written": int(n > 0), "tiles": n}
+
+
+def _feature_remote_shard(unit: FeatureUnit) -> dict:
+    """The same for a shard at a URL: fetched to a temporary folder, rewritten, put back (one PUT:
+    readers see the old or the new object); the marker ``{prefix}/.features/{name}.json`` keeps the
+    object's size and ETag after the upload."""
+    import tempfile
+
+    fs, path = filesystem(unit.shard)
+    prefix, name = path.rsplit("/", 1)
+    mark = f"{prefix}/.features/{name}.json"
+    old = json.loads(fs.cat_file(mark)) if fs.exists(mark) else None
+    if isinstance(old, dict) and old.get("model") == unit.ident and old.get("object") == remote_identity(unit.shard):
+        return {"skipped": 1, "written": 0, "tiles": 0}
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / name
+        fs.get_file(path, str(local))
+        n = _rewrite_with_features(local, unit)
+        if n:
+            fs.put_file(str(local), path)
+            record = {"model": unit.ident, "object": remote_identity(unit.shard), "sha256": file_sha256(local),
+                      "code_version": code_version()}
+            fs.pipe_file(mark, json.dumps(record, indent=1, sort_keys=True).encode())
+    return {"skipped": int(n == 0), "written": int(n > 0), "tiles": n}
+
+
+def _rewrite_with_features(shard: Path, unit: FeatureUnit) -> int:
+    """Rewrite the local tar ``shard`` with the feature members; returns the tiles encoded (0: no PNG)."""
     members = [(n, b) for n, b in iter_tar_members(shard) if not n.endswith(FEATURE_EXTS)]
     keys = [n[: -len(".png")] for n, _ in members if n.endswith(".png")]
     pngs = [b for n, b in members if n.endswith(".png")]
     if not pngs:  # nothing to add (e.g. an empty split)
-        return {"skipped": 1, "written": 0, "tiles": 0}
+        return 0
     device = torch.device(unit.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = _frozen_h0_mini(unit.weights, str(device))
@@ -169,6 +208,4 @@ def feature_shard(unit: FeatureUnit) -> dict:
             k = name[: -len(".png")]
             out += [(f"{k}.cls.npy", npy_bytes(feats[k][0])), (f"{k}.tok.npy", npy_bytes(feats[k][1]))]
     write_tar_atomic(shard, out)
-    record = {"model": unit.ident, **file_identity(shard), "sha256": file_sha256(shard), "code_version": code_version()}
-    atomic_write_bytes(mark, json.dumps(record, indent=1, sort_keys=True).encode())
-    return {"skipped": 0, "written": 1, "tiles": len(keys)}
+    return len(keys)

@@ -19,4 +19,4 @@ cytosyn-data features --shards demo_out/tiles/splits/train --h0-mini-weights ran
 cytosyn-train --shards demo_out/tiles/splits/train --config pipelines/train_tiny.yaml --out demo_out/train --max-steps 10
 cytosyn-sample --checkpoint demo_out/train/checkpoints/step_0000010 --out demo_out/samples --mode cond \
   --ref-shards demo_out/tiles/splits/train -n 4 --steps 20 --sampler heun
-echo "demo outputs: demo_out/tiles (shards, qc/, report.md), demo_out/tiles/splits, demo_out/train, demo_out/samples/grid.png"
+echo "demo outputs: demo_out/tiles (shards, qc/, report.md, report/index.html), demo_out/tiles/splits, demo_out/train, demo_out/samples/grid.png"

@@ -106,3 +106,20 @@ def test_out_url_publishes_the_run_and_training_streams_it(tmp_path, s3, cmu_sli
 def test_out_url_needs_a_work_dir(tmp_path, cmu_slide, capsys):
     assert main(["tile", "--slides", str(cmu_slide), "--out", "s3://runs/x"]) == 2
     assert "give a local --work-dir" in capsys.readouterr().err
+
+
+def test_features_on_shards_at_a_url_equal_the_local_run(tmp_path, s3, cmu_slide, capsys):
+    import shutil
+
+    assert main(["tile", "--slides", str(cmu_slide), "--out", str(tmp_path / "t"), "--tiles", "8", "--shard-size", "4"]) == 0
+    shutil.copytree(tmp_path / "t" / "shards", tmp_path / "local")
+    for p in sorted((tmp_path / "t" / "shards").glob("*.tar")):
+        s3.upload_file(str(p), "runs", f"feat/train/{p.name}")
+    feats = ["--h0-mini-weights", "random:small", "--batch-size", "8"]
+    assert main(["features", "--shards", str(tmp_path / "local"), *feats]) == 0
+    assert main(["features", "--shards", "s3://runs/feat/train/", *feats]) == 0
+    for p in sorted((tmp_path / "local").glob("*.tar")):
+        assert s3.get_object(Bucket="runs", Key=f"feat/train/{p.name}")["Body"].read() == p.read_bytes()
+    capsys.readouterr()
+    assert main(["features", "--shards", "s3://runs/feat/train/", *feats]) == 0
+    assert "0 shard(s) written, 2 already done" in capsys.readouterr().out
