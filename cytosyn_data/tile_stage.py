@@ -276,8 +276,9 @@ def _run_tile(slides: pl.DataFrame, out: Path, cfg: TileConfig, ex: "_Runner", s
             cand = pl.read_parquet(work / "detect" / f"{sid}.parquet")
             candidates[sid] = select_candidates(cand, sid, quota_of[sid], cfg.seed)
             parts[sid] = slide_plan_rows(candidates[sid], r, infos[sid], cfg.target_mpp, cfg.resample)
-    plan = shard_plan(parts, cfg.seed, cfg.shard_size, f"{cfg.shard_name}{suffix}")
-    tiles = _write_phase(plan, infos, cfg, out, ex, ex.sizes(all_rows))
+    prefix = f"{cfg.shard_name}{suffix}"
+    plan = shard_plan(parts, cfg.seed, cfg.shard_size, prefix)
+    tiles = _write_phase(plan, prefix, infos, cfg, out, ex, ex.sizes(all_rows))
     seconds["write"] = time.perf_counter() - t
 
     slides_df = _slides_table(mine, infos, tiles)
@@ -341,14 +342,14 @@ def _load_infos(all_rows: list[dict], work: Path) -> dict[str, dict]:
     return infos
 
 
-def _write_phase(plan: pl.DataFrame, infos: dict, cfg: TileConfig, out: Path, ex: "_Runner",
+def _write_phase(plan: pl.DataFrame, prefix: str, infos: dict, cfg: TileConfig, out: Path, ex: "_Runner",
                  sizes: dict[str, int]) -> pl.DataFrame:
     """Write every shard of ``plan`` (skipping current ones); returns the tiles.parquet table."""
     shard_dir, plans_dir = out / "shards", out / "work" / "shard_plans"
     remove_stale_tmp(shard_dir)
     remove_stale_tmp(plans_dir)
     names = plan["shard"].unique(maintain_order=True).to_list()
-    _remove_stale_shards(shard_dir, plans_dir, names, f"{cfg.shard_name}")
+    _remove_stale_shards(shard_dir, plans_dir, names, prefix)
     settings = {k: getattr(cfg, k) for k in ("tile_size", "target_mpp", "resample", "png_encoder")}
     units = shard_units(plan, infos, settings, shard_dir, plans_dir)
     failed = _run_units(units, infos, ex, sizes)
@@ -384,16 +385,15 @@ def _run_units(units: list, infos: dict, ex: "_Runner", sizes: dict[str, int]) -
     return failed
 
 
-def _remove_stale_shards(shard_dir: Path, plans: Path, names: list[str], shard_name: str) -> None:
-    """Delete this prefix's shards (and their plan files) that ``names`` does not list."""
+def _remove_stale_shards(shard_dir: Path, plans: Path, names: list[str], prefix: str) -> None:
+    """Delete the shards of ``prefix`` (this job's, part suffix included) and their plan files that
+    ``names`` does not list (all of them when the plan is empty)."""
     keep = set(names)
-    prefixes = {n.rsplit("-", 1)[0] for n in names} or {shard_name}
-    for prefix in prefixes:
-        for p in shard_dir.glob(f"{prefix}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
-            if p.name not in keep:
-                p.unlink()
-                for ext in (".sha256", ".parquet"):
-                    (plans / f"{p.name}{ext}").unlink(missing_ok=True)
+    for p in shard_dir.glob(f"{prefix}-[0-9][0-9][0-9][0-9][0-9][0-9].tar"):
+        if p.name not in keep:
+            p.unlink()
+            for ext in (".sha256", ".parquet"):
+                (plans / f"{p.name}{ext}").unlink(missing_ok=True)
 
 
 def _slides_table(mine: list[dict], infos: dict, tiles: pl.DataFrame) -> pl.DataFrame:
