@@ -113,8 +113,10 @@ class SlideCache:
             self.downloaded += local.stat().st_size
         return local
 
-    def evict(self, in_use: set[Path]) -> None:
-        """Delete least recently used slides, except ``in_use``, until the cache fits its limit."""
+    def evict(self, in_use: set[Path], limit: int | None = None) -> None:
+        """Delete least recently used slides, except ``in_use``, until the cache holds at most ``limit``
+        bytes (default: its size limit)."""
+        limit = self.max_bytes if limit is None else limit
         with self._lock:
             entries = []
             for meta in self.folder.glob("*.json"):
@@ -123,7 +125,7 @@ class SlideCache:
                     entries.append((meta.stat().st_mtime, slide, meta))
             total = sum(s.stat().st_size for _, s, _ in entries)
             for _, slide, meta in sorted(entries, key=lambda e: e[0]):
-                if total <= self.max_bytes:
+                if total <= limit:
                     break
                 if slide in in_use:
                     continue
@@ -167,7 +169,8 @@ def localized(items: list, urls_of, localize, cache: SlideCache | None, sizes: d
         nxt = pool.submit(get, groups[0][1])
         for i, (group, _) in enumerate(groups):
             local = nxt.result()
-            cache.evict({v for v in local.values() if isinstance(v, Path)})
+            # room for the next group (<= half the cache) beside this one: the cache stays within its limit
+            cache.evict({v for v in local.values() if isinstance(v, Path)}, cache.max_bytes // 2)
             nxt = pool.submit(get, groups[i + 1][1]) if i + 1 < len(groups) else None
             yield [localize(it, local) for it in group]
 
