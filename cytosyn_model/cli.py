@@ -44,7 +44,9 @@ def _sample(argv: list[str] | None) -> int:
     from .generate import Generator, conditions_for_mode, load_reference_features, write_outputs
 
     p = argparse.ArgumentParser(prog="cytosyn-sample", description="Generate tiles from a cytosyn-train checkpoint")
-    p.add_argument("--checkpoint", required=True, type=Path)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path, help="a cytosyn-train checkpoint folder")
+    src.add_argument("--model", type=Path, help="a folder written by cytosyn-export")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--mode", choices=["cond", "uncond", "variations", "interpolate"], default="cond")
     p.add_argument("--ref-shards", nargs="*", help="shards of reference tiles (cls.npy, or computed with H0-mini)")
@@ -66,7 +68,7 @@ def _sample(argv: list[str] | None) -> int:
         raise UsageError(f"--guidance-low {args.guidance_low} is above --guidance-high {args.guidance_high}")
     if args.sampler == "sde" and args.steps < 2:
         raise UsageError("--steps must be >= 2 for the SDE sampler (the last step is the noise-free one)")
-    gen = Generator.from_checkpoint(args.checkpoint, args.device)
+    gen = Generator.from_model_dir(args.model, args.device) if args.model else Generator.from_checkpoint(args.checkpoint, args.device)
     ref_keys, ref = [], None
     if args.mode != "uncond":
         if not args.ref_shards:
@@ -104,6 +106,27 @@ def _eval(argv: list[str] | None) -> int:
     print(df)
     print(f"cytosyn-eval: {df.height} values -> {Path(cfg.out) / 'metrics.parquet'}, report {Path(cfg.out) / 'report.md'}")
     return 0
+
+
+def _export(argv: list[str] | None) -> int:
+    from .export import export_model
+
+    p = argparse.ArgumentParser(prog="cytosyn-export", description="a checkpoint -> a diffusers-style model folder")
+    p.add_argument("--checkpoint", required=True, type=Path, help="a cytosyn-train checkpoint folder (EMA weights)")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--run", type=Path, help="the tile run of the training data (slides, TSS, encoders in the model card)")
+    p.add_argument("--steps", type=cli_type(positive, int), default=250, help="sampler default: steps")
+    p.add_argument("--cfg-scale", type=cli_type(non_negative), default=2.5, help="sampler default: CFG scale")
+    args = p.parse_args(argv)
+    if not (args.checkpoint / "models.safetensors").exists():
+        raise UsageError(f"--checkpoint {args.checkpoint}: not a cytosyn-train checkpoint (no models.safetensors)")
+    out = export_model(args.checkpoint, args.out, {"steps": args.steps, "cfg_scale": args.cfg_scale}, args.run)
+    print(f"cytosyn-export: {args.checkpoint} -> {out} (vae/ loads with diffusers.AutoencoderKL.from_pretrained)")
+    return 0
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    return run_cli("cytosyn-export", _export, argv)
 
 
 def train_main(argv: list[str] | None = None) -> int:

@@ -47,6 +47,31 @@ class Generator:
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return cls(sit.eval().to(dev), vae.eval().to(dev), bn.eval().to(dev), dev)
 
+    @classmethod
+    def from_model_dir(cls, path: str | Path, device: str | None = None) -> "Generator":
+        """Load a folder written by `cytosyn-export` (diffusers-style: vae/, transformer/, latent stats)."""
+        from safetensors.torch import load_file
+
+        from .checkpoint import diffusers_to_ldm_vae
+
+        path = Path(path)
+        if not (path / "model_index.json").exists():
+            raise FileNotFoundError(f"{path}: not a cytosyn-export model folder (no model_index.json)")
+        sconf = {k: v for k, v in json.loads((path / "transformer" / "config.json").read_text()).items()
+                 if not k.startswith("_")}
+        vconf = json.loads((path / "vae" / "config.json").read_text())
+        ch = vconf["block_out_channels"][0]
+        vcfg = VAEConfig(ch=ch, ch_mult=tuple(b // ch for b in vconf["block_out_channels"]),
+                         num_res_blocks=vconf["layers_per_block"], z_channels=vconf["latent_channels"])
+        sit, vae = SiT(SiTConfig(**sconf)), AutoencoderKL(vcfg)
+        vae.load_state_dict(diffusers_to_ldm_vae(load_file(str(path / "vae" / "diffusion_pytorch_model.safetensors"))))
+        sit.load_state_dict(load_file(str(path / "transformer" / "diffusion_pytorch_model.safetensors")))
+        stats = load_file(str(path / "latent_stats.safetensors"))
+        bn = LatentNorm(vcfg.z_channels, eps=float(stats["eps"][0]))
+        bn.set_statistics(stats["mean"], stats["var"])
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        return cls(sit.eval().to(dev), vae.eval().to(dev), bn.eval().to(dev), dev)
+
     @torch.no_grad()
     def generate(
         self,
