@@ -58,7 +58,8 @@ def slide_picture(run: Path, slide: dict, fates: pl.DataFrame) -> np.ndarray:
     return out
 
 
-def _table(df: pl.DataFrame, fmt: str = "{:.3g}") -> str:
+def html_table(df: pl.DataFrame, fmt: str = "{:.3g}") -> str:
+    """A polars table as HTML (None as an empty cell, floats with ``fmt``)."""
     def cell(v) -> str:
         if v is None:
             return ""
@@ -80,13 +81,13 @@ def _legend() -> str:
 def _summary_tables(run: Path, slides: pl.DataFrame, fates: pl.DataFrame) -> str:
     cols = [c for c in ("slide_id", "status", "vendor", "mpp", "mpp_source", "tss", "n_candidates", "n_selected")
             if c in slides.columns]
-    parts = ["<h2>Slides</h2>", _table(slides.select(cols))]
+    parts = ["<h2>Slides</h2>", html_table(slides.select(cols))]
     tiles = pl.read_parquet(run / "tiles.parquet", columns=["key", "tss"])
     per = tiles.join(fates.select("key", "fate"), on="key", how="left").with_columns(pl.col("tss").fill_null("(none)"))
     pivot = per.group_by("tss", "fate").len().pivot(on="fate", index="tss", values="len").fill_null(0).sort("tss")
-    parts += ["<h2>Tiles per TSS and fate</h2>", _table(pivot)]
+    parts += ["<h2>Tiles per TSS and fate</h2>", html_table(pivot)]
     failed = slides.filter(pl.col("status") != "ok").select("slide_id", "error")
-    parts += ["<h2>Failed slides</h2>", _table(failed) if failed.height else "<p>none</p>"]
+    parts += ["<h2>Failed slides</h2>", html_table(failed) if failed.height else "<p>none</p>"]
     return "\n".join(parts)
 
 
@@ -115,6 +116,12 @@ img{max-width:100%;border:1px solid #999}.key{margin-right:1.2em;white-space:now
 SCRIPT = """<script>window.addEventListener('load',function(){var im=document.images,ok=0;
 for(var i=0;i<im.length;i++){if(im[i].complete&&im[i].naturalWidth>0)ok++;}
 document.body.setAttribute('data-images-loaded',ok+'/'+im.length);});</script>"""
+
+
+def html_page(title: str, body: str) -> str:
+    """A static page with the report style and the image-load check (``body[data-images-loaded]``)."""
+    return (f'<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{STYLE}</style></head><body>\n{body}\n{SCRIPT}</body></html>")
 
 
 def write_report(run: str | Path) -> Path:

@@ -518,6 +518,10 @@ def train(cfg: TrainConfig, shards, resume: str | Path | None = "auto", stop_aft
     # the bar is closed before an error propagates, so the error line is the last thing printed
     with tqdm(total=end, initial=trainer.step, desc="train", unit="step", disable=not trainer.acc.is_main_process) as bar:
         _run_steps(trainer, iter(loader), end, out, bar)
+    if trainer.acc.is_main_process:  # loss curves and sample grids as a page (report/index.html)
+        from .html_pages import write_train_page
+
+        write_train_page(out)
     return trainer
 
 

@@ -209,6 +209,6 @@ def test_end_to_end_on_cmu_tiles_with_jpeg_ablation(tmp_path, cmu_slide):
     fd_jpeg = b.filter((pl.col("metric") == "fd") & (pl.col("extractor") == "uni"))["value"].item()
     assert fd_png != fd_jpeg
     assert "jpeg70" in (tmp_path / "jpeg" / "report.md").read_text()
-    for f in ("report.md", "fd.png", "grid.png"):
+    for f in ("report.md", "fd.png", "grid.png", "report/index.html", "report/img/fd.png"):
         assert (tmp_path / "png" / f).exists()
     assert len(list((tmp_path / "png" / "cache").iterdir())) == 4  # (real, generated) x 2 extractors, cached

@@ -65,3 +65,41 @@ def test_report_of_a_failed_slide_names_the_cause(tmp_path, cmu_slide, broken_sl
     assert main(["tile", "--slides", str(cmu_slide), str(broken_slide), "--out", str(tmp_path), "--tiles", "5"]) == 1
     page = (tmp_path / "report" / "index.html").read_text()
     assert "cannot open slide" in page and '<span id="n-slides">2</span>' in page
+
+
+def _render_counts(page: Path) -> tuple[int, int]:
+    dom = chromium("--dump-dom", page.as_uri())
+    loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
+    assert loaded, dom[:500]
+    return int(loaded.group(1)), int(loaded.group(2))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (apt-get install chromium)")
+def test_train_and_eval_pages_render_with_every_picture(tmp_path):
+    import json
+
+    import numpy as np
+
+    from cytosyn_model.grid import save_grid
+    from cytosyn_model.html_pages import write_eval_page, write_train_page
+
+    run = tmp_path / "train"
+    (run / "samples").mkdir(parents=True)
+    (run / "checkpoints" / "step_0000010").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    (run / "log.jsonl").write_text("\n".join(json.dumps({"step": s, "denoise": 1.0 / s, "l1": 0.5 / s, "kl": 3.0, "disc": -0.1})
+                                             for s in range(1, 11)))
+    for step in (5, 10):
+        save_grid(rng.integers(0, 255, (4, 32, 32, 3), dtype=np.uint8), run / "samples" / f"step_{step:07d}.png")
+    page = write_train_page(run)
+    assert _render_counts(page) == (3, 3)  # the loss curves and two sample grids
+    assert '<span id="n-checkpoints">1</span>' in page.read_text()
+
+    ev = tmp_path / "eval"
+    ev.mkdir()
+    pl.DataFrame({"metric": ["fd", "fld", "precision", "recall"], "extractor": ["uni"] * 4, "set": ["gen"] * 4,
+                  "reference": ["real"] * 4, "value": [12.5, 3.1, 0.8, 0.7], "std": [0.4, None, None, None]}
+                 ).write_parquet(ev / "metrics.parquet")
+    save_grid(rng.integers(0, 255, (2, 32, 32, 3), dtype=np.uint8), ev / "grid.png")
+    page = write_eval_page(ev)
+    assert _render_counts(page) == (1, 1) and "12.5000" in page.read_text() and "FLD" in page.read_text()

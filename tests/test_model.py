@@ -113,6 +113,7 @@ def test_cli_train_then_sample_all_modes(tmp_path, shards):
     cfg.write_text(yaml.safe_dump(d))
     assert train_main(["--shards", str(shards), "--config", str(cfg), "--out", str(tmp_path / "run")]) == 0
     ckpt = tmp_path / "run" / "checkpoints" / "step_0000003"
+    assert (tmp_path / "run" / "report" / "img" / "step_0000003.png").exists()  # the run's page with its grid
     common = ["--checkpoint", str(ckpt), "--ref-shards", str(shards), "--h0-mini-weights", "random:small", "--steps", "4", "--batch-size", "3"]
     assert sample_main(common + ["--out", str(tmp_path / "c"), "--mode", "cond", "-n", "5", "--sampler", "sde"]) == 0
     pngs = sorted((tmp_path / "c").glob("gen__*.png"))

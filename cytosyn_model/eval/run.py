@@ -298,6 +298,9 @@ def evaluate(cfg: EvalConfig) -> pl.DataFrame:
     df = pl.DataFrame(rows, schema=METRICS_SCHEMA, orient="row")
     df.write_parquet(out / "metrics.parquet")
     write_report(cfg, df, out)
+    from ..html_pages import write_eval_page
+
+    write_eval_page(out)
     from cytosyn_data.run_state import record_run
 
     sets = {**cfg.real, **({"real_train": cfg.real_train} if cfg.real_train else {}),
