@@ -81,7 +81,8 @@ def _add_tile(sub) -> None:
                    help="folder of {slide_id}.geojson (QuPath annotations, level-0 px): tile only inside them")
     p.add_argument("--exclude-regions", type=Path, help="folder of {slide_id}.geojson regions never to tile")
     p.add_argument("--coords", type=Path,
-                   help="folder of {slide_id}.h5 (TRIDENT/CLAM 'coords', level-0 x, y): tile exactly those (with --tiles all)")
+                   help="FILE.h5 (one slide) or a folder of {slide_id}.h5 (TRIDENT/CLAM 'coords', level-0 x, y): "
+                        "tile exactly those (with --tiles all)")
     p.add_argument("--config", type=Path, help="YAML config (section 'tile'), e.g. pipelines/tile.yaml")
     p.add_argument("--mpp-override", "--mpp", dest="mpp_override", type=cli_type(positive),
                    help="level-0 MPP for every slide")
@@ -118,9 +119,11 @@ def cmd_tile(args) -> int:
     local_out = args.work_dir if is_url(args.out) else Path(args.out)
     for opt, ext in (("include_regions", "geojson"), ("exclude_regions", "geojson"), ("coords", "h5")):
         folder = getattr(args, opt)
-        if folder is not None and not folder.is_dir():
+        if folder is not None and not folder.is_dir() and not (opt == "coords" and folder.is_file()):
             raise UsageError(f"--{opt.replace('_', '-')} {folder}: not a folder (it holds {{slide_id}}.{ext} files)")
     slides = build_slide_table(args.slides, args.mpp_override)
+    if args.coords is not None and args.coords.is_file() and slides.height != 1:
+        raise UsageError(f"--coords {args.coords} is one file: give one slide, or a folder of {{slide_id}}.h5 files")
     res = run_tile(
         slides,
         local_out,

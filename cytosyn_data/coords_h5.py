@@ -8,8 +8,8 @@ attributes say how to read them: ``patch_size`` (224, pixels at the target resol
 ``target_magnification`` (10 / MPP: 0.25 MPP = 40x), ``overlap`` (0), ``name`` (the slide_id); and a
 ``keys`` dataset with the tile keys.
 
-Import (``cytosyn-data tile --coords DIR``): ``DIR/{slide_id}.h5`` gives the exact tiles of that
-slide instead of the tissue grid: a ``coords`` dataset [N, 2] of level-0 (x, y); when it carries
+Import (``cytosyn-data tile --coords DIR``, or ``--coords FILE.h5`` for one slide): ``DIR/{slide_id}.h5``
+gives the exact tiles of that slide instead of the tissue grid: a ``coords`` dataset [N, 2] of level-0 (x, y); when it carries
 ``patch_size_level0`` it must match this run's tile side (1% tolerance), so the same patches are read.
 """
 
@@ -25,9 +25,11 @@ from .shards import tmp_path
 from .wsi import SlideError
 
 
-def coords_file(folder: str | Path | None, slide_id: str) -> str | None:
-    """``folder/{slide_id}.h5`` when ``folder`` is given (it must exist: checked by the stage)."""
-    return None if folder is None else str(Path(folder) / f"{slide_id}.h5")
+def coords_file(source: str | Path | None, slide_id: str) -> str | None:
+    """``source/{slide_id}.h5`` for a folder; ``source`` itself for one ``.h5`` file (one slide)."""
+    if source is None:
+        return None
+    return str(source) if Path(source).is_file() else str(Path(source) / f"{slide_id}.h5")
 
 
 def read_coords(path: str | Path, footprint: float, level0_size: tuple[int, int]) -> np.ndarray:

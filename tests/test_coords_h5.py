@@ -36,7 +36,7 @@ def test_off_grid_coordinates_read_exactly_there(tmp_path, cmu_slide):
     with h5py.File(folder / "cmu-1-small-region.h5", "w") as f:
         f.create_dataset("coords", data=xy).attrs["patch_size_level0"] = 224
     assert main(["tile", "--slides", str(cmu_slide), "--out", str(tmp_path / "o"), "--tiles", "all",
-                 "--coords", str(folder)]) == 0
+                 "--coords", str(folder / "cmu-1-small-region.h5")]) == 0  # one file for one slide
     tiles = pl.read_parquet(tmp_path / "o" / "tiles.parquet")
     members = {n: d for p in (tmp_path / "o" / "shards").glob("*.tar") for n, d in iter_tar_members(p)}
     ref = openslide.OpenSlide(str(cmu_slide))
@@ -56,6 +56,9 @@ def test_bad_coordinate_files_name_the_cause(tmp_path, cmu_slide, capsys):
     assert "patch_size_level0 512 differs from this run's tile side 224" in pl.read_parquet(tmp_path / "o" / "slides.parquet")["error"][0]
     assert main(base + ["--out", str(tmp_path / "p"), "--tiles", "5"]) == 2
     assert "--coords tiles exactly the given coordinates: give --tiles all" in capsys.readouterr().err
+    assert main(["tile", "--slides", str(cmu_slide), str(cmu_slide.parent / "tcga-cr-7395-01a-01-ts1.svs"), "--out",
+                 str(tmp_path / "r"), "--tiles", "all", "--coords", str(folder / "cmu-1-small-region.h5")]) == 2
+    assert "is one file: give one slide" in capsys.readouterr().err
     with h5py.File(folder / "cmu-1-small-region.h5", "w") as f:
         f.create_dataset("coords", data=np.array([[2200, 0]], np.int64))
     assert main(base + ["--out", str(tmp_path / "q"), "--tiles", "all"]) == 1
