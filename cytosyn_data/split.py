@@ -30,7 +30,7 @@ from .errors import DataError
 from .report import markdown_table
 from .run_state import RunLock, check_run_file, file_identity
 from .sampling import NULL_STRATUM, apportion, shard_order, stable_hash
-from .shards import atomic_write_bytes, remove_stale_tmp, write_tar_atomic
+from .shards import atomic_write_bytes, remove_stale_tmp, write_parquet_atomic, write_tar_atomic
 from .tar_index import MemberReader, index_shards
 
 SPLITS_SCHEMA = {"key": pl.String, "slide_id": pl.String, "patient": pl.String, "tss": pl.String,
@@ -351,9 +351,7 @@ def _run_split(run: Path, out: Path, cfg: SplitConfig, cur_path: Path | None) ->
     cur = pl.read_parquet(cur_path) if cur_path is not None else None
     splits = assign_splits(slides, tiles, cur, cfg)
     n_qc = tiles.height - tiles.filter(qc_keep(tiles, cfg)).height
-    tmp = out / ".splits.parquet.tmp"
-    splits.write_parquet(tmp)
-    tmp.replace(run / "splits.parquet" if out == run / "splits" else out / "splits.parquet")
+    write_parquet_atomic(splits, run / "splits.parquet" if out == run / "splits" else out / "splits.parquet")
     result = audit(splits, tiles)
     write_audit(out / "audit.md", result)
     index = index_shards(sorted((run / "shards").glob("*.tar")))

@@ -232,15 +232,16 @@ class _Runner:
     ex: object
     cache: SlideCache | None
     files: dict
-    regions: dict  # slide_id -> include_regions / exclude_regions file (or None)
+    regions: dict  # slide_id -> its include_regions / exclude_regions / coords file (or None)
 
     @property
     def name(self) -> str:
         return self.ex.name
 
     def sizes(self, rows: list[dict]) -> dict[str, int]:
-        return {r["path"]: (self.files.get(r["slide_id"]) or {}).get("size", 0) if isinstance(
-            self.files.get(r["slide_id"]), dict) else 0 for r in rows}
+        """Bytes of each slide's file (0 when it could not be read), keyed by path."""
+        idents = {r["path"]: self.files.get(r["slide_id"]) for r in rows}
+        return {path: ident.get("size", 0) if isinstance(ident, dict) else 0 for path, ident in idents.items()}
 
 
 def clear_tile_outputs(out: Path) -> None:

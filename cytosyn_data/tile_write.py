@@ -39,7 +39,7 @@ def write_shard(unit: ShardUnit) -> dict:
         return {"name": unit.name, "status": "skipped", "n": unit.rows.height, "failed": {}, "seconds": 0.0}
     plans = Path(unit.plans_dir)
     (plans / f"{unit.name}.sha256").unlink(missing_ok=True)
-    written: list[dict] = []
+    written: list[tuple] = []  # (key, sha256, *QC) per tile, WRITTEN_SCHEMA
     failed: dict[str, str] = {}
     with TarAppender(Path(unit.shard_dir) / unit.name) as tar:
         for (sid,), seg in unit.rows.group_by("slide_id", maintain_order=True):

@@ -1,4 +1,4 @@
-"""The tile kernel's pieces: fast tar headers, pen-pixel counts and per-tile QC measures."""
+"""The tile kernel's pieces: fast tar headers and per-tile QC measures."""
 
 from __future__ import annotations
 
@@ -12,8 +12,7 @@ import pytest
 
 from cytosyn_data.png import decode_png
 from cytosyn_data.shards import _tarinfo, member_header
-from cytosyn_data.tile_kernel import QC_SCHEMA, pen_pixels, tile_qc
-from cytosyn_data.tissue import pen_mask
+from cytosyn_data.tile_kernel import QC_SCHEMA, tile_qc
 
 IMAGES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "images"
 
@@ -22,13 +21,6 @@ IMAGES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "image
                                         ("k" * 99, 8**11 - 1), ("k" * 100, 5), ("é.png", 3), ("big.png", 8**11)])
 def test_member_header_equals_tarfile_pax_output(name, size):
     assert member_header(name, size) == _tarinfo(name, size).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-
-
-def test_pen_pixels_equal_pen_mask_on_every_colour():
-    c = np.arange(0, 2**24, 3, dtype=np.uint32)  # a third of all RGB colours, every hue band and edge
-    img = np.stack([(c >> 16) & 255, (c >> 8) & 255, c & 255], -1).astype(np.uint8)[: 4096 * 1365].reshape(1365, 4096, 3)
-    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV_FULL)
-    assert pen_pixels(img, hsv) == np.count_nonzero(pen_mask(img)) > 1_000_000
 
 
 def _tile(name: str) -> np.ndarray:
