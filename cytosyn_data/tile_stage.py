@@ -245,10 +245,11 @@ class _Runner:
 
 
 def clear_tile_outputs(out: Path) -> None:
-    """Remove everything a tile run wrote into ``out`` (shards, tables, QC, work files, run.json)."""
+    """Remove everything a tile run wrote into ``out`` (shards, tables, QC, work files, run.json), and
+    the HTML report and exports (GeoJSON, h5) made from it."""
     import shutil
 
-    for sub in ("shards", "work", "qc"):
+    for sub in ("shards", "work", "qc", "report", "geojson", "h5"):
         shutil.rmtree(out / sub, ignore_errors=True)
     for pattern in ("slides*.parquet", "candidates*.parquet", "tiles*.parquet", "report*.md", "run.json"):
         for p in out.glob(pattern):

@@ -192,8 +192,12 @@ def test_rerun_with_other_settings_is_refused(tmp_path, cmu_slide):
     run_tile(slides, tmp_path, TileConfig(tiles=5))
     with pytest.raises(RunStateError, match=r"other settings or inputs \(settings.config.tiles: 5 -> 6\): pass --overwrite"):
         run_tile(slides, tmp_path, TileConfig(tiles=6))
+    (tmp_path / "geojson").mkdir()
+    (tmp_path / "geojson" / "old.geojson").write_text("{}")  # an export of the old run
+    (tmp_path / "report" / "img" / "old.jpg").write_bytes(b"x")
     res = run_tile(slides, tmp_path, TileConfig(tiles=6), overwrite=True)
     assert res.n_tiles == 6 and pl.read_parquet(tmp_path / "tiles.parquet").height == 6
+    assert not (tmp_path / "geojson").exists() and not (tmp_path / "report" / "img" / "old.jpg").exists()
 
 
 def _cli(out: Path, table: Path) -> list[str]:
