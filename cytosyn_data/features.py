@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from cytosyn_encoders.weights import file_sha256
 
@@ -112,7 +111,7 @@ def add_features(
 ) -> FeatureResult:
     """Add H0-mini features to every shard under ``shard_dir`` (this process's share ``i % world ==
     rank``, or every shard as units on ``cluster``, a :class:`executors.ClusterSpec` for CPU workers)."""
-    from .executors import open_executor
+    from .executors import ClusterSpec, open_executor
 
     if is_url(shard_dir):  # s3://bucket/run/splits/train/: each shard fetched, rewritten, put back
         shards = list_remote(str(shard_dir), {".tar"})
@@ -129,14 +128,9 @@ def add_features(
     t0 = time.perf_counter()
     units = [FeatureUnit(str(s), weights, ident, batch_size, device) for i, s in enumerate(shards) if i % world == rank]
     n_tiles = skipped = finished = 0
-    if cluster is None:
-        results = (feature_shard(u) for u in tqdm(units, desc="features", unit="shard"))
-        for res in results:
+    with open_executor(cluster or ClusterSpec("local", workers=1), warm=("cytosyn_data.features",)) as ex:
+        for res in ex.map(feature_shard, units, "features"):  # in this process without a cluster
             n_tiles, skipped, finished = n_tiles + res["tiles"], skipped + res["skipped"], finished + res["written"]
-    else:
-        with open_executor(cluster, warm=("cytosyn_data.features",)) as ex:
-            for res in ex.map(feature_shard, units, "features"):
-                n_tiles, skipped, finished = n_tiles + res["tiles"], skipped + res["skipped"], finished + res["written"]
     return FeatureResult(finished, skipped, n_tiles, time.perf_counter() - t0)
 
 
