@@ -292,6 +292,9 @@ def _add_split(sub) -> None:
     p.add_argument("--max-pen", type=cli_type(fraction), help="leave out tiles whose pen-ink fraction qc_pen is above this")
     p.add_argument("--min-qc-tissue", type=cli_type(fraction), help="leave out tiles whose tissue fraction qc_tissue is below this")
     p.add_argument("--overwrite", action="store_true", help="replace a split made with other settings or inputs")
+    p.add_argument("--workers", type=cli_type(positive, int), default=1,
+                   help="processes for the shuffle (the bytes do not depend on it)")
+    add_cluster_options(p)
 
 
 def cmd_split(args) -> int:
@@ -301,10 +304,12 @@ def cmd_split(args) -> int:
                       args.jpeg_quality, args.expand_px, args.min_blur, args.max_pen, args.min_qc_tissue)
     if args.jpeg_quality is not None and args.jpeg_quality > 100:
         raise UsageError(f"--jpeg-quality must be in [1, 100], got {args.jpeg_quality}")
-    res = run_split(args.run, args.out, cfg, args.curation, args.overwrite)
+    res = run_split(args.run, args.out, cfg, args.curation, args.overwrite, cluster_spec(args))
     print(res["sizes"])
     print(f"split shards: {res['counts']}; left out by QC thresholds: {res['removed_by_qc']}; "
           f"audit: {'OK' if res['ok'] else 'LEAKAGE'}")
+    print("phase seconds (tiles/s): " + ", ".join(
+        f"{k} {v:.1f} ({res['tiles'] / max(v, 1e-9):,.0f})" for k, v in res["seconds"].items()))
     return 0 if res["ok"] else 1
 
 

@@ -81,3 +81,13 @@ def decode_tile(data: bytes, where: str, size: int | None = None) -> np.ndarray:
         return decode_png(data)
     except Exception as exc:  # noqa: BLE001 - PIL raises several types for damaged files
         raise DataError(f"{where}: corrupt PNG ({type(exc).__name__}: {exc})") from None
+
+
+def jpeg_from_png(png: bytes, quality: int) -> bytes:
+    """Re-encode PNG bytes as a baseline JPEG (4:2:0, ``quality`` 1-100) for compression ablations."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    with Image.open(io.BytesIO(png)) as im:
+        im.convert("RGB").save(buf, format="JPEG", quality=quality, subsampling=2, optimize=False)
+    return buf.getvalue()

@@ -16,7 +16,6 @@ copied, members in a keyed-hash global shuffle, fixed tar metadata): byte-reprod
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 from dataclasses import dataclass
@@ -24,14 +23,14 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
-from tqdm.auto import tqdm
 
 from .errors import DataError
+from .executors import ClusterSpec, open_executor
 from .report import markdown_table
 from .run_state import RunLock, check_run_file, file_identity
-from .sampling import NULL_STRATUM, apportion, shard_order, stable_hash
-from .shards import atomic_write_bytes, remove_stale_tmp, write_parquet_atomic, write_tar_atomic
-from .tar_index import MemberReader, index_shards
+from .key_hash import key_hash
+from .sampling import NULL_STRATUM, apportion, stable_hash
+from .shards import atomic_write_bytes, write_parquet_atomic
 
 SPLITS_SCHEMA = {"key": pl.String, "slide_id": pl.String, "patient": pl.String, "tss": pl.String,
                  "split": pl.String, "guidance": pl.Boolean}
@@ -155,7 +154,7 @@ def assign_splits(slides: pl.DataFrame, tiles: pl.DataFrame, curation: pl.DataFr
     t = t.with_columns(split=pl.when(pl.col("patient").is_in(list(held))).then(pl.lit("val_out")).otherwise(pl.lit("train")))
     # val_in: round(fraction x training tiles) in all, apportioned over the training slides by largest
     # remainder (small slides get theirs too); each slide gives its tiles of lowest seeded hash
-    t = t.with_columns(_h=pl.col("key").map_elements(lambda k: stable_hash(f"{cfg.seed}/val_in/{k}"), return_dtype=pl.UInt64))
+    t = t.with_columns(_h=pl.Series(key_hash(t["key"], f"{cfg.seed}/val_in")))
     t = t.with_columns(_rank=pl.col("_h").rank("ordinal").over("slide_id"))
     t = t.join(val_in_quotas(t.filter(pl.col("split") == "train"), cfg), on="slide_id", how="left")
     is_in = (pl.col("split") == "train") & (pl.col("_rank") <= pl.col("_quota").fill_null(0))
@@ -163,17 +162,20 @@ def assign_splits(slides: pl.DataFrame, tiles: pl.DataFrame, curation: pl.DataFr
     train = t.filter(pl.col("split") == "train")
     clash = overlapping(t.filter(pl.col("split") == "val_in"), train)
     t = t.with_columns(split=pl.when(pl.col("key").is_in(clash["key"].implode())).then(pl.lit("excluded")).otherwise(pl.col("split")))
-    # guidance: TSS-stratified subset of train
-    train = t.filter(pl.col("split") == "train").with_columns(stratum=pl.col("tss").fill_null(NULL_STRATUM))
+    t = t.with_columns(guidance=pl.col("key").is_in(guidance_keys(t.filter(pl.col("split") == "train"), cfg).implode()))
+    return t.filter(pl.col("split") != "excluded").select(list(SPLITS_SCHEMA)).cast(SPLITS_SCHEMA).sort("key")
+
+
+def guidance_keys(train: pl.DataFrame, cfg: SplitConfig) -> pl.Series:
+    """A TSS-stratified subset of the training tiles: ``guidance_tiles`` apportioned over the TSS
+    strata by their share of tiles; each stratum gives its tiles of lowest ``_h`` (the val_in hash)."""
+    train = train.with_columns(stratum=pl.col("tss").fill_null(NULL_STRATUM))
     counts = train.group_by("stratum").len().sort("stratum")
     quotas = apportion(cfg.guidance_tiles, counts["len"].to_numpy().astype(float), counts["len"].to_numpy(),
                        np.array([stable_hash(f"{cfg.seed}/g/{s}") for s in counts["stratum"]], dtype=np.uint64))
-    chosen = []
-    for s, q in zip(counts["stratum"], quotas):
-        part = train.filter(pl.col("stratum") == s).sort("_h")
-        chosen += part["key"][: int(q)].to_list()
-    t = t.with_columns(guidance=pl.col("key").is_in(chosen))
-    return t.filter(pl.col("split") != "excluded").select(list(SPLITS_SCHEMA)).cast(SPLITS_SCHEMA).sort("key")
+    q = pl.DataFrame({"stratum": counts["stratum"], "_q": quotas})
+    ranked = train.sort("_h", "key").with_columns(_r=pl.int_range(1, pl.len() + 1).over("stratum"))
+    return ranked.join(q, on="stratum").filter(pl.col("_r") <= pl.col("_q"))["key"]
 
 
 def audit(splits: pl.DataFrame, tiles: pl.DataFrame) -> dict:
@@ -207,99 +209,6 @@ def write_audit(path: Path, result: dict) -> None:
     atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
 
 
-def _jpeg(png: bytes, quality: int) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    with Image.open(io.BytesIO(png)) as im:
-        im.convert("RGB").save(buf, format="JPEG", quality=quality, subsampling=2, optimize=False)
-    return buf.getvalue()
-
-
-def write_split_shards(
-    splits: pl.DataFrame, index: pl.DataFrame, out: Path, cfg: SplitConfig, expanded: dict[str, bytes] | None = None
-) -> dict[str, int]:
-    """Re-shard each split (and the guidance subset) into ``out/{split}/{split}-{i:06d}.tar``.
-
-    Members are copied byte for byte; with ``jpeg_quality`` a ``{split}_jpeg{q}`` copy holds
-    ``{key}.jpg`` instead of ``.png``; with ``expanded`` a ``{split}_expand`` copy holds the
-    expanded PNGs.
-    """
-    counts = {}
-    groups = {name: splits.filter(pl.col("split") == name)["key"].to_list() for name in ("train", "val_in", "val_out")}
-    groups["guidance"] = splits.filter(pl.col("guidance"))["key"].to_list()
-    idx = index.sort("shard", "offset")
-    by_key = {k: g for (k,), g in idx.group_by("key", maintain_order=True)}
-    with MemberReader() as reader:
-        for name, keys in groups.items():
-            keys = [keys[i] for i in shard_order(keys, cfg.seed)] if keys else []
-            variants = [(name, None)]
-            if cfg.jpeg_quality:
-                variants.append((f"{name}_jpeg{cfg.jpeg_quality}", "jpeg"))
-            if expanded is not None:
-                variants.append((f"{name}_expand{cfg.expand_px}", "expand"))
-            for folder, kind in variants:
-                d = out / folder
-                d.mkdir(parents=True, exist_ok=True)
-                remove_stale_tmp(d)
-                n_shards = max(1, -(-len(keys) // cfg.shard_size))
-                for i in tqdm(range(n_shards), desc=f"split {folder}", unit="shard", leave=False):
-                    path = d / f"{folder}-{i:06d}.tar"
-                    if path.exists():
-                        continue
-
-                    def members(chunk=keys[i * cfg.shard_size : (i + 1) * cfg.shard_size], kind=kind):
-                        for k in chunk:
-                            if kind == "expand" and k not in expanded:
-                                continue  # its expanded square leaves the slide
-                            for row in by_key[k].iter_rows(named=True):
-                                data = reader.read(row["shard"], row["offset"], row["size"])
-                                if kind == "jpeg" and row["ext"] == "png":
-                                    yield f"{k}.jpg", _jpeg(data, cfg.jpeg_quality)
-                                elif kind == "expand" and row["ext"] == "png":
-                                    yield f"{k}.png", expanded[k]
-                                elif kind is None or row["ext"] != "png":
-                                    yield f"{k}.{row['ext']}", data
-
-                    write_tar_atomic(path, members())
-                counts[folder] = len(keys) if kind != "expand" else sum(k in expanded for k in keys)
-    return counts
-
-
-def expanded_tiles(slides: pl.DataFrame, tiles: pl.DataFrame, keys: list[str], expand_px: int, tile_size: int = 224) -> dict[str, bytes]:
-    """PNG tiles of (tile_size + 2 * expand_px) px around the same centres, re-read from the slides
-    with each slide's recorded read plan (same level, same resampling)."""
-    from .png import encode_png
-    from .wsi import RESAMPLE_FILTERS, open_slide
-
-    import cv2
-
-    out = {}
-    want = tiles.filter(pl.col("key").is_in(keys))
-    info = {r["slide_id"]: r for r in slides.to_dicts()}
-    for (sid,), part in want.group_by("slide_id"):
-        s_info = info[sid]
-        with open_slide(s_info["path"]) as s:
-            level = int(s_info["read_level"])
-            ds = s.level_downsamples[level]
-            level_fp = s_info["footprint"] / ds  # tile side in level pixels
-            scale = level_fp / tile_size
-            pad_level = int(round(expand_px * scale))
-            size_level = int(round(level_fp)) + 2 * pad_level
-            for key, x, y in zip(part["key"], part["x"], part["y"]):
-                x0 = int(round(x - pad_level * ds))
-                y0 = int(round(y - pad_level * ds))
-                lw, lh = s.level_dimensions[level]
-                if x0 < 0 or y0 < 0 or x0 / ds + size_level > lw or y0 / ds + size_level > lh:
-                    continue  # the expanded square leaves the slide: not written
-                region = s.read_rgb((x0, y0), level, (size_level, size_level))
-                target = tile_size + 2 * expand_px
-                if region.shape[0] != target:
-                    region = cv2.resize(region, (target, target), interpolation=RESAMPLE_FILTERS["area"])
-                out[key] = encode_png(region)
-    return out
-
-
 def _split_inputs(run: Path, cur_path: Path | None) -> list[str]:
     """Identity (size, mtime) of every input of a split: the tile tables, the shards, the curation."""
     files = [run / "slides.parquet", run / "tiles.parquet", *sorted((run / "shards").glob("*.tar"))]
@@ -317,19 +226,20 @@ def clear_split_outputs(run: Path, out: Path) -> None:
     import shutil
 
     for d in out.iterdir() if out.exists() else []:
-        if d.is_dir() and d.name.split("_")[0] in ("train", "val", "guidance"):
+        if d.is_dir() and (d.name.split("_")[0] in ("train", "val", "guidance") or d.name == ".shuffle"):
             shutil.rmtree(d)
     for f in (out / "audit.md", out / "counts.json", out / "run.json", out / "splits.parquet", run / "splits.parquet"):
         f.unlink(missing_ok=True)
 
 
 def run_split(tile_run: str | Path, out: str | Path | None = None, cfg: SplitConfig = SplitConfig(),
-              curation: str | Path | None = None, overwrite: bool = False) -> dict:
+              curation: str | Path | None = None, overwrite: bool = False, cluster: ClusterSpec = ClusterSpec()) -> dict:
     """Assign splits for a tile run folder and write ``splits.parquet``, split shards and ``splits/audit.md``.
 
     ``curation``: a curation table (a missing file is an error); default ``RUN/curation.parquet``
     when it exists. ``out/run.json`` records the settings and the identity of every input: a
-    re-run with other ones is refused unless ``overwrite`` clears the old split first."""
+    re-run with other ones is refused unless ``overwrite`` clears the old split first. ``cluster``:
+    where the shuffle's units run (local pool by default; the bytes do not depend on it)."""
     run = Path(tile_run)
     out = Path(out) if out else run / "splits"
     if curation is not None and not Path(curation).exists():
@@ -342,29 +252,42 @@ def run_split(tile_run: str | Path, out: str | Path | None = None, cfg: SplitCon
     with RunLock(out):
         check_run_file(out, "split", dataclasses.asdict(cfg), _split_inputs(run, cur_path), overwrite,
                        lambda: clear_split_outputs(run, out))
-        return _run_split(run, out, cfg, cur_path)
+        return _run_split(run, out, cfg, cur_path, cluster)
 
 
-def _run_split(run: Path, out: Path, cfg: SplitConfig, cur_path: Path | None) -> dict:
+#: tiles.parquet columns the split reads (the rest of the table is never loaded)
+SPLIT_COLUMNS = ["key", "slide_id", "patient", "tss", "shard", "x", "y", "level_x", "level_y", "region", "downsample"]
+
+
+def read_tiles(path: Path, cfg: SplitConfig) -> pl.DataFrame:
+    """The columns of tiles.parquet the split needs (QC columns only for the thresholds set)."""
+    names = pl.read_parquet_schema(path)
+    qc = [col for name, (col, _) in QC_FILTERS.items() if getattr(cfg, name) is not None and col in names]
+    return pl.read_parquet(path, columns=[c for c in SPLIT_COLUMNS + qc if c in names])
+
+
+def _run_split(run: Path, out: Path, cfg: SplitConfig, cur_path: Path | None, cluster: ClusterSpec) -> dict:
+    import time
+
+    from .split_shuffle import shuffle_to_shards
+
+    t0 = time.perf_counter()
     slides = pl.read_parquet(run / "slides.parquet")
-    tiles = pl.read_parquet(run / "tiles.parquet")
-    cur = pl.read_parquet(cur_path) if cur_path is not None else None
+    tiles = read_tiles(run / "tiles.parquet", cfg)
+    cur = pl.read_parquet(cur_path, columns=["key", "keep"]) if cur_path is not None else None
     splits = assign_splits(slides, tiles, cur, cfg)
     n_qc = tiles.height - tiles.filter(qc_keep(tiles, cfg)).height
     write_parquet_atomic(splits, run / "splits.parquet" if out == run / "splits" else out / "splits.parquet")
+    t1 = time.perf_counter()
     result = audit(splits, tiles)
     write_audit(out / "audit.md", result)
-    index = index_shards(sorted((run / "shards").glob("*.tar")))
-    missing = set(splits["key"]) - set(index["key"])
-    if missing:
-        raise DataError(f"{run / 'shards'}: {len(missing)} tiles of tiles.parquet are not in the shards, e.g. {sorted(missing)[:3]}")
-    expanded = None
-    if cfg.expand_px:
-        expanded = expanded_tiles(slides, tiles, splits["key"].to_list(), cfg.expand_px)
-    counts = write_split_shards(splits, index, out, cfg, expanded)
-    atomic_write_bytes(out / "counts.json", json.dumps(counts, indent=1, sort_keys=True).encode())
-    result["counts"] = counts
-    result["removed_by_qc"] = n_qc
+    t2 = time.perf_counter()
+    with open_executor(cluster, warm=("cytosyn_data.split_shuffle",)) as ex:
+        shuffled = shuffle_to_shards(splits, tiles, slides, sorted((run / "shards").glob("*.tar")), out, cfg, ex,
+                                     max(cluster.workers, cluster.jobs * cluster.cores if cluster.kind == "slurm" else 1))
+    atomic_write_bytes(out / "counts.json", json.dumps(shuffled["counts"], indent=1, sort_keys=True).encode())
+    result.update(counts=shuffled["counts"], removed_by_qc=n_qc, tiles=tiles.height,
+                  seconds={"assign": t1 - t0, "audit": t2 - t1, **shuffled["seconds"]})
     if out == run / "splits":  # the run's page shows the splits
         from .html_report import write_report
 

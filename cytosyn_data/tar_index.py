@@ -6,10 +6,13 @@ copied, never re-encoded.
 
 from __future__ import annotations
 
+import itertools
 import tarfile
 from pathlib import Path
 
 import polars as pl
+
+from .shards import iter_tar_members
 
 INDEX_SCHEMA = {"key": pl.String, "ext": pl.String, "shard": pl.String, "offset": pl.Int64, "size": pl.Int64}
 
@@ -35,6 +38,61 @@ def index_tar(path: Path) -> pl.DataFrame:
             rows["offset"].append(info.offset_data)
             rows["size"].append(info.size)
     return pl.DataFrame(rows, schema=INDEX_SCHEMA)
+
+
+def _pax_fields(data: bytes) -> dict[str, str]:
+    """Records ``"{len} {key}={value}\n"`` of a PAX extended header."""
+    out, i = {}, 0
+    while i < len(data) and data[i:i + 1] != b"\0":
+        n = int(data[i:data.index(b" ", i)])
+        key, _, value = data[data.index(b" ", i) + 1 : i + n - 1].partition(b"=")
+        out[key.decode()] = value.decode("utf-8", "surrogateescape")
+        i += n
+    return out
+
+
+def stream_members(path: Path, chunk: int = 1 << 22):
+    """Yield (name, bytes) of the regular members of a tar in order, reading it once sequentially.
+
+    Parses ustar headers and PAX ``path``/``size`` records directly (about 10x faster than
+    ``tarfile`` iteration on shards of small members); other header types go through ``tarfile``.
+    """
+    done = 0
+    with open(path, "rb", buffering=chunk) as f:
+        pax: dict[str, str] = {}
+        while True:
+            head = f.read(BLOCK)
+            if len(head) < BLOCK or head == bytes(BLOCK):
+                return
+            kind = head[156:157]
+            if kind not in (b"0", b"\0", b"x", b"5"):
+                yield from itertools.islice(iter_tar_members(path), done, None)
+                return
+            size = int(pax.get("size") or head[124:136].strip(b"\0 ") or b"0", 8 if "size" not in pax else 10)
+            data = f.read(size)
+            f.seek(-size % BLOCK, 1)
+            if len(data) < size:
+                raise IOError(f"{path}: member truncated")
+            if kind == b"x":
+                pax = _pax_fields(data)
+                continue
+            name = pax.get("path") or _ustar_name(head)
+            pax = {}
+            if kind != b"5":
+                done += 1
+                yield name, data
+
+
+BLOCK = tarfile.BLOCKSIZE
+
+
+def _ustar_name(head: bytes) -> str:
+    name = head[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    if head[257:262] == b"ustar":
+        prefix = head[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+        if prefix:
+            return f"{prefix}/{name}"
+    return name
 
 
 def index_shards(paths: list[Path]) -> pl.DataFrame:

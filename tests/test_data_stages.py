@@ -111,6 +111,27 @@ def test_split_removes_curated_tiles_and_expands_to_256(run, tmp_path):
         assert np.array_equal(big[16:240, 16:240], small)  # the same centre, same pixels
 
 
+def test_split_expand_and_jpeg_variants_equal_the_reference_path(run, tmp_path):
+    """Two workers, expanded tiles re-read from the real slides, JPEG copies: the bucket shuffle's
+    bytes equal the direct path of tests/split_oracle.py fed the same expanded PNGs."""
+    import split_oracle
+    from cytosyn_data.split import SplitConfig
+    from cytosyn_data.split_expand import expanded_pngs
+
+    assert _split(run, tmp_path / "s", "--expand-px", "16", "--jpeg-quality", "80", "--workers", "2") == 0
+    splits = pl.read_parquet(tmp_path / "s" / "splits.parquet")
+    slides, tiles = pl.read_parquet(run / "slides.parquet"), pl.read_parquet(run / "tiles.parquet")
+    expanded = {}
+    for row in slides.filter(pl.col("status") == "ok").to_dicts():
+        expanded.update(expanded_pngs(row, tiles.filter(pl.col("slide_id") == row["slide_id"]), 16))
+    cfg = SplitConfig(shard_size=20, jpeg_quality=80, expand_px=16)
+    counts = split_oracle.write_split_shards(splits, sorted((run / "shards").glob("*.tar")), tmp_path / "ref", cfg, expanded)
+    got = {p.relative_to(tmp_path / "s").as_posix(): p.read_bytes() for p in (tmp_path / "s").rglob("*.tar")}
+    want = {p.relative_to(tmp_path / "ref").as_posix(): p.read_bytes() for p in (tmp_path / "ref").rglob("*.tar")}
+    assert got.keys() == want.keys() and any("_expand16/" in k for k in got) and got == want
+    assert json.loads((tmp_path / "s" / "counts.json").read_text()) == counts
+
+
 def test_features_shapes_dtypes_keys_and_token_resize(run, tmp_path):
     import shutil
 
