@@ -190,7 +190,6 @@ def _add_curate(sub) -> None:
 
 
 def cmd_curate(args) -> int:
-    import numpy as np
     import polars as pl
 
     from . import curate as C
@@ -209,13 +208,15 @@ def cmd_curate(args) -> int:
         keys, x = C.compute_features(args.run / "shards", work, args.backbone_weights, args.mean_patch, args.device)
     if args.curate_cmd == "fit":
         ann = C.read_annotations(args.annotations)
-        pos = {k: i for i, k in enumerate(keys)}
-        missing = [k for k in ann["key"] if k not in pos]
+        pos = ann.select("key").join(pl.DataFrame({"key": keys}).with_row_index("i"), on="key", how="left",
+                                     maintain_order="left")
+        missing = pos.filter(pl.col("i").is_null())["key"].to_list()
         if missing:
             raise DataError(f"{args.annotations}: {len(missing)} annotated keys are not in the shards of {args.run}, "
                             f"e.g. {missing[:3]}")
-        rows = np.array([pos[k] for k in ann["key"]])
-        tiles = pl.read_parquet(args.run / "tiles.parquet") if (args.run / "tiles.parquet").exists() else None
+        rows = pos["i"].to_numpy()
+        tiles = (pl.read_parquet(args.run / "tiles.parquet", columns=["key", "patient"])
+                 if (args.run / "tiles.parquet").exists() else None)
         res = C.fit_probes(x[rows], ann["is_artifact"].to_numpy(), C.patient_of(ann["key"], tiles), args.seed)
         C.save_probes(work / "probes.npz", res["probes"])
         m = pl.DataFrame(res["metrics"])
@@ -226,9 +227,10 @@ def cmd_curate(args) -> int:
     if args.curate_cmd == "apply":
         return _curate_apply(args, C, keys, x, work)
     if args.curate_cmd == "sheet":
-        tiles = pl.read_parquet(args.run / "tiles.parquet").sample(min(args.n, 10**9), seed=args.seed, shuffle=True)
+        tiles = pl.read_parquet(args.run / "tiles.parquet", columns=["key", "shard"])
+        tiles = tiles.sample(min(args.n, tiles.height), seed=args.seed, shuffle=True)
         keys = tiles["key"].to_list()[: args.n]
-        pngs = C.pngs_for(args.run / "shards", keys)
+        pngs = C.pngs_for(args.run / "shards", keys, tiles)
         out = C.contact_sheet([pngs[k] for k in keys], keys, work / f"sheet_seed{args.seed}.png")
         pl.DataFrame({"key": keys, "label": [""] * len(keys)}).write_csv(work / f"sheet_seed{args.seed}.csv")
         print(f"contact sheet {out} and a label template {work / f'sheet_seed{args.seed}.csv'}")
@@ -255,11 +257,12 @@ def _curate_apply(args, C, keys, x, work: Path) -> int:
 
     cur = C.apply_probes(keys, x, C.load_probes(work / "probes.npz"), args.threshold)
     cur.write_parquet(args.run / "curation.parquet")
-    tiles = pl.read_parquet(args.run / "tiles.parquet") if (args.run / "tiles.parquet").exists() else None
+    tiles = (pl.read_parquet(args.run / "tiles.parquet", columns=["key", "tss", "slide_type", "shard"])
+             if (args.run / "tiles.parquet").exists() else None)
     rep = C.removal_report(cur, tiles)
     for name, part in (("top_artifacts", cur), ("kept_highest_scores", cur.filter(pl.col("keep")))):
-        top = part.sort("artifact_prob", descending=True).head(64)
-        pngs = C.pngs_for(args.run / "shards", top["key"].to_list())
+        top = part.top_k(64, by="artifact_prob").sort("artifact_prob", "key", descending=[True, False])
+        pngs = C.pngs_for(args.run / "shards", top["key"].to_list(), tiles)
         C.contact_sheet([pngs[k] for k in top["key"]], [f"{p:.2f} {k}" for k, p in zip(top["key"], top["artifact_prob"])],
                         work / f"{name}.png")
     text = ["# curation report", "", f"- tiles scored: {cur.height}; removed (mean of 5 fold probabilities >= "

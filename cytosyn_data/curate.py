@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .png import decode_png, encode_png
+from .feature_file import FeatureFileWriter
 from .shards import atomic_write_bytes
 
 N_FOLDS = 5
@@ -59,9 +60,9 @@ def tile_features(encoder, pngs: list[bytes], mean_patch: bool = False, device="
 
 
 def compute_features(shard_dir: Path, out_dir: Path, weights=None, mean_patch=False, device=None,
-                     batch_size: int = 128) -> tuple[list[str], np.ndarray]:
-    """Features of every tile in the shards, cached in ``out_dir`` (reused when the backbone weights
-    and the shard files (name, size, mtime) are the same)."""
+                     batch_size: int = 128) -> tuple[pl.Series, np.ndarray]:
+    """Keys and float32 [N, D] features (memory-mapped) of every tile in the shards, cached in
+    ``out_dir`` (reused when the backbone weights and the shard files (name, size, mtime) are the same)."""
     import webdataset as wds
 
     from cytosyn_encoders import weights_identity
@@ -75,29 +76,26 @@ def compute_features(shard_dir: Path, out_dir: Path, weights=None, mean_patch=Fa
     ident += ("+meanpatch" if mean_patch else "") + f"+shards:{files_digest(urls)}"
     meta_path = out_dir / "features.json"
     if meta_path.exists() and json.loads(meta_path.read_text()).get("backbone") == ident:
-        keys = pl.read_parquet(out_dir / "features_keys.parquet")["key"].to_list()
-        return keys, np.load(out_dir / "features.npy")
+        return pl.read_parquet(out_dir / "features_keys.parquet")["key"], np.load(out_dir / "features.npy", mmap_mode="r")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = build_backbone(weights).to(device)
-    keys, feats, buf_k, buf_p = [], [], [], []
-    for sample in tqdm(wds.WebDataset(urls, shardshuffle=False), desc="curate features", unit="tile"):
-        buf_k.append(sample["__key__"])
-        buf_p.append(sample["png"])
-        if len(buf_p) == batch_size:
-            feats.append(tile_features(model, buf_p, mean_patch, device, batch_size))
-            keys += buf_k
-            buf_k, buf_p = [], []
-    if buf_p:
-        feats.append(tile_features(model, buf_p, mean_patch, device, batch_size))
-        keys += buf_k
-    x = np.concatenate(feats).astype(np.float32)
     out_dir.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    np.save(buf, x)
-    atomic_write_bytes(out_dir / "features.npy", buf.getvalue())
+    keys, buf_k, buf_p = [], [], []
+    with FeatureFileWriter(out_dir / "features.npy") as fw:
+        for sample in tqdm(wds.WebDataset(urls, shardshuffle=False), desc="curate features", unit="tile"):
+            buf_k.append(sample["__key__"])
+            buf_p.append(sample["png"])
+            if len(buf_p) == batch_size:
+                fw.append(tile_features(model, buf_p, mean_patch, device, batch_size))
+                keys.append(pl.Series(buf_k, dtype=pl.String))
+                buf_k, buf_p = [], []
+        if buf_p:
+            fw.append(tile_features(model, buf_p, mean_patch, device, batch_size))
+            keys.append(pl.Series(buf_k, dtype=pl.String))
+    keys = pl.concat(keys) if keys else pl.Series("key", [], dtype=pl.String)
     pl.DataFrame({"key": keys}).write_parquet(out_dir / "features_keys.parquet")
     atomic_write_bytes(meta_path, json.dumps({"backbone": ident, "n": len(keys)}).encode())
-    return keys, x
+    return pl.read_parquet(out_dir / "features_keys.parquet")["key"], np.load(out_dir / "features.npy", mmap_mode="r")
 
 
 # ----------------------------------------------------------------------- fit
@@ -122,7 +120,8 @@ def patient_of(keys, tiles: pl.DataFrame | None = None) -> list[str]:
 
     known = {}
     if tiles is not None and "patient" in tiles.columns:
-        known = dict(zip(tiles["key"].to_list(), tiles["patient"].to_list()))
+        sub = tiles.filter(pl.col("key").is_in(pl.Series(list(keys), dtype=pl.String).implode()))
+        known = dict(zip(sub["key"].to_list(), sub["patient"].to_list()))
     out = []
     for k, sid in zip(keys, slide_of(keys)):
         out.append(known.get(k) or parse_slide_name(sid).patient or sid)
@@ -172,13 +171,15 @@ def load_probes(path: Path) -> list:
     return [(z[f"mean{i}"], z[f"scale{i}"], z[f"coef{i}"], float(z[f"intercept{i}"][0])) for i in range(n)]
 
 
-def probe_probabilities(x: np.ndarray, probes: list) -> np.ndarray:
-    """[N, folds] artifact probabilities of each fold's probe (logistic of the linear score)."""
-    cols = []
-    for m, s, w, b in probes:
-        z = ((x - m) / s) @ w + b
-        cols.append(1.0 / (1.0 + np.exp(-z)))
-    return np.stack(cols, axis=1)
+def probe_probabilities(x: np.ndarray, probes: list, chunk: int = 16384) -> np.ndarray:
+    """[N, folds] artifact probabilities of each fold's probe (logistic of the linear score), in
+    float64 over row chunks: ``x`` may be a memory-mapped feature file larger than memory."""
+    out = np.empty((len(x), len(probes)), dtype=np.float64)
+    for lo in range(0, len(x), chunk):
+        xc = np.asarray(x[lo : lo + chunk], dtype=np.float64)
+        for j, (m, s, w, b) in enumerate(probes):
+            out[lo : lo + chunk, j] = 1.0 / (1.0 + np.exp(-(((xc - m) / s) @ w + b)))
+    return out
 
 
 # ---------------------------------------------------------------------- apply
@@ -208,12 +209,24 @@ def contact_sheet(pngs: list[bytes], labels: list[str], path: Path, cols: int = 
     return path
 
 
-def pngs_for(shard_dir: Path, keys: list[str]) -> dict[str, bytes]:
-    from .tar_index import MemberReader, index_shards
+def pngs_for(shard_dir: Path, keys: list[str], tiles: pl.DataFrame | None = None) -> dict[str, bytes]:
+    """PNG bytes of ``keys``: only the shards that hold them are read (tiles.parquet's ``shard``
+    column; without it every shard, sequentially, until all are found)."""
+    from .tar_index import split_member, stream_members
 
-    idx = index_shards(sorted(Path(shard_dir).glob("*.tar"))).filter((pl.col("ext") == "png") & pl.col("key").is_in(keys))
-    with MemberReader() as r:
-        return {k: r.read(s, o, n) for k, s, o, n in zip(idx["key"], idx["shard"], idx["offset"], idx["size"])}
+    want, got = set(keys), {}
+    shards = sorted(Path(shard_dir).glob("*.tar"))
+    if tiles is not None and "shard" in tiles.columns:
+        names = set(tiles.filter(pl.col("key").is_in(list(want)))["shard"].to_list())
+        shards = [p for p in shards if p.name in names]
+    for shard in shards:
+        for name, data in stream_members(shard):
+            key, ext = split_member(name)
+            if ext == "png" and key in want:
+                got[key] = data
+        if len(got) == len(want):
+            break
+    return got
 
 
 def removal_report(cur: pl.DataFrame, tiles: pl.DataFrame | None) -> pl.DataFrame:

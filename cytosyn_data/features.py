@@ -27,7 +27,8 @@ from cytosyn_encoders.weights import file_sha256
 from .png import decode_tile
 from .run_state import code_version, file_identity
 from .remote import filesystem, is_url, list_remote, remote_identity
-from .shards import atomic_write_bytes, iter_tar_members, remove_stale_tmp, write_tar_atomic
+from .shards import TarAppender, atomic_write_bytes, remove_stale_tmp
+from .tar_index import stream_members
 
 FEATURE_EXTS = ("cls.npy", "tok.npy")
 
@@ -184,22 +185,39 @@ def _feature_remote_shard(unit: FeatureUnit) -> dict:
 
 
 def _rewrite_with_features(shard: Path, unit: FeatureUnit) -> int:
-    """Rewrite the local tar ``shard`` with the feature members; returns the tiles encoded (0: no PNG)."""
-    members = [(n, b) for n, b in iter_tar_members(shard) if not n.endswith(FEATURE_EXTS)]
-    keys = [n[: -len(".png")] for n, _ in members if n.endswith(".png")]
-    pngs = [b for n, b in members if n.endswith(".png")]
-    if not pngs:  # nothing to add (e.g. an empty split)
-        return 0
+    """Rewrite the local tar ``shard`` with the feature members, one batch of ``batch_size`` tiles at
+    a time (memory: one batch's members and tokens, not the shard's); returns the tiles encoded
+    (0: no PNG, the shard is left as it is)."""
     device = torch.device(unit.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = _frozen_h0_mini(unit.weights, str(device))
-    cls, tok = encode_tiles(model, pngs, device, unit.batch_size, dtype, keys, str(shard))
-    feats = {k: (c, t) for k, c, t in zip(keys, cls, tok)}
-    out = []
+    n, pending, n_png = 0, [], 0
+    with TarAppender(shard) as tar:
+        for name, data in stream_members(shard):
+            if name.endswith(FEATURE_EXTS):
+                continue
+            pending.append((name, data))
+            n_png += name.endswith(".png")
+            if n_png == unit.batch_size:
+                n += _write_batch(tar, pending, unit, device, dtype, shard)
+                pending, n_png = [], 0
+        if n_png or n:
+            n += _write_batch(tar, pending, unit, device, dtype, shard)
+            tar.commit()
+    return n
+
+
+def _write_batch(tar: TarAppender, members: list, unit: FeatureUnit, device, dtype, shard: Path) -> int:
+    """Append ``members``, each PNG followed by its ``{key}.cls.npy`` and ``{key}.tok.npy``."""
+    keys = [n[: -len(".png")] for n, _ in members if n.endswith(".png")]
+    if keys:
+        model = _frozen_h0_mini(unit.weights, str(device))
+        pngs = [b for n, b in members if n.endswith(".png")]
+        cls, tok = encode_tiles(model, pngs, device, unit.batch_size, dtype, keys, str(shard))
+        feats = dict(zip(keys, zip(cls, tok)))
     for name, data in members:  # the feature members follow each key's own members
-        out.append((name, data))
+        tar.add(name, data)
         if name.endswith(".png"):
-            k = name[: -len(".png")]
-            out += [(f"{k}.cls.npy", npy_bytes(feats[k][0])), (f"{k}.tok.npy", npy_bytes(feats[k][1]))]
-    write_tar_atomic(shard, out)
+            c, t = feats[name[: -len(".png")]]
+            tar.add(f"{name[: -len('.png')]}.cls.npy", npy_bytes(c))
+            tar.add(f"{name[: -len('.png')]}.tok.npy", npy_bytes(t))
     return len(keys)

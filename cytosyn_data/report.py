@@ -26,7 +26,7 @@ def markdown_table(df: pl.DataFrame, float_fmt: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_tile_report(path: Path, result, slides: pl.DataFrame, tiles: pl.DataFrame, cfg) -> str:
+def write_tile_report(path: Path, result, slides: pl.DataFrame, cfg) -> str:
     """Write the tile stage's report: slides ok/failed, candidates, selection per TSS, speed."""
     work_s = result.seconds.get("write", 0.0)
     rate = result.n_tiles / work_s if work_s > 0 else float("nan")

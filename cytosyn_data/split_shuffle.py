@@ -34,7 +34,7 @@ import polars as pl
 from .errors import DataError
 from .key_hash import key_order
 from .png import jpeg_from_png
-from .shards import member_header, remove_stale_tmp, tmp_path, write_json_atomic, write_parquet_atomic
+from .shards import member_header, remove_stale_tmp, tmp_path, write_json_atomic
 from .tar_index import split_member, stream_members
 
 GROUPS = ("train", "val_in", "val_out", "guidance")

@@ -95,6 +95,57 @@ def _ustar_name(head: bytes) -> str:
     return name
 
 
+def count_samples(path: str | Path) -> int:
+    """WebDataset samples (runs of consecutive members sharing a key) in a tar, reading only the
+    headers of a local file (one seek per member); URLs are streamed through fsspec."""
+    from .remote import filesystem, is_url
+
+    if is_url(str(path)):
+        fs, p = filesystem(str(path))
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / "shard.tar"
+            fs.get_file(p, str(local))
+            return count_samples(local)
+    try:
+        names = [name for name, _ in _walk_headers(Path(path))]
+    except _OtherHeader:  # GNU long names and the like: let tarfile parse them
+        names = [name for name, _ in iter_tar_members(Path(path))]
+    n, last = 0, None
+    for name in names:
+        key = split_member(name)[0]
+        n, last = n + (key != last), key
+    return n
+
+
+class _OtherHeader(Exception):
+    pass
+
+
+def _walk_headers(path: Path):
+    """(name, size) of the regular members of a tar, seeking over the data (no member is read)."""
+    with open(path, "rb") as f:
+        pax: dict[str, str] = {}
+        while True:
+            head = f.read(BLOCK)
+            if len(head) < BLOCK or head == bytes(BLOCK):
+                return
+            kind = head[156:157]
+            size = int(pax["size"]) if "size" in pax else int(head[124:136].strip(b"\0 ") or b"0", 8)
+            if kind == b"x":
+                pax = _pax_fields(f.read(size))
+                f.seek(-size % BLOCK, 1)
+                continue
+            if kind not in (b"0", b"\0", b"5"):
+                raise _OtherHeader(kind)
+            name = pax.get("path") or _ustar_name(head)
+            pax = {}
+            f.seek(size + (-size % BLOCK), 1)
+            if kind != b"5":
+                yield name, size
+
+
 def index_shards(paths: list[Path]) -> pl.DataFrame:
     """Index of every member of every shard (in shard and member order)."""
     parts = [index_tar(Path(p)) for p in paths]

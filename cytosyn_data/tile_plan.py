@@ -56,16 +56,32 @@ READ_FIELDS = ("path", "file", "fast_reads", "level_dimensions", "level_downsamp
 
 @dataclass(frozen=True)
 class ShardUnit:
-    """One shard to write: its plan rows (member order) and the slides they come from."""
+    """One shard to write: its tiles as ``segments`` (slide_id, start, stop) of the slides' plan
+    files ``select_dir/{slide_id}.plan.parquet`` (member order), and the slides they come from.
+    The driver never holds the rows of the run: a worker loads its unit's rows (:meth:`load_rows`)."""
 
     name: str
     shard_dir: str
     plans_dir: str
-    rows: pl.DataFrame
+    select_dir: str
+    segments: tuple[tuple[str, int, int], ...]
     slides: dict[str, dict]
     settings: dict = field(default_factory=dict)  # tile_size, target_mpp, resample, png_encoder
     digest: str = ""
     complete: bool = True  # False: rows of failed slides were cut; the digest is then not recorded
+
+    @property
+    def n_rows(self) -> int:
+        return sum(b - a for _, a, b in self.segments)
+
+    def load_rows(self) -> pl.DataFrame:
+        """The plan rows of this shard (PLAN_COLUMNS, member order)."""
+        parts = [pl.read_parquet(Path(self.select_dir) / f"{sid}.plan.parquet").slice(a, b - a)
+                 for sid, a, b in self.segments]
+        if not parts:
+            return pl.DataFrame(schema={c: TILES_SCHEMA[c] for c in PLAN_COLUMNS})
+        rows = pl.concat(parts, how="diagonal_relaxed").with_columns(shard=pl.lit(self.name))
+        return rows.select(PLAN_COLUMNS).cast({c: TILES_SCHEMA[c] for c in PLAN_COLUMNS})
 
 
 def slide_quotas(ok_rows: list[dict], infos: dict, budget: int | None, seed: int) -> tuple[dict[str, int], dict]:
@@ -107,26 +123,40 @@ def slide_plan_rows(cand: pl.DataFrame, slide: dict, info: dict, target_mpp: flo
     )
 
 
-def shard_plan(parts: dict[str, pl.DataFrame], seed: int, shard_size: int, prefix: str) -> pl.DataFrame:
-    """Concatenate per-slide plan rows in keyed slide order and cut them into named shards."""
-    sids = [s for s in parts if parts[s].height]
-    if not sids:
-        return pl.DataFrame(schema={c: TILES_SCHEMA[c] for c in PLAN_COLUMNS})
-    order = shard_order(sids, seed)
-    plan = pl.concat([parts[sids[i]] for i in order], how="diagonal_relaxed")
-    shard_no = (pl.int_range(pl.len(), dtype=pl.Int64) // shard_size).cast(pl.String).str.zfill(6)
-    plan = plan.with_columns(shard=pl.format("{}-{}.tar", pl.lit(prefix), shard_no))
-    return plan.select(PLAN_COLUMNS).cast({c: TILES_SCHEMA[c] for c in PLAN_COLUMNS})
+def shard_cuts(counts: dict[str, int], seed: int, shard_size: int, prefix: str) -> list[tuple[str, tuple]]:
+    """Slides in keyed order, their planned tiles cut every ``shard_size``: (shard name, segments
+    (slide_id, start, stop)) per shard. Only the per-slide counts are needed, not the rows."""
+    sids = [s for s in counts if counts[s]]
+    cuts, seg, filled = [], [], 0
+    for i in shard_order(sids, seed) if sids else []:
+        sid, start = sids[i], 0
+        while start < counts[sid]:
+            take = min(shard_size - filled, counts[sid] - start)
+            seg.append((sid, start, start + take))
+            start, filled = start + take, filled + take
+            if filled == shard_size:
+                cuts.append(tuple(seg))
+                seg, filled = [], 0
+    if seg:
+        cuts.append(tuple(seg))
+    return [(f"{prefix}-{i:06d}.tar", segs) for i, segs in enumerate(cuts)]
 
 
-def shard_units(plan: pl.DataFrame, infos: dict, settings: dict, shard_dir: Path, plans_dir: Path) -> list[ShardUnit]:
-    """One :class:`ShardUnit` per shard of ``plan``, each with the digest of what makes its bytes."""
+def slide_digest(rows: pl.DataFrame) -> str:
+    """sha256 of one slide's plan rows (what its tiles' bytes depend on, with the read facts)."""
+    return hashlib.sha256(rows.write_ipc(None, compression="uncompressed").getvalue()).hexdigest()
+
+
+def shard_units(cuts: list, infos: dict, settings: dict, digests: dict[str, str], dirs: dict[str, Path]) -> list[ShardUnit]:
+    """One :class:`ShardUnit` per cut, each with the digest of what makes its bytes. ``dirs``:
+    shard_dir, plans_dir, select_dir."""
     units = []
-    for (name,), rows in plan.group_by("shard", maintain_order=True):
-        slides = {sid: {k: infos[sid][k] for k in READ_FIELDS}
-                  for sid in rows["slide_id"].unique(maintain_order=True).to_list()}
+    for name, segs in cuts:
+        slides = {sid: {k: infos[sid][k] for k in READ_FIELDS} for sid in dict.fromkeys(s for s, _, _ in segs)}
         ident = {sid: {k: v for k, v in i.items() if k != "path"} for sid, i in slides.items()}  # not where it lies
-        h = hashlib.sha256(json.dumps({"settings": settings, "slides": ident}, sort_keys=True).encode())
-        h.update(rows.write_ipc(None, compression="uncompressed").getvalue())
-        units.append(ShardUnit(name, str(shard_dir), str(plans_dir), rows, slides, settings, h.hexdigest()))
+        plan = [(sid, a, b, digests[sid]) for sid, a, b in segs]
+        h = hashlib.sha256(json.dumps({"name": name, "settings": settings, "slides": ident, "plan": plan},
+                                      sort_keys=True).encode())
+        units.append(ShardUnit(name, str(dirs["shard_dir"]), str(dirs["plans_dir"]), str(dirs["select_dir"]),
+                               tuple(segs), slides, settings, h.hexdigest()))
     return units

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +36,9 @@ from .coords_h5 import coords_file
 from .regions import region_file
 from .remote import SlideCache, is_url, localized
 from .run_state import RunLock, check_run_file, file_identity
-from .shards import remove_stale_tmp, write_parquet_atomic
+from .shards import remove_stale_tmp, tmp_path, write_parquet_atomic
 from .tile_detect import CANDIDATE_SCHEMA, detect_ok, detect_slide
-from .tile_plan import TILES_SCHEMA, select_candidates, shard_plan, shard_units, slide_plan_rows, slide_quotas
+from .tile_plan import TILES_SCHEMA, select_candidates, shard_cuts, shard_units, slide_digest, slide_plan_rows, slide_quotas
 from .tile_write import write_shard
 from .tissue import TissueParams
 from .wsi import RESAMPLE_NAMES
@@ -271,35 +272,23 @@ def _run_tile(slides: pl.DataFrame, out: Path, cfg: TileConfig, ex: "_Runner", s
     quota_of, stratum_totals = slide_quotas(ok_rows, infos, cfg.tiles, cfg.seed)
 
     t = time.perf_counter()
-    candidates, parts = {}, {}
-    for r in mine:
-        sid = r["slide_id"]
-        if infos[sid]["status"] == "ok":
-            cand = pl.read_parquet(work / "detect" / f"{sid}.parquet")
-            candidates[sid] = select_candidates(cand, sid, quota_of[sid], cfg.seed)
-            parts[sid] = slide_plan_rows(candidates[sid], r, infos[sid], cfg.target_mpp, cfg.resample)
+    counts, digests, n_cand = _select_phase(mine, infos, quota_of, cfg, out)
     prefix = f"{cfg.shard_name}{suffix}"
-    plan = shard_plan(parts, cfg.seed, cfg.shard_size, prefix)
-    tiles = _write_phase(plan, prefix, infos, cfg, out, ex, ex.sizes(all_rows))
+    names = _write_phase(shard_cuts(counts, cfg.seed, cfg.shard_size, prefix), digests, prefix, infos, cfg, out, ex,
+                         ex.sizes(all_rows))
     seconds["write"] = time.perf_counter() - t
-
-    slides_df = _slides_table(mine, infos, tiles)
-    cand_df = (pl.concat(list(candidates.values())) if candidates
-               else pl.DataFrame(schema={**CANDIDATE_SCHEMA, "selected": pl.Boolean}))
+    n_tiles, n_sel = _concat_tables(out, suffix, names, [r["slide_id"] for r in mine if infos[r["slide_id"]]["status"] == "ok"])
+    slides_df = _slides_table(mine, infos, n_sel)
     write_parquet_atomic(slides_df, out / f"slides{suffix}.parquet")
-    write_parquet_atomic(cand_df.drop("col", "row"), out / f"candidates{suffix}.parquet")
-    write_parquet_atomic(tiles, out / f"tiles{suffix}.parquet")
-    for sid, cand in candidates.items():
-        qc.write_slide_qc(work / "detect", sid, cand, infos[sid], out / "qc" / f"{sid}.png")
     result = TileResult(
         out=out, n_slides=slides_df.height, failed=slides_df.filter(pl.col("status") != "ok")["slide_id"].to_list(),
-        n_candidates=cand_df.height, n_tiles=tiles.height, n_shards=plan["shard"].n_unique() if plan.height else 0,
+        n_candidates=n_cand, n_tiles=n_tiles, n_shards=len(names),
         seconds=seconds, stratum_quotas=stratum_totals, backend=ex.name,
         downloaded=ex.cache.downloaded if ex.cache else 0,
     )
     from .report import write_tile_report
 
-    write_tile_report(out / f"report{suffix}.md", result, slides_df, tiles, cfg)
+    write_tile_report(out / f"report{suffix}.md", result, slides_df, cfg)
     if num_shards == 1:  # a split run gets its page after `merge` (cytosyn-data report)
         from .html_report import write_report
 
@@ -344,28 +333,61 @@ def _load_infos(all_rows: list[dict], work: Path) -> dict[str, dict]:
     return infos
 
 
-def _write_phase(plan: pl.DataFrame, prefix: str, infos: dict, cfg: TileConfig, out: Path, ex: "_Runner",
-                 sizes: dict[str, int]) -> pl.DataFrame:
-    """Write every shard of ``plan`` (skipping current ones); returns the tiles.parquet table."""
-    shard_dir, plans_dir = out / "shards", out / "work" / "shard_plans"
-    remove_stale_tmp(shard_dir)
-    remove_stale_tmp(plans_dir)
-    names = plan["shard"].unique(maintain_order=True).to_list()
-    _remove_stale_shards(shard_dir, plans_dir, names, prefix)
+def _select_phase(mine: list[dict], infos: dict, quota_of: dict, cfg: TileConfig, out: Path) -> tuple[dict, dict, int]:
+    """Per slide, one at a time: the selection (``work/select/{sid}.parquet``, candidates with a
+    ``selected`` flag), the plan rows (``{sid}.plan.parquet``) and the QC picture. Returns planned
+    tiles and plan digest per slide, and the candidate count: memory is one slide's, not the run's."""
+    work = out / "work"
+    sel_dir = work / "select"
+    remove_stale_tmp(sel_dir)
+    counts, digests, n_cand = {}, {}, 0
+    for r in tqdm(mine, desc="select", unit="slide", leave=False):
+        sid = r["slide_id"]
+        if infos[sid]["status"] != "ok":
+            continue
+        cand = select_candidates(pl.read_parquet(work / "detect" / f"{sid}.parquet"), sid, quota_of[sid], cfg.seed)
+        rows = slide_plan_rows(cand, r, infos[sid], cfg.target_mpp, cfg.resample)
+        write_parquet_atomic(cand.drop("col", "row"), sel_dir / f"{sid}.parquet")
+        write_parquet_atomic(rows, sel_dir / f"{sid}.plan.parquet")
+        counts[sid], digests[sid], n_cand = rows.height, slide_digest(rows), n_cand + cand.height
+        qc.write_slide_qc(work / "detect", sid, cand, infos[sid], out / "qc" / f"{sid}.png")
+    return counts, digests, n_cand
+
+
+def _concat_tables(out: Path, suffix: str, names: list[str], ok_slides: list[str]) -> tuple[int, dict[str, int]]:
+    """tiles.parquet from the shards' tables and candidates.parquet from the slides' selections,
+    streamed file after file (``sink_parquet``); returns the tile count and tiles per slide."""
+    work = out / "work"
+    for table, files, schema in (("tiles", [work / "shard_plans" / f"{n}.parquet" for n in names], TILES_SCHEMA),
+                                 ("candidates", [work / "select" / f"{s}.parquet" for s in ok_slides],
+                                  {k: v for k, v in {**CANDIDATE_SCHEMA, "selected": pl.Boolean}.items()
+                                   if k not in ("col", "row")})):
+        tmp = tmp_path(out / f"{table}{suffix}.parquet")
+        (pl.scan_parquet(files) if files else pl.LazyFrame(schema=schema)).sink_parquet(tmp, statistics=False)
+        os.replace(tmp, out / f"{table}{suffix}.parquet")
+    per_slide = pl.scan_parquet(out / f"tiles{suffix}.parquet").group_by("slide_id").len().collect()
+    return int(per_slide["len"].sum()), dict(per_slide.iter_rows())
+
+
+def _write_phase(cuts: list, digests: dict, prefix: str, infos: dict, cfg: TileConfig, out: Path, ex: "_Runner",
+                 sizes: dict[str, int]) -> list[str]:
+    """Write every shard of ``cuts`` (skipping current ones), then rewrite those that held tiles of a
+    slide that failed; returns the shard names."""
+    dirs = {"shard_dir": out / "shards", "plans_dir": out / "work" / "shard_plans", "select_dir": out / "work" / "select"}
+    remove_stale_tmp(dirs["shard_dir"])
+    remove_stale_tmp(dirs["plans_dir"])
+    names = [n for n, _ in cuts]
+    _remove_stale_shards(dirs["shard_dir"], dirs["plans_dir"], names, prefix)
     settings = {k: getattr(cfg, k) for k in ("tile_size", "target_mpp", "resample", "png_encoder")}
-    units = shard_units(plan, infos, settings, shard_dir, plans_dir)
+    units = shard_units(cuts, infos, settings, digests, dirs)
     failed = _run_units(units, infos, ex, sizes)
     if failed:  # tiles a failed slide left in its other shards go: no shard holds a tile tiles.parquet lacks
-        cut = [dataclasses.replace(u, rows=u.rows.filter(~pl.col("slide_id").is_in(failed)), complete=False)
+        cut = [dataclasses.replace(u, segments=tuple(g for g in u.segments if g[0] not in failed), complete=False)
                for u in units if failed & set(u.slides)]
         _run_units(cut, infos, ex, sizes)
-    remove_stale_tmp(shard_dir)  # left by a unit whose worker died (Dask ran it again elsewhere)
-    remove_stale_tmp(plans_dir)
-    if not names:
-        return pl.DataFrame(schema=TILES_SCHEMA)
-    written = pl.concat([pl.read_parquet(plans_dir / f"{n}.parquet") for n in names])
-    tiles = plan.join(written, on="key", how="inner", maintain_order="left")
-    return tiles.select(list(TILES_SCHEMA)).cast(TILES_SCHEMA)
+    remove_stale_tmp(dirs["shard_dir"])  # left by a unit whose worker died (Dask ran it again elsewhere)
+    remove_stale_tmp(dirs["plans_dir"])
+    return names
 
 
 def _run_units(units: list, infos: dict, ex: "_Runner", sizes: dict[str, int]) -> set[str]:
@@ -398,9 +420,7 @@ def _remove_stale_shards(shard_dir: Path, plans: Path, names: list[str], prefix:
                 (plans / f"{p.name}{ext}").unlink(missing_ok=True)
 
 
-def _slides_table(mine: list[dict], infos: dict, tiles: pl.DataFrame) -> pl.DataFrame:
-    n_sel = tiles.group_by("slide_id").len()
-    n_sel = dict(zip(n_sel["slide_id"].to_list(), n_sel["len"].to_list()))
+def _slides_table(mine: list[dict], infos: dict, n_sel: dict[str, int]) -> pl.DataFrame:
     rows = []
     for r in mine:
         info = infos[r["slide_id"]]
@@ -430,22 +450,28 @@ def _summary_only(out: Path, mine: list[dict], work: Path, seconds: dict) -> Til
 def merge_parts(out: str | Path) -> dict[str, int]:
     """Join the ``*-partXXXXofYYYY.parquet`` tables of a split run into the unified tables.
 
-    Checks that every part is present and that no tile key appears twice.
+    Checks that every part is present and that no slide is in two parts (tile keys start with
+    their slide id, so no key can then appear twice). The candidate and tile tables are streamed
+    part after part into the merged file (polars ``sink_parquet``): memory does not grow with them.
     """
     out = Path(out)
-    counts = {}
+    files = {}
     for table in ("slides", "candidates", "tiles"):
-        files = sorted(out.glob(f"{table}-part*of*.parquet"))
-        if not files:
+        files[table] = sorted(out.glob(f"{table}-part*of*.parquet"))
+        if not files[table]:
             raise RuntimeError(f"{out}: no {table}-part*.parquet files to merge")
-        total = int(files[0].stem.split("of")[-1])
-        if len(files) != total:
-            raise RuntimeError(f"{out}: {len(files)} of {total} parts of {table} present")
-        df = pl.concat([pl.read_parquet(f) for f in files], how="vertical")
-        key = "slide_id" if table == "slides" else "key"
-        dup = df.filter(pl.col(key).is_duplicated())
-        if dup.height:
-            raise RuntimeError(f"{out}: duplicate {key}s across parts, e.g. {dup[key][:3].to_list()}")
-        write_parquet_atomic(df.sort(key), out / f"{table}.parquet")
-        counts[table] = df.height
+        total = int(files[table][0].stem.split("of")[-1])
+        if len(files[table]) != total:
+            raise RuntimeError(f"{out}: {len(files[table])} of {total} parts of {table} present")
+    slides = pl.concat([pl.read_parquet(f) for f in files["slides"]], how="vertical")
+    dup = slides.filter(pl.col("slide_id").is_duplicated())
+    if dup.height:
+        raise RuntimeError(f"{out}: slides in two parts, e.g. {dup['slide_id'].unique().sort()[:3].to_list()}")
+    write_parquet_atomic(slides.sort("slide_id"), out / "slides.parquet")
+    counts = {"slides": slides.height}
+    for table in ("candidates", "tiles"):
+        tmp = tmp_path(out / f"{table}.parquet")
+        pl.scan_parquet(files[table]).sink_parquet(tmp, statistics=False)
+        os.replace(tmp, out / f"{table}.parquet")
+        counts[table] = pl.scan_parquet(out / f"{table}.parquet").select(pl.len()).collect().item()
     return counts

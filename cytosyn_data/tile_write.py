@@ -1,7 +1,7 @@
 """Shard writing of the tile stage: one work unit = one tar shard, each PNG written once.
 
 A unit streams its tiles through the kernel straight into ``shards/.{name}.tmp-PID``, writes
-the per-tile results (sha256, QC) to ``work/shard_plans/{name}.parquet``, renames the tar into
+the shard's tiles.parquet rows (plan + sha256, QC) to ``work/shard_plans/{name}.parquet``, renames the tar into
 place and then records the unit's plan digest (``{name}.sha256``). A unit is skipped when the
 tar, the results and a matching digest all exist, so a re-executed unit (a killed worker, a
 re-run) rewrites the same bytes and never duplicates a tile. A slide that fails half-way is cut
@@ -22,7 +22,7 @@ import polars as pl
 
 from .shards import TarAppender, atomic_write_bytes, write_parquet_atomic
 from .tile_kernel import QC_SCHEMA, open_reader, plan_from_info, render_tile
-from .tile_plan import WRITTEN_SCHEMA, ShardUnit
+from .tile_plan import TILES_SCHEMA, WRITTEN_SCHEMA, ShardUnit
 
 
 def unit_is_current(unit: ShardUnit) -> bool:
@@ -36,13 +36,14 @@ def write_shard(unit: ShardUnit) -> dict:
     """Write one shard (see the module doc); returns name, status, tile count, failed slides, seconds."""
     t0 = time.perf_counter()
     if unit.complete and unit_is_current(unit):
-        return {"name": unit.name, "status": "skipped", "n": unit.rows.height, "failed": {}, "seconds": 0.0}
+        return {"name": unit.name, "status": "skipped", "n": unit.n_rows, "failed": {}, "seconds": 0.0}
     plans = Path(unit.plans_dir)
     (plans / f"{unit.name}.sha256").unlink(missing_ok=True)
     written: list[tuple] = []  # (key, sha256, *QC) per tile, WRITTEN_SCHEMA
     failed: dict[str, str] = {}
+    rows = unit.load_rows()
     with TarAppender(Path(unit.shard_dir) / unit.name) as tar:
-        for (sid,), seg in unit.rows.group_by("slide_id", maintain_order=True):
+        for (sid,), seg in rows.group_by("slide_id", maintain_order=True):
             mark, n0 = tar.tell(), len(written)
             try:
                 _write_segment(tar, seg, unit.slides[sid], unit.settings, written)
@@ -51,7 +52,9 @@ def write_shard(unit: ShardUnit) -> dict:
                 del written[n0:]
                 where = unit.slides[sid].get("url", unit.slides[sid]["path"])
                 failed[sid] = f"{where}: extraction failed: {type(exc).__name__}: {exc}"
-        write_parquet_atomic(pl.DataFrame(written, schema=WRITTEN_SCHEMA, orient="row"), plans / f"{unit.name}.parquet")
+        done = pl.DataFrame(written, schema=WRITTEN_SCHEMA, orient="row")
+        table = rows.join(done, on="key", how="inner", maintain_order="left").select(list(TILES_SCHEMA))
+        write_parquet_atomic(table.cast(TILES_SCHEMA), plans / f"{unit.name}.parquet")
         tar.commit()
     if not failed and unit.complete:
         atomic_write_bytes(plans / f"{unit.name}.sha256", unit.digest.encode(), durable=False)

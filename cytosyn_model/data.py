@@ -1,7 +1,7 @@
 """Streaming training batches from the tile shards (WebDataset).
 
-Resampled shards (shard shuffle, seeded per process and worker) -> tar samples -> sample
-shuffle buffer -> optional skip (exact resume) -> decode -> batches. Each sample gives an
+Shard visits (a seeded choice per process and worker) -> tar samples -> a shuffle buffer per
+visit -> decode -> batches; a resumed run seeks to its sample without replaying (VisitStream). Each sample gives an
 image in [-1, 1] [3, 224, 224] and, when the shards carry them, the H0-mini CLS
 ``cls.npy`` [768] and tokens ``tok.npy`` [196, 768].
 """
@@ -9,6 +9,7 @@ image in [-1, 1] [3, 224, 224] and, when the shards carry them, the H0-mini CLS
 from __future__ import annotations
 
 import io
+import itertools
 import random
 from pathlib import Path
 
@@ -87,16 +88,53 @@ def collate(samples: list[dict]) -> dict:
     return batch
 
 
-class _Skip:
-    """Drop the first ``n`` samples of the stream (fast-forward on resume, before decoding)."""
+class VisitStream:
+    """An endless stream of samples that can start at any sample without replaying the ones before.
 
-    def __init__(self, n: int):
-        self.n = n
+    The stream is a sequence of shard visits: visit j reads shard ``rng.choice(urls)`` (one
+    ``random.Random(seed)`` for the whole stream) and yields its samples through a shuffle buffer
+    seeded by (seed, j) and emptied at the end of the visit. A visit's samples therefore depend only
+    on (seed, j), so skipping ``n`` samples draws the shard of each skipped visit and subtracts its
+    sample count (headers only, :func:`cytosyn_data.tar_index.count_samples`, memoised), then
+    replays at most one shard. The split stage's shards are already a global shuffle; the buffer
+    re-orders each visit.
+    """
 
-    def __call__(self, src):
-        for i, s in enumerate(src):
-            if i >= self.n:
+    def __init__(self, urls: list[str], seed: int, skip: int, shuffle_buffer: int):
+        self.urls, self.seed, self.skip, self.buffer = urls, seed, skip, shuffle_buffer
+
+    def __call__(self, src=None):
+        rng, skip = random.Random(self.seed), self.skip
+        for j in itertools.count():
+            url = rng.choice(self.urls)
+            if skip:
+                n = sample_count(url)
+                if skip >= n:
+                    skip -= n
+                    continue
+            samples = wds.tarfile_to_samples()(iter([{"url": url}]))
+            if self.buffer > 1:
+                vis = random.Random(f"{self.seed}/{j}")
+                samples = wds.filters._shuffle(samples, self.buffer, min(100, self.buffer), vis)
+            for s in samples:
+                if skip:
+                    skip -= 1
+                    continue
                 yield s
+
+
+_COUNTS: dict[tuple, int] = {}
+
+
+def sample_count(url: str) -> int:
+    """Samples in one shard (memoised per path, size and mtime for local files)."""
+    from cytosyn_data.tar_index import count_samples
+
+    p = Path(url)
+    ident = (url, *(lambda st: (st.st_size, st.st_mtime_ns))(p.stat())) if p.exists() else (url,)
+    if ident not in _COUNTS:
+        _COUNTS[ident] = count_samples(url)
+    return _COUNTS[ident]
 
 
 def make_loader(
@@ -112,8 +150,8 @@ def make_loader(
 
     Stream r is seeded by (seed, rank, r); batches come from the W workers in turn, so after
     ``batches_done`` batches stream r has made ceil((batches_done - r) / W) of them, which it
-    skips on resume (worker w reads stream (w + batches_done) mod W): a resumed run sees
-    exactly the batches it would have seen.
+    seeks past on resume (:class:`VisitStream`; worker w reads stream (w + batches_done) mod W):
+    a resumed run sees exactly the batches it would have seen, after reading at most one shard.
     """
     urls = shard_urls(shards)
     nw = max(num_workers, 1)
@@ -124,28 +162,13 @@ def make_loader(
         info = torch.utils.data.get_worker_info()
         return ((info.id if info is not None else 0) + batches_done) % nw
 
-    def worker_skip(src):
+    def stream(src=None):
         done = max(0, -(-(batches_done - role()) // nw))
-        yield from _Skip(done * batch_size)(src)
-
-    def stream_seed() -> int:
-        return (seed * 1_000_003 + rank * 1009 + role()) % (2**31)
-
-    class _Shards(wds.ResampledShards):
-        def __iter__(self):  # seed per (seed, rank, worker), independent of the host
-            rng = random.Random(stream_seed())
-            while True:
-                yield {"url": rng.choice(urls)}
-
-    class _Shuffle:
-        def __call__(self, src):
-            yield from wds.filters._shuffle(src, shuffle_buffer, min(100, shuffle_buffer), random.Random(stream_seed() + 1))
+        stream_seed = (seed * 1_000_003 + rank * 1009 + role()) % (2**31)
+        yield from VisitStream(urls, stream_seed, done * batch_size, shuffle_buffer)()
 
     pipeline = wds.DataPipeline(
-        _Shards(urls),
-        wds.tarfile_to_samples(),
-        _Shuffle() if shuffle_buffer > 1 else (lambda src: src),
-        worker_skip,
+        stream,
         wds.map(decode_sample),
         wds.batched(batch_size, collation_fn=collate, partial=False),
     )

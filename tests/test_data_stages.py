@@ -147,6 +147,9 @@ def test_features_shapes_dtypes_keys_and_token_resize(run, tmp_path):
     p = sorted(d.glob("*.tar"))[0]
     members = dict(iter_tar_members(p))
     keys = [n[:-4] for n in before[p.name] if n.endswith(".png")]
+    # written batch by batch (25 tiles, batches of 16): each PNG is followed by its two feature members
+    want = [m for n in before[p.name] for m in ([n, f"{n[:-4]}.cls.npy", f"{n[:-4]}.tok.npy"] if n.endswith(".png") else [n])]
+    assert [n for n, _ in iter_tar_members(p)] == want and len(keys) > 16
     for k in keys:
         cls = np.load(io.BytesIO(members[f"{k}.cls.npy"]))
         tok = np.load(io.BytesIO(members[f"{k}.tok.npy"]))
@@ -204,6 +207,7 @@ def test_curation_grouped_five_fold_fit_and_fold_averaged_apply(image_run, capsy
     assert metrics["fold"].to_list() == [0, 1, 2, 3, 4] and metrics["n_test"].sum() == 48
     # folds are grouped by slide (image) and stratified: recompute them and check
     keys, x = C.compute_features(image_run / "shards", image_run / "curate", "random:small")
+    assert isinstance(x, np.memmap) and x.shape == (len(keys), x.shape[1])
     ann = C.read_annotations(image_run / "labels.csv")
     pos = {k: i for i, k in enumerate(keys)}
     res = C.fit_probes(x[[pos[k] for k in ann["key"]]], ann["is_artifact"].to_numpy(), C.slide_of(ann["key"]))
@@ -232,4 +236,14 @@ def test_probes_are_saved_without_pickle_and_reload(tmp_path):
     p1 = C.probe_probabilities(x, res["probes"])
     p2 = C.probe_probabilities(x, C.load_probes(tmp_path / "p.npz"))
     np.testing.assert_array_equal(p1, p2)
+    np.testing.assert_array_equal(C.probe_probabilities(x, res["probes"], chunk=7), p1)  # row chunks: same numbers
+    # the feature file is written batch by batch and read back memory-mapped
+    from cytosyn_data.feature_file import FeatureFileWriter
+
+    with FeatureFileWriter(tmp_path / "f.npy") as fw:
+        for lo in range(0, 60, 16):
+            fw.append(x[lo:lo + 16])
+    back = np.load(tmp_path / "f.npy", mmap_mode="r")
+    assert back.dtype == np.float32 and np.array_equal(back, x.astype(np.float32))
+    assert list(tmp_path.glob("*.raw")) == [] and list(tmp_path.glob(".*tmp*")) == []
     assert np.mean([m["auc"] for m in res["metrics"]]) > 0.9

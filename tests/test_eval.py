@@ -212,3 +212,20 @@ def test_end_to_end_on_cmu_tiles_with_jpeg_ablation(tmp_path, cmu_slide):
     for f in ("report.md", "fd.png", "grid.png", "report/index.html", "report/img/fd.png"):
         assert (tmp_path / "png" / f).exists()
     assert len(list((tmp_path / "png" / "cache").iterdir())) == 4  # (real, generated) x 2 extractors, cached
+
+
+def test_features_are_memory_mapped_and_large_sets_subsampled_for_knn_metrics(tmp_path):
+    from cytosyn_model.eval.run import reference_pairs, subsample
+
+    x = np.lib.format.open_memmap(tmp_path / "f.npy", mode="w+", dtype=np.float32, shape=(1000, 4))
+    x[:] = np.arange(4000, dtype=np.float32).reshape(1000, 4)
+    x.flush()
+    m = np.load(tmp_path / "f.npy", mmap_mode="r")
+    s = subsample(m, 100, seed=3)
+    assert s.shape == (100, 4) and np.array_equal(s, subsample(m, 100, seed=3))
+    rows = s[:, 0].astype(int) // 4
+    assert (np.diff(rows) > 0).all() and np.array_equal(s, x[rows])  # distinct rows, in file order
+    assert subsample(m, 5000, 0).shape == (1000, 4)
+    ri, gi = reference_pairs(["a__x0_y0", "b__x0_y0", "c__x0_y0"],
+                             ["gen__c__x0_y0__s0_0", "junk", "gen__a__x0_y0__s0_1", "gen__z__x0_y0__s0_2"])
+    assert ri.tolist() == [2, 0] and gi.tolist() == [0, 2]

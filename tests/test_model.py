@@ -161,3 +161,31 @@ def test_h0_mini_tokens_and_missing_weights():
     grid = tok.transpose(1, 2).reshape(2, 8, 16, 16)
     ref = F.interpolate(grid, size=(14, 14), mode="bicubic", antialias=True).reshape(2, 8, 196).transpose(1, 2)
     assert torch.equal(resize_tokens(tok), ref)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loader_resume_seeks_to_the_same_batches_without_replaying(tmp_path, workers, monkeypatch):
+    """Shards of 5 samples, batches of 3: a loader started at batch k yields batches k, k+1, ... of
+    an uninterrupted loader, and reads at most one shard per stream before its first batch."""
+    from cytosyn_data.png import encode_png
+    from cytosyn_data.shards import write_tar_atomic
+    from cytosyn_model import data as D
+
+    rng = np.random.default_rng(0)
+    for s in range(4):
+        write_tar_atomic(tmp_path / f"s{s}.tar", [(f"k{s}_{i}.png", encode_png(rng.integers(0, 255, (224, 224, 3), np.uint8)))
+                                                 for i in range(5)])
+    def keys(done, n):
+        it = iter(make_loader(tmp_path, 3, seed=4, num_workers=workers, shuffle_buffer=4, batches_done=done))
+        return [next(it)["key"] for _ in range(n)]
+
+    full = keys(0, 14)
+    assert len({k for b in full for k in b}) > 10  # shards drawn with replacement, visit after visit
+    for k in (1, 5, 9):
+        assert keys(k, 14 - k) == full[k:]
+    opened = []
+    real = D.wds.tarfile_to_samples
+    monkeypatch.setattr(D.wds, "tarfile_to_samples", lambda: (lambda src: (opened.append(1), real()(src))[1]))
+    it = iter(D.VisitStream(sorted(str(p) for p in tmp_path.glob("*.tar")), seed=1, skip=37, shuffle_buffer=4)())
+    next(it)
+    assert len(opened) == 1  # 37 samples (7 visits) skipped by their counts, one shard read

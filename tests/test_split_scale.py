@@ -90,12 +90,14 @@ def reference(syn, tmp_path_factory):
     return out, counts
 
 
-@pytest.mark.parametrize("workers,max_buckets", [(2, 256), (1, 3)])
-def test_bucket_shuffle_gives_the_reference_bytes(syn, reference, tmp_path, monkeypatch, workers, max_buckets):
+@pytest.mark.parametrize("workers,max_buckets,backend", [(2, 256, []), (1, 3, []), (2, 256, ["--cluster", "local"])])
+def test_bucket_shuffle_gives_the_reference_bytes(syn, reference, tmp_path, monkeypatch, workers, max_buckets, backend):
     monkeypatch.setattr(split_shuffle, "MAX_BUCKETS", max_buckets)  # 3: several output shards per bucket
+    if backend:
+        pytest.importorskip("distributed")
     args = ["split", "--run", str(syn), "--out", str(tmp_path / "s"), "--val-out-fraction", "0.2",
             "--val-in-fraction", "0.2", "--guidance-tiles", "37", "--seed", "3", "--shard-size", "97",
-            "--jpeg-quality", "70", "--workers", str(workers)]
+            "--jpeg-quality", "70", "--workers", str(workers), *backend]
     assert main(args) == 0
     ref, counts = reference
     got = _tars(tmp_path / "s")

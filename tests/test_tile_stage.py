@@ -236,3 +236,21 @@ def test_two_worker_processes_give_the_same_bytes(tmp_path, cmu_slide, tcga_slid
     run_tile(slides, tmp_path / "one", cfg, workers=1)
     run_tile(slides, tmp_path / "two", cfg, workers=2)
     assert shard_bytes(tmp_path / "one") == shard_bytes(tmp_path / "two")
+
+
+def test_merge_streams_parts_and_refuses_a_slide_in_two_parts(tmp_path):
+    from cytosyn_data.synthetic import synthetic_tables
+
+    slides, tiles = synthetic_tables(1200, tiles_per_slide=100)
+    for i in range(3):
+        mine = slides[i * 4 : (i + 1) * 4]
+        part = tiles.filter(pl.col("slide_id").is_in(mine["slide_id"].implode()))
+        mine.write_parquet(tmp_path / f"slides-part{i:04d}of0003.parquet")
+        part.write_parquet(tmp_path / f"tiles-part{i:04d}of0003.parquet")
+        part.select("key", "x").write_parquet(tmp_path / f"candidates-part{i:04d}of0003.parquet")
+    assert merge_parts(tmp_path) == {"slides": 12, "candidates": 1200, "tiles": 1200}
+    merged = pl.read_parquet(tmp_path / "tiles.parquet")
+    assert merged.equals(tiles)  # parts in order, rows as written
+    slides[:5].write_parquet(tmp_path / "slides-part0001of0003.parquet")  # part 0's slides also in part 1
+    with pytest.raises(RuntimeError, match=r"slides in two parts, e.g. \['TCGA-00-00000-01Z-00-DX1', "):
+        merge_parts(tmp_path)

@@ -98,7 +98,7 @@ def standardise(train, test, gen) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 def _tensors(device, *arrays):
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return [torch.as_tensor(np.asarray(a, np.float32), device=dev) for a in arrays]
+    return [torch.as_tensor(np.array(a, np.float32), device=dev) for a in arrays]  # a copy: inputs may be read-only memory maps
 
 
 def baseline_nll(train: torch.Tensor, test: torch.Tensor, size: int, g: torch.Generator) -> float:

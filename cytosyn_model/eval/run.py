@@ -31,6 +31,8 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
+from cytosyn_data.feature_file import FeatureFileWriter
+
 from .extractors import REGISTRY, build_extractor, center_crop, jpeg_roundtrip
 from .fld import fld, fld_and_gap, memorisation_scores
 from .metrics import RunningMoments, bootstrap, cosine_similarity_pairs, fd_infinity, frechet_distance, kid, mean_cov, prdc
@@ -58,6 +60,7 @@ class EvalConfig:
     device: str | None = None
     seed: int = 0
     max_images: int | None = None
+    max_points: int | None = 50_000  # rows (seeded choice) per set for the k-NN / kernel / mixture metrics
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "eval config") -> "EvalConfig":
@@ -85,8 +88,9 @@ class EvalConfig:
             one_of(k, f"{where}: kid", ("subsets", "subset_size", "seed"))
             if k != "seed":
                 positive(v, f"{where}: kid.{k}", int)
-        if cfg.max_images is not None:
-            positive(cfg.max_images, f"{where}: max_images", int)
+        for k in ("max_images", "max_points"):
+            if getattr(cfg, k) is not None:
+                positive(getattr(cfg, k), f"{where}: {k}", int)
         for side, names in (cfg.preprocess or {}).items():
             for name in names:
                 try:
@@ -187,56 +191,72 @@ def set_identity(source, limit: int | None) -> str:
 
 def set_features(extractor, name: str, source, preprocess: list[str], cache: Path, batch_size: int, device,
                  weights: str | None, limit: int | None = None) -> tuple[list[str], np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """Features [N, D] float32 of one set (cached), its keys, and its float64 (mean, cov)."""
+    """Features [N, D] float32 of one set (cached; written batch by batch and returned memory-mapped),
+    its keys, and its float64 (mean, cov) accumulated while streaming."""
     spec = extractor.spec
     tag = f"{name}-{spec.name}-{spec.identity(weights)}-{'+'.join(preprocess) or 'png'}-{set_identity(source, limit)}"
     folder = cache / tag
     if (folder / "done.json").exists():
         keys = pl.read_parquet(folder / "keys.parquet")["key"].to_list()
         m = np.load(folder / "moments.npz")
-        return keys, np.load(folder / "features.npy"), (m["mean"], m["cov"])
+        return keys, np.load(folder / "features.npy", mmap_mode="r"), (m["mean"], m["cov"])
     fns = [preprocessor(p) for p in preprocess]
-    keys, chunks, batch_k, batch_i = [], [], [], []
+    keys, batch_k, batch_i = [], [], []
     moments = None
-
-    def flush():
-        nonlocal moments
-        x = torch.from_numpy(np.stack(batch_i)).permute(0, 3, 1, 2).float().div(255).to(device)
-        f = extractor(x).cpu().numpy()
-        if moments is None:
-            moments = RunningMoments(f.shape[1])
-        moments.add(f)
-        chunks.append(f.astype(np.float32))
-        keys.extend(batch_k)
-        batch_k.clear()
-        batch_i.clear()
-
-    for key, img in tqdm(iter_images(source, limit), desc=f"{name}/{spec.name}", unit="img", leave=False):
-        for fn in fns:
-            img = fn(img)
-        batch_k.append(key)
-        batch_i.append(np.ascontiguousarray(img))
-        if len(batch_i) == batch_size:
-            flush()
-    if batch_i:
-        flush()
-    if not keys:
-        raise ValueError(f"set {name}: no images in {source}")
-    feats = np.concatenate(chunks)
-    mu, cov = moments.mean_cov()
     folder.mkdir(parents=True, exist_ok=True)
-    np.save(folder / "features.npy", feats)
+    with FeatureFileWriter(folder / "features.npy") as fw:
+
+        def flush():
+            nonlocal moments
+            x = torch.from_numpy(np.stack(batch_i)).permute(0, 3, 1, 2).float().div(255).to(device)
+            f = extractor(x).cpu().numpy()
+            if moments is None:
+                moments = RunningMoments(f.shape[1])
+            moments.add(f)
+            fw.append(f)
+            keys.extend(batch_k)
+            batch_k.clear()
+            batch_i.clear()
+
+        for key, img in tqdm(iter_images(source, limit), desc=f"{name}/{spec.name}", unit="img", leave=False):
+            for fn in fns:
+                img = fn(img)
+            batch_k.append(key)
+            batch_i.append(np.ascontiguousarray(img))
+            if len(batch_i) == batch_size:
+                flush()
+        if batch_i:
+            flush()
+        if not keys:
+            raise ValueError(f"set {name}: no images in {source}")
+    mu, cov = moments.mean_cov()
     np.savez(folder / "moments.npz", mean=mu, cov=cov)
     pl.DataFrame({"key": keys}).write_parquet(folder / "keys.parquet")
     (folder / "done.json").write_text(json.dumps({"set": name, "source": str(source), "extractor": spec.name,
                                                   "preprocess": preprocess, "n": len(keys)}))
-    return keys, feats, (mu, cov)
+    return keys, np.load(folder / "features.npy", mmap_mode="r"), (mu, cov)
+
+
+def subsample(x: np.ndarray, n: int | None, seed: int) -> np.ndarray:
+    """At most ``n`` rows of ``x`` (a seeded choice kept in row order), read from its memory map."""
+    if n is None or len(x) <= n:
+        return np.asarray(x)
+    return np.asarray(x[np.sort(np.random.default_rng(seed).choice(len(x), n, replace=False))])
 
 
 def reference_key(generated_key: str) -> str | None:
     """``gen__{refkey}__s{seed}_{i}`` (cytosyn-sample's cond mode) -> refkey."""
     parts = generated_key.split("__")
     return "__".join(parts[1:-1]) if len(parts) >= 4 and parts[0] == "gen" else None
+
+
+def reference_pairs(real_keys: list[str], gen_keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(real row, generated row) of each generated tile whose reference tile is in the real set (a
+    join, not a dict of every real key)."""
+    gen = pl.DataFrame({"ref": [reference_key(k) for k in gen_keys]}, schema={"ref": pl.String}).with_row_index("gi")
+    real = pl.DataFrame({"ref": real_keys}, schema={"ref": pl.String}).with_row_index("ri")
+    pairs = gen.join(real, on="ref", how="inner").sort("gi")
+    return pairs["ri"].to_numpy(), pairs["gi"].to_numpy()
 
 
 def evaluate(cfg: EvalConfig) -> pl.DataFrame:
@@ -253,11 +273,14 @@ def evaluate(cfg: EvalConfig) -> pl.DataFrame:
                 for n, p in cfg.real.items()}
         train = None
         if cfg.real_train and "fld" in cfg.metrics:
-            train = set_features(extractor, "real_train", cfg.real_train, pre_r, cache, cfg.batch_size, dev, weights, cfg.max_images)[1]
+            train = subsample(set_features(extractor, "real_train", cfg.real_train, pre_r, cache, cfg.batch_size, dev,
+                                           weights, cfg.max_images)[1], cfg.max_points, cfg.seed)
         for gname, g in cfg.generated.items():
             gpath = g["path"] if isinstance(g, dict) else g
             gkeys, gf, (gmu, gcov) = set_features(extractor, f"gen_{gname}", gpath, pre_g, cache, cfg.batch_size, dev, weights, cfg.max_images)
+            gs = subsample(gf, cfg.max_points, cfg.seed + 1)  # k-NN, kernel and mixture metrics: <= max_points rows
             for rname, (rkeys, rf, (rmu, rcov)) in real.items():
+                rs = subsample(rf, cfg.max_points, cfg.seed + 2)
                 if "fd" in cfg.metrics:
                     fd = frechet_distance(gmu, gcov, rmu, rcov)
                     std = None
@@ -267,7 +290,7 @@ def evaluate(cfg: EvalConfig) -> pl.DataFrame:
                                               b["draws"], cfg.seed)
                     rows.append(("fd", ename, gname, rname, fd, std))
                 if "pr" in cfg.metrics:
-                    m = prdc(rf, gf, cfg.pr_k, device=dev)
+                    m = prdc(rs, gs, cfg.pr_k, device=dev)
                     rows += [(name, ename, gname, rname, m[name], None) for name in ("precision", "recall", "density", "coverage")]
                 if "fd_inf" in cfg.metrics:
                     lo, pts = int(cfg.fd_inf.get("min_fake", 5000)), int(cfg.fd_inf.get("num_points", 15))
@@ -278,22 +301,20 @@ def evaluate(cfg: EvalConfig) -> pl.DataFrame:
                                         f"fd_inf.min_fake = {lo}")
                     rows.append(("fd_inf", ename, gname, rname, fd_infinity(gf, rmu, rcov, lo, pts, cfg.seed), None))
                 if "kid" in cfg.metrics:
-                    size = min(int(cfg.kid.get("subset_size", 1000)), len(rf), len(gf))
-                    mean, std = kid(gf, rf, int(cfg.kid.get("subsets", 100)), size, seed=int(cfg.kid.get("seed", 2020)))
+                    size = min(int(cfg.kid.get("subset_size", 1000)), len(rs), len(gs))
+                    mean, std = kid(gs, rs, int(cfg.kid.get("subsets", 100)), size, seed=int(cfg.kid.get("seed", 2020)))
                     rows.append(("kid", ename, gname, rname, mean, std))
                 if "fld" in cfg.metrics and train is None:
-                    rows.append(("fld", ename, gname, rname, fld(rf, gf, seed=cfg.seed, device=dev), None))
+                    rows.append(("fld", ename, gname, rname, fld(rs, gs, seed=cfg.seed, device=dev), None))
                 elif "fld" in cfg.metrics:  # the memorisation gap and per-sample scores need the training set
-                    value, gap = fld_and_gap(rf, gf, real_train=train, seed=cfg.seed, device=dev)
+                    value, gap = fld_and_gap(rs, gs, real_train=train, seed=cfg.seed, device=dev)
                     rows += [("fld", ename, gname, rname, value, None), ("fld_gap", ename, gname, rname, gap, None)]
-                    scores = memorisation_scores(train, rf, gf, cfg.seed, dev)  # all generated samples, as the reference
+                    scores = memorisation_scores(train, rs, gf, cfg.seed, dev)  # all generated samples, as the reference
                     pl.DataFrame({"key": gkeys, "memorisation": scores}).write_parquet(
                         out / f"memorisation_{ename}_{gname}_{rname}.parquet")
                 if "cosine" in cfg.metrics:
-                    pos = {k: i for i, k in enumerate(rkeys)}
-                    pairs = [(pos[rk], j) for j, k in enumerate(gkeys) if (rk := reference_key(k)) in pos]
-                    if pairs:
-                        ri, gi = map(list, zip(*pairs))
+                    ri, gi = reference_pairs(rkeys, gkeys)
+                    if len(ri):
                         rows.append(("cosine", ename, gname, rname, cosine_similarity_pairs(rf[ri], gf[gi]), None))
     df = pl.DataFrame(rows, schema=METRICS_SCHEMA, orient="row")
     df.write_parquet(out / "metrics.parquet")

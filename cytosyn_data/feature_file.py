@@ -1,0 +1,48 @@
+"""Feature matrices larger than memory: a float32 ``.npy`` written batch by batch, read memory-mapped.
+
+Used by curation (iBOT features of every tile) and evaluation (extractor features of every image):
+at 40M tiles x 384 or 4M images x 2048 the matrix is tens of GiB, so it is never held in memory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .shards import tmp_path
+
+
+class FeatureFileWriter:
+    """A float32 [N, D] ``.npy`` written batch by batch (N unknown in advance): rows go to a raw
+    temporary file, then the header and the rows are copied into place and renamed. Memory holds
+    one batch, never the N x D array; the result is read back memory-mapped."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.raw = tmp_path(self.path.with_suffix(".raw"))
+        self._fh = open(self.raw, "wb")
+        self.n, self.dim = 0, None
+
+    def append(self, x: np.ndarray) -> None:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if self.dim is None:
+            self.dim = x.shape[1]
+        self._fh.write(x.tobytes())
+        self.n += x.shape[0]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc):
+        self._fh.close()
+        if exc_type is None:
+            tmp = tmp_path(self.path)
+            with open(tmp, "wb") as out, open(self.raw, "rb") as src:
+                np.lib.format.write_array_header_1_0(
+                    out, {"descr": "<f4", "fortran_order": False, "shape": (self.n, self.dim or 0)})
+                shutil.copyfileobj(src, out, 1 << 24)
+            os.replace(tmp, self.path)
+        self.raw.unlink(missing_ok=True)
