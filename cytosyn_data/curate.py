@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .png import decode_png, encode_png
-from .feature_file import FeatureFileWriter
+from .feature_file import FeatureFileWriter, read_rows
 from .shards import atomic_write_bytes
 
 N_FOLDS = 5
@@ -176,7 +176,7 @@ def probe_probabilities(x: np.ndarray, probes: list, chunk: int = 16384) -> np.n
     float64 over row chunks: ``x`` may be a memory-mapped feature file larger than memory."""
     out = np.empty((len(x), len(probes)), dtype=np.float64)
     for lo in range(0, len(x), chunk):
-        xc = np.asarray(x[lo : lo + chunk], dtype=np.float64)
+        xc = read_rows(x, lo, lo + chunk).astype(np.float64)
         for j, (m, s, w, b) in enumerate(probes):
             out[lo : lo + chunk, j] = 1.0 / (1.0 + np.exp(-(((xc - m) / s) @ w + b)))
     return out

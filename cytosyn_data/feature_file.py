@@ -46,3 +46,18 @@ class FeatureFileWriter:
                 shutil.copyfileobj(src, out, 1 << 24)
             os.replace(tmp, self.path)
         self.raw.unlink(missing_ok=True)
+
+
+def read_rows(x: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Rows ``lo:hi`` of ``x``; from a memory map (``np.load(..., mmap_mode="r")``) they are read
+    with a plain file read, so that the pages go to the page cache and not into this process's
+    resident memory, as touching the map would."""
+    row = x.shape[1] * x.dtype.itemsize if x.ndim == 2 else 0
+    whole = (isinstance(x, np.memmap) and x.filename and x.ndim == 2 and x.flags.c_contiguous
+             and os.path.getsize(x.filename) == x.offset + x.shape[0] * row)  # the map of a whole file, not a view
+    if whole:
+        hi = min(hi, x.shape[0])
+        with open(x.filename, "rb") as f:
+            f.seek(x.offset + lo * row)
+            return np.frombuffer(f.read(max(hi - lo, 0) * row), dtype=x.dtype).reshape(-1, x.shape[1])
+    return np.asarray(x[lo:hi])

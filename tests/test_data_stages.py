@@ -245,5 +245,8 @@ def test_probes_are_saved_without_pickle_and_reload(tmp_path):
             fw.append(x[lo:lo + 16])
     back = np.load(tmp_path / "f.npy", mmap_mode="r")
     assert back.dtype == np.float32 and np.array_equal(back, x.astype(np.float32))
+    from cytosyn_data.feature_file import read_rows
+
+    assert np.array_equal(read_rows(back, 7, 19), back[7:19]) and np.array_equal(read_rows(back[5:], 0, 4), back[5:9])
     assert list(tmp_path.glob("*.raw")) == [] and list(tmp_path.glob(".*tmp*")) == []
     assert np.mean([m["auc"] for m in res["metrics"]]) > 0.9

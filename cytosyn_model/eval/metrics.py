@@ -40,9 +40,11 @@ class RunningMoments:
 
 
 def mean_cov(x: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    from cytosyn_data.feature_file import read_rows
+
     m = RunningMoments(x.shape[1])
     for i in range(0, len(x), chunk):
-        m.add(x[i : i + chunk])
+        m.add(read_rows(x, i, i + chunk))
     return m.mean_cov()
 
 
