@@ -30,16 +30,16 @@ TILES_PER_SLIDE = 4000  # 40M tiles / 10k slides
 
 # --------------------------------------------------------------------------- stages (run in a child)
 def stage_assign(run: Path, work: Path) -> dict:
+    """The split's assignment as `cytosyn-data split` runs it: chunks of whole slides, the
+    splits table streamed, the audit by aggregations."""
     import polars as pl
 
-    from cytosyn_data.split import SplitConfig, assign_splits, audit, read_tiles
+    from cytosyn_data.split import SplitConfig, assign_run, audit_parts, write_splits_table
 
-    cfg = SplitConfig()
-    tiles = read_tiles(run / "tiles.parquet", cfg)
-    splits = assign_splits(pl.read_parquet(run / "slides.parquet"), tiles, None, cfg)
-    a = audit(splits, tiles)
-    assert a["ok"]
-    return {"tiles": tiles.height}
+    a = assign_run(run, work / "assign", SplitConfig(), None)
+    write_splits_table(a, work / "splits.parquet")
+    assert audit_parts(pl.scan_parquet(work / "splits.parquet"), a.overlaps)["ok"]
+    return {"tiles": a.n_tiles}
 
 
 def stage_assign_naive(run: Path, work: Path) -> dict:

@@ -1,17 +1,20 @@
 """The split shards' global shuffle, out of core: a two-pass bucket shuffle on several workers.
 
 Order: in each group (train, val_in, val_out, guidance) the tiles are sorted by a keyed hash
-(:func:`key_hash.key_order`, domain ``"{seed}/shuffle"``, ties by key) and cut every
-``shard_size`` tiles; runs of consecutive output shards form buckets (at most ``MAX_BUCKETS``).
+``h`` (:func:`key_hash.key_hash`, domain ``"{seed}/shuffle"``, ties by key) and cut every
+``shard_size`` tiles. Buckets are equal ranges of ``h`` (at most ``MAX_BUCKETS`` in a run), so no
+process ever sorts the whole group: a tile's bucket follows from its own hash.
 
 - Pass 1, scatter (units = runs of input shards, plus one unit per slide for ``expand_px``): each
-  tile shard is read once, sequentially; every member of a routed tile is appended to its bucket's
-  piece ``u{unit}/b{bucket}.bin`` (JPEG re-encodes and expanded tiles as extra items). The unit's
-  item index (bucket, key, ext, variant, pos, seq, offset, size) is written beside the pieces and
-  the unit folder appears by rename.
-- Pass 2, gather (units = buckets): sorting only the bucket's small index gives every member its
-  byte offset in its output tar; each piece is then read once, sequentially, and each member written
-  at its offset (``os.pwrite``). Output tars appear by rename; memory is the index, not the bytes.
+  tile shard is read once, sequentially; every member of a tile of the split is appended to its
+  bucket's piece ``{unit}/b{bucket}.bin`` (JPEG re-encodes and expanded tiles as extra items). The
+  unit's item index (bucket, key, h, ext, variant, seq, offset, size) is written beside its pieces,
+  the unit folder appears by rename, and the unit reports its tiles per bucket.
+- Pass 2, gather (a unit per bucket where output shards start): the bucket sizes give each bucket's
+  first position in its group; sorting only the bucket's small index (and the head of the next
+  bucket, for the shard that straddles them) gives every member its byte offset in its output tar.
+  Each piece is then read once, sequentially, and each member written at its offset
+  (``os.pwrite``). Output tars appear by rename; memory is the index, never the bytes.
 
 The bytes equal sorting every tile in memory and copying members in that order (the reference
 path, tests/split_oracle.py), for any number of units, buckets or workers. Units are idempotent, so
@@ -32,7 +35,7 @@ import numpy as np
 import polars as pl
 
 from .errors import DataError
-from .key_hash import key_order
+from .key_hash import key_hash
 from .png import jpeg_from_png
 from .shards import member_header, remove_stale_tmp, tmp_path, write_json_atomic
 from .tar_index import split_member, stream_members
@@ -41,31 +44,31 @@ GROUPS = ("train", "val_in", "val_out", "guidance")
 MAX_BUCKETS = 256  # buckets per split run: a scatter unit keeps at most this many piece files open
 UNIT_TILES = 200_000  # tiles per scatter unit (fewer, larger pieces); at least 2 units per worker
 BLOCK, RECORD = 512, 10240
-ITEM_SCHEMA = {"bucket": pl.Int32, "key": pl.String, "ext": pl.String, "variant": pl.String, "pos": pl.Int64,
+ITEM_SCHEMA = {"bucket": pl.Int32, "key": pl.String, "h": pl.UInt64, "ext": pl.String, "variant": pl.String,
                "seq": pl.Int64, "unit": pl.String, "offset": pl.Int64, "size": pl.Int64}
 
 
-def route_table(splits: pl.DataFrame, tiles: pl.DataFrame, seed: int, shard_size: int) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Where each tile goes. routes: key, group, pos (place in the group's order), bucket, and the
-    tile's shard, slide_id, x, y (one row per tile and group); buckets: bucket, group,
-    first_shard, n_shards."""
-    keys = {g: splits.filter(pl.col("split") == g)["key"] for g in GROUPS[:3]}
-    keys["guidance"] = splits.filter(pl.col("guidance"))["key"]
-    n_shards = {g: max(1, -(-len(k) // shard_size)) for g, k in keys.items()}
-    per_bucket = max(1, math.ceil(sum(n_shards.values()) / MAX_BUCKETS))
-    parts, buckets, b0 = [], [], 0
-    for g, k in keys.items():
-        pos = np.arange(len(k), dtype=np.int64)
-        order = key_order(k, f"{seed}/shuffle")
-        parts.append(pl.DataFrame({"key": k.gather(order), "group": g, "pos": pos,
-                                   "bucket": (b0 + pos // shard_size // per_bucket).astype(np.int32)}))
-        nb = -(-n_shards[g] // per_bucket)
-        buckets += [{"bucket": b0 + j, "group": g, "first_shard": j * per_bucket,
-                     "n_shards": min(per_bucket, n_shards[g] - j * per_bucket)} for j in range(nb)]
-        b0 += nb
-    routes = pl.concat(parts).join(tiles.select("key", "shard", "slide_id", "x", "y"), on="key", how="left")
-    return routes.sort("shard", "pos"), pl.DataFrame(buckets, schema={"bucket": pl.Int32, "group": pl.String,
-                                                                        "first_shard": pl.Int64, "n_shards": pl.Int64})
+def group_sizes(parts: list[Path], guidance: pl.Series) -> dict[str, int]:
+    """Tiles per group (train, val_in, val_out from the assignment parts; guidance)."""
+    n = dict(pl.scan_parquet(parts).group_by("split").len().collect().iter_rows()) if parts else {}
+    return {**{g: int(n.get(g, 0)) for g in GROUPS[:3]}, "guidance": len(guidance)}
+
+
+def bucket_layout(sizes: dict[str, int], shard_size: int) -> dict[str, tuple[int, int]]:
+    """group -> (first global bucket id, number of buckets): buckets of about
+    ``max(2 x shard_size, total / MAX_BUCKETS)`` tiles."""
+    per = max(2 * shard_size, math.ceil(sum(sizes.values()) / MAX_BUCKETS))
+    out, first = {}, 0
+    for g in GROUPS:
+        n = max(1, math.ceil(sizes[g] / per))
+        out[g], first = (first, n), first + n
+    return out
+
+
+def bucket_of(h: np.ndarray, first: int, n: int) -> np.ndarray:
+    """Global bucket id of hashes ``h`` (63-bit) in a group of ``n`` equal hash ranges from ``first``."""
+    width = np.uint64(-(-(2**63) // n))
+    return (first + np.minimum(h // width, np.uint64(n - 1)).astype(np.int64)).astype(np.int32)
 
 
 @dataclass(frozen=True)
@@ -75,7 +78,10 @@ class ScatterUnit:
 
     name: str
     work: str
-    routes: str
+    parts: tuple[str, ...]  # the assignment's tables (key, split, slide_id, shard, x, y)
+    guidance: tuple[str, ...]
+    buckets: tuple[tuple[str, int, int], ...]  # (group, first bucket, buckets)
+    seed: int
     inputs: tuple[str, ...] = ()
     slide: dict | None = None  # a slides.parquet row: this unit renders expanded tiles
     jpeg_quality: int | None = None
@@ -90,11 +96,11 @@ class PieceWriter:
         self.files: dict[int, object] = {}
         self.rows = {c: [] for c in ITEM_SCHEMA}
 
-    def add(self, bucket: int, key: str, ext: str, variant: str, pos: int, seq: int, data: bytes) -> None:
+    def add(self, bucket: int, key: str, h: int, ext: str, variant: str, seq: int, data: bytes) -> None:
         f = self.files.get(bucket)
         if f is None:
             f = self.files[bucket] = open(self.folder / f"b{bucket:05d}.bin", "wb", buffering=1 << 20)
-        for c, v in zip(ITEM_SCHEMA, (bucket, key, ext, variant, pos, seq, self.unit, f.tell(), len(data))):
+        for c, v in zip(ITEM_SCHEMA, (bucket, key, h, ext, variant, seq, self.unit, f.tell(), len(data))):
             self.rows[c].append(v)
         f.write(data)
 
@@ -105,8 +111,8 @@ class PieceWriter:
 
 
 def scatter(unit: ScatterUnit) -> dict:
-    """Run one pass-1 unit (skipped when its folder exists); returns its counts: ``found`` (tiles
-    of the routes met in the inputs), ``expanded`` ({group: tiles})."""
+    """Run one pass-1 unit (skipped when its folder exists); returns its counts: ``found`` (tiles of
+    the split met in the inputs), ``buckets`` ({bucket: tiles}), ``expanded`` ({group: tiles})."""
     done = Path(unit.work) / unit.name
     if (done / "done.json").exists():
         return json.loads((done / "done.json").read_text())
@@ -127,63 +133,75 @@ def scatter(unit: ScatterUnit) -> dict:
     return counts
 
 
-def _routes_by_key(routes: pl.DataFrame) -> dict[str, list[tuple[int, int]]]:
-    out: dict[str, list[tuple[int, int]]] = {}
-    for k, b, p in routes.select("key", "bucket", "pos").iter_rows():
-        out.setdefault(k, []).append((b, p))
-    return out
+def unit_routes(unit: ScatterUnit, where: pl.Expr, columns: tuple[str, ...] = ()) -> tuple[dict, pl.DataFrame]:
+    """key -> (h, [(bucket, group), ...]) for the tiles of the split matching ``where``, and those rows."""
+    rows = pl.scan_parquet(list(unit.parts)).filter(where).select("key", "split", *columns).collect()
+    h = key_hash(rows["key"], f"{unit.seed}/shuffle")
+    layout = {g: (first, n) for g, first, n in unit.buckets}
+    gb = {g: bucket_of(h, *layout[g]) for g in GROUPS[:3]}
+    guided = rows["key"].is_in(pl.Series(unit.guidance, dtype=pl.String).implode()).to_numpy()
+    gbg = bucket_of(h, *layout["guidance"])
+    out = {}
+    for i, (key, split) in enumerate(rows.select("key", "split").iter_rows()):
+        to = [(int(gb[split][i]), split)] + ([(int(gbg[i]), "guidance")] if guided[i] else [])
+        out[key] = (int(h[i]), to)
+    return out, rows
 
 
 def _scatter_shards(unit: ScatterUnit, pw: PieceWriter) -> dict:
-    names = [Path(p).name for p in unit.inputs]
-    routes = _routes_by_key(pl.scan_parquet(unit.routes).filter(pl.col("shard").is_in(names)).collect())
-    found, seq = set(), 0
+    routes, _ = unit_routes(unit, pl.col("shard").is_in([Path(p).name for p in unit.inputs]))
+    found, seq, per_bucket = set(), 0, {}
     for shard in unit.inputs:
         for name, data in stream_members(Path(shard)):
             key, ext = split_member(name)
-            to = routes.get(key)
-            if to is None:
+            r = routes.get(key)
+            if r is None:
                 continue
-            found.add(key)
+            h, to = r
+            if key not in found:
+                found.add(key)
+                for bucket, _ in to:
+                    per_bucket[bucket] = per_bucket.get(bucket, 0) + 1
             jpeg = jpeg_from_png(data, unit.jpeg_quality) if unit.jpeg_quality and ext == "png" else None
-            for bucket, pos in to:
-                pw.add(bucket, key, ext, "", pos, seq, data)
+            for bucket, _ in to:
+                pw.add(bucket, key, h, ext, "", seq, data)
                 if jpeg is not None:
-                    pw.add(bucket, key, "jpg", "jpeg", pos, seq, jpeg)
+                    pw.add(bucket, key, h, "jpg", "jpeg", seq, jpeg)
             seq += 1
-    return {"found": len(found), "expanded": {}}
+    return {"found": len(found), "buckets": {str(b): n for b, n in per_bucket.items()}, "expanded": {}}
 
 
 def _scatter_slide(unit: ScatterUnit, pw: PieceWriter) -> dict:
     from .split_expand import expanded_pngs
 
-    sid = unit.slide["slide_id"]
-    rows = pl.scan_parquet(unit.routes).filter(pl.col("slide_id") == sid).collect()
-    routes, groups = _routes_by_key(rows), dict(zip(rows["bucket"], rows["group"]))
+    routes, rows = unit_routes(unit, pl.col("slide_id") == unit.slide["slide_id"], ("x", "y"))
     expanded: dict[str, int] = {}
-    for key, png in expanded_pngs(unit.slide, rows.unique("key"), unit.expand_px):
-        for bucket, pos in routes[key]:
-            pw.add(bucket, key, "png", "expand", pos, 0, png)
-            expanded[groups[bucket]] = expanded.get(groups[bucket], 0) + 1
-    return {"found": 0, "expanded": expanded}
+    for key, png in expanded_pngs(unit.slide, rows, unit.expand_px):
+        h, to = routes[key]
+        for bucket, group in to:
+            pw.add(bucket, key, h, "png", "expand", 0, png)
+            expanded[group] = expanded.get(group, 0) + 1
+    return {"found": 0, "buckets": {}, "expanded": expanded}
 
 
-def scatter_units(routes: pl.DataFrame, shard_paths: list[Path], slides: pl.DataFrame, work: Path, cfg,
-                  parallel: int) -> list[ScatterUnit]:
-    """Runs of consecutive input shards of about ``UNIT_TILES`` routed tiles (at least 2 units per
-    worker), plus one unit per slide when ``cfg.expand_px``; names carry a digest of the inputs."""
-    per_shard = dict(routes.group_by("shard").len().iter_rows())
+def scatter_units(parts: list[Path], guidance: pl.Series, layout: dict, shard_paths: list[Path], slides: pl.DataFrame,
+                  work: Path, cfg, parallel: int) -> list[ScatterUnit]:
+    """Runs of consecutive input shards of about ``UNIT_TILES`` tiles of the split (at least 2 units
+    per worker), plus one unit per slide when ``cfg.expand_px``; names carry a digest of the inputs."""
+    scan = pl.scan_parquet(parts)
+    per_shard = dict(scan.group_by("shard").len().collect().iter_rows())
     paths = [p for p in shard_paths if per_shard.get(p.name)]
     sizes = np.array([per_shard[p.name] for p in paths], dtype=np.int64)
     n_units = min(len(paths), max(2 * parallel, math.ceil(int(sizes.sum()) / UNIT_TILES))) if len(paths) else 0
     cuts = np.searchsorted(np.cumsum(sizes), np.arange(1, n_units) * sizes.sum() / max(n_units, 1), side="right")
     groups = [g for g in np.split(np.arange(len(paths)), cuts) if len(g)] if n_units else []
-    common = dict(work=str(work), routes=str(work / "routes.parquet"), jpeg_quality=cfg.jpeg_quality,
+    common = dict(work=str(work), parts=tuple(map(str, parts)), guidance=tuple(guidance.to_list()),
+                  buckets=tuple((g, *layout[g]) for g in GROUPS), seed=cfg.seed, jpeg_quality=cfg.jpeg_quality,
                   expand_px=cfg.expand_px)
     units = [ScatterUnit(_unit_name("s", i, [str(paths[j]) for j in g]), inputs=tuple(str(paths[j]) for j in g), **common)
              for i, g in enumerate(groups)]
     if cfg.expand_px:
-        want = set(routes["slide_id"].unique().to_list())
+        want = set(scan.select(pl.col("slide_id").unique()).collect()["slide_id"].to_list())
         for i, row in enumerate(r for r in slides.sort("slide_id").to_dicts() if r["slide_id"] in want):
             units.append(ScatterUnit(_unit_name("x", i, [row["slide_id"], str(row["path"])]), slide=row, **common))
     return units
@@ -195,13 +213,15 @@ def _unit_name(kind: str, i: int, inputs: list[str]) -> str:
 
 @dataclass(frozen=True)
 class GatherUnit:
-    """Pass 2: output shards ``first_shard .. first_shard + n_shards - 1`` of ``group`` (every
-    folder variant) from the pieces of ``bucket`` in the scatter units ``units``."""
+    """Pass 2: the output shards ``shards`` of ``group`` (every folder variant), which start in
+    bucket ``load[0]`` (first position ``prefix``) and end before position ``end`` (reaching into
+    the next buckets of ``load`` when they straddle), from the pieces of the scatter units ``units``."""
 
-    bucket: int
     group: str
-    first_shard: int
-    n_shards: int
+    shards: tuple[int, ...]
+    prefix: int
+    end: int
+    load: tuple[int, ...]
     work: str
     out: str
     units: tuple[str, ...]
@@ -212,7 +232,30 @@ class GatherUnit:
         return Path(self.out) / folder / f"{folder}-{shard_no:06d}.tar"
 
     def targets(self) -> list[tuple[str, int]]:
-        return [(f"{self.group}{suffix}", self.first_shard + i) for suffix, _ in self.variants for i in range(self.n_shards)]
+        return [(f"{self.group}{suffix}", i) for suffix, _ in self.variants for i in self.shards]
+
+
+def gather_units(layout: dict, counts: dict[int, int], sizes: dict[str, int], work: Path, out: Path,
+                 units: tuple[str, ...], variants, shard_size: int) -> list[GatherUnit]:
+    """One unit per bucket where output shards start (an empty group writes one empty shard)."""
+    res = []
+    for g in GROUPS:
+        first, n = layout[g]
+        c = [counts.get(first + j, 0) for j in range(n)]
+        if sum(c) != sizes[g]:
+            raise DataError(f"split: {sum(c)} tiles of {g} routed to buckets, {sizes[g]} assigned")
+        prefix = np.concatenate([[0], np.cumsum(c)]).astype(int)
+        for j in range(n):
+            shards = tuple(range(-(-prefix[j] // shard_size), -(-prefix[j + 1] // shard_size)))
+            if sizes[g] == 0 and j == 0:
+                shards = (0,)
+            if not shards:
+                continue
+            end = min((shards[-1] + 1) * shard_size, sizes[g])
+            load = tuple(first + k for k in range(j, n) if prefix[k] < end or k == j)
+            res.append(GatherUnit(g, shards, int(prefix[j]), int(end), load, str(work), str(out), units, variants,
+                                  shard_size))
+    return res
 
 
 def _header_len(name: pl.Expr, size: pl.Expr) -> pl.Expr:
@@ -221,21 +264,31 @@ def _header_len(name: pl.Expr, size: pl.Expr) -> pl.Expr:
     return pl.when(short).then(pl.lit(BLOCK, pl.Int64)).otherwise(pl.lit(None, pl.Int64))
 
 
-def layout(items: pl.DataFrame, unit: GatherUnit) -> pl.DataFrame:
-    """Every member of the bucket's output shards: folder, shard_no, name, source (unit, offset,
-    size) and out_offset (of its header in the output tar), in output order."""
+def positions(items: pl.DataFrame, unit: GatherUnit) -> pl.DataFrame:
+    """The base items (variant "") of the loaded buckets with ``pos``, the tile's place in its group,
+    kept when it falls in this unit's shards."""
     base = items.filter(pl.col("variant") == "")
+    keys = base.select("h", "key").unique().sort("h", "key").with_row_index("pos", offset=unit.prefix)
+    lo = unit.shards[0] * unit.shard_size
+    return base.join(keys.with_columns(pl.col("pos").cast(pl.Int64)), on=["h", "key"]).filter(
+        (pl.col("pos") >= lo) & (pl.col("pos") < unit.end))
+
+
+def layout(items: pl.DataFrame, unit: GatherUnit) -> pl.DataFrame:
+    """Every member of the unit's output shards: folder, shard_no, name, source (unit, bucket,
+    offset, size) and out_offset (of its header in the output tar), in output order."""
+    base = positions(items, unit)
     frames = []
     for suffix, variant in unit.variants:
         rows = base
         if variant is not None:  # the variant's item replaces the png member; expand drops tiles without one
             sub = items.filter(pl.col("variant") == variant).select(
-                "key", unit_v="unit", offset_v="offset", size_v="size", ext_v="ext")
+                "key", unit_v="unit", bucket_v="bucket", offset_v="offset", size_v="size", ext_v="ext").unique("key")
             rows = base.join(sub, on="key", how="inner" if variant == "expand" else "left")
             swap = (pl.col("ext") == "png") & pl.col("unit_v").is_not_null()
             rows = rows.with_columns(*(pl.when(swap).then(pl.col(f"{c}_v")).otherwise(pl.col(c)).alias(c)
-                                       for c in ("unit", "offset", "size", "ext")))
-        frames.append(rows.select("pos", "seq", "key", "ext", "unit", "offset", "size",
+                                       for c in ("unit", "bucket", "offset", "size", "ext")))
+        frames.append(rows.select("pos", "seq", "key", "ext", "unit", "bucket", "offset", "size",
                                   folder=pl.lit(f"{unit.group}{suffix}"), shard_no=pl.col("pos") // unit.shard_size))
     lay = pl.concat(frames).sort("folder", "pos", "seq").with_columns(name=pl.col("key") + "." + pl.col("ext"))
     lay = lay.with_columns(hlen=_header_len(pl.col("name"), pl.col("size")))
@@ -252,7 +305,7 @@ def gather(unit: GatherUnit) -> int:
     if not todo:
         return 0
     index = [str(Path(unit.work) / u / "index.parquet") for u in unit.units]
-    items = (pl.scan_parquet(index).filter(pl.col("bucket") == unit.bucket).collect() if index
+    items = (pl.scan_parquet(index).filter(pl.col("bucket").is_in(list(unit.load))).collect() if index
              else pl.DataFrame(schema=ITEM_SCHEMA))
     lay = layout(items, unit)
     want = pl.DataFrame({"folder": [f for f, _ in todo], "shard_no": [i for _, i in todo]},
@@ -279,8 +332,8 @@ def gather(unit: GatherUnit) -> int:
 
 def _copy_members(lay: pl.DataFrame, unit: GatherUnit, fds: dict) -> None:
     """Read each piece once, in order, writing every member (header, data, padding) at its offset."""
-    for (src,), part in lay.sort("unit", "offset").group_by("unit", maintain_order=True):
-        with open(Path(unit.work) / src / f"b{unit.bucket:05d}.bin", "rb", buffering=1 << 20) as f:
+    for (src, bucket), part in lay.sort("unit", "bucket", "offset").group_by("unit", "bucket", maintain_order=True):
+        with open(Path(unit.work) / src / f"b{bucket:05d}.bin", "rb", buffering=1 << 20) as f:
             last, data = -1, b""
             for off, size, name, folder, i, out in part.select(
                     "offset", "size", "name", "folder", "shard_no", "out_offset").iter_rows():
@@ -292,32 +345,36 @@ def _copy_members(lay: pl.DataFrame, unit: GatherUnit, fds: dict) -> None:
                 os.pwrite(fds[(folder, i)], member_header(name, size) + data + bytes(-size % BLOCK), out)
 
 
-def shuffle_to_shards(splits: pl.DataFrame, tiles: pl.DataFrame, slides: pl.DataFrame, shard_paths: list[Path],
+def shuffle_to_shards(parts: list[Path], guidance: pl.Series, slides: pl.DataFrame, shard_paths: list[Path],
                       out: Path, cfg, ex, parallel: int) -> dict:
-    """Write ``out/{group}{suffix}/{group}{suffix}-{i:06d}.tar`` for every group and variant;
-    returns counts per folder and the seconds of each pass."""
+    """Write ``out/{group}{suffix}/{group}{suffix}-{i:06d}.tar`` for every group and variant from the
+    assignment's tables ``parts`` and the guidance keys; returns counts per folder and the seconds
+    of each pass."""
     import time
 
     work = out / ".shuffle"
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    routes, buckets = route_table(splits, tiles, cfg.seed, cfg.shard_size)
-    routes.write_parquet(work / "routes.parquet", statistics=True, row_group_size=100_000)
-    units = scatter_units(routes, shard_paths, slides, work, cfg, parallel)
+    sizes = group_sizes(parts, guidance)
+    buckets = bucket_layout(sizes, cfg.shard_size)
+    units = scatter_units(parts, guidance, buckets, shard_paths, slides, work, cfg, parallel)
     t1 = time.perf_counter()
     results = list(ex.map(scatter, units, "split: scatter"))
-    _check_found(splits, routes, results, work, units)
+    _check_found(parts, sizes, results, work, units)
     t2 = time.perf_counter()
+    counts: dict[int, int] = {}
+    for r in results:
+        for b, n in r["buckets"].items():
+            counts[int(b)] = counts.get(int(b), 0) + n
     variants = _variants(cfg)
     for suffix, _ in variants:
         for g in GROUPS:
             remove_stale_tmp(out / f"{g}{suffix}")
-    gunits = [GatherUnit(b, g, first, n, str(work), str(out), tuple(u.name for u in units), variants, cfg.shard_size)
-              for b, g, first, n in buckets.iter_rows()]
+    gunits = gather_units(buckets, counts, sizes, work, out, tuple(u.name for u in units), variants, cfg.shard_size)
     members = sum(ex.map(gather, gunits, "split: gather"))
     t3 = time.perf_counter()
     shutil.rmtree(work)
-    return {"counts": _counts(splits, results, cfg, variants), "members": members,
+    return {"counts": _counts(sizes, results, variants), "members": members,
             "seconds": {"route": t1 - t0, "scatter": t2 - t1, "gather": t3 - t2}}
 
 
@@ -330,9 +387,7 @@ def _variants(cfg) -> tuple[tuple[str, str | None], ...]:
     return tuple(out)
 
 
-def _counts(splits: pl.DataFrame, results: list[dict], cfg, variants) -> dict[str, int]:
-    sizes = {g: splits.filter(pl.col("split") == g).height for g in GROUPS[:3]}
-    sizes["guidance"] = int(splits["guidance"].sum())
+def _counts(sizes: dict[str, int], results: list[dict], variants) -> dict[str, int]:
     counts = {}
     for suffix, variant in variants:
         for g in GROUPS:
@@ -341,13 +396,15 @@ def _counts(splits: pl.DataFrame, results: list[dict], cfg, variants) -> dict[st
     return counts
 
 
-def _check_found(splits: pl.DataFrame, routes: pl.DataFrame, results: list[dict], work: Path, units) -> None:
+def _check_found(parts: list[Path], sizes: dict[str, int], results: list[dict], work: Path, units) -> None:
     """Every tile of the split must have been met in the tile shards."""
-    if sum(r["found"] for r in results) >= splits.height:
+    want = sum(sizes[g] for g in GROUPS[:3])
+    if sum(r["found"] for r in results) >= want:
         return
     index = [str(work / u.name / "index.parquet") for u in units if u.slide is None]
-    seen = pl.scan_parquet(index).select("key").unique().collect() if index else pl.DataFrame({"key": []}, schema={"key": pl.String})
-    missing = splits.join(seen, on="key", how="anti")["key"].sort()
+    seen = (pl.scan_parquet(index).select("key").unique() if index
+            else pl.LazyFrame(schema={"key": pl.String}))
+    missing = pl.scan_parquet(parts).select("key").join(seen, on="key", how="anti").collect()["key"].sort()
     if missing.len():
         raise DataError(f"{len(missing)} tiles of tiles.parquet are not in the tile shards (or not in the shard "
                         f"tiles.parquet names), e.g. {missing.head(3).to_list()}")

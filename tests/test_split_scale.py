@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 import split_oracle
-from cytosyn_data import split_shuffle
+from cytosyn_data import split, split_shuffle
 from cytosyn_data.cli import main
 from cytosyn_data.key_hash import key_hash, key_hash_one
 from cytosyn_data.shards import write_tar_atomic
@@ -90,9 +90,15 @@ def reference(syn, tmp_path_factory):
     return out, counts
 
 
-@pytest.mark.parametrize("workers,max_buckets,backend", [(2, 256, []), (1, 3, []), (2, 256, ["--cluster", "local"])])
-def test_bucket_shuffle_gives_the_reference_bytes(syn, reference, tmp_path, monkeypatch, workers, max_buckets, backend):
-    monkeypatch.setattr(split_shuffle, "MAX_BUCKETS", max_buckets)  # 3: several output shards per bucket
+@pytest.mark.parametrize("workers,buckets,backend", [(2, "default", []), (1, "few", []), (1, "tiny", []),
+                                                     (2, "default", ["--cluster", "local"])])
+def test_bucket_shuffle_gives_the_reference_bytes(syn, reference, tmp_path, monkeypatch, workers, buckets, backend):
+    layout = split_shuffle.bucket_layout
+    if buckets == "few":  # several output shards per bucket
+        monkeypatch.setattr(split_shuffle, "MAX_BUCKETS", 3)
+    if buckets == "tiny":  # buckets of ~38 tiles: each 97-tile shard spans three or four of them
+        monkeypatch.setattr(split_shuffle, "bucket_layout", lambda sizes, size: layout(sizes, size // 5))
+    monkeypatch.setattr(split, "CHUNK_TILES", 700)  # the assignment in chunks of whole slides
     if backend:
         pytest.importorskip("distributed")
     args = ["split", "--run", str(syn), "--out", str(tmp_path / "s"), "--val-out-fraction", "0.2",
@@ -107,6 +113,11 @@ def test_bucket_shuffle_gives_the_reference_bytes(syn, reference, tmp_path, monk
     import json
 
     assert json.loads((tmp_path / "s" / "counts.json").read_text()) == counts
+    cfg = SplitConfig(**{**CFG.__dict__, "jpeg_quality": 70})
+    want = split_oracle.assign_splits(pl.read_parquet(syn / "slides.parquet"), pl.read_parquet(syn / "tiles.parquet"),
+                                      None, cfg)
+    assert pl.read_parquet(tmp_path / "s" / "splits.parquet").sort("key").equals(want)
+    assert "verdict: OK" in (tmp_path / "s" / "audit.md").read_text()
     # a re-run after losing shards and with a stale scatter unit left behind rewrites only those, same bytes
     victims = sorted((tmp_path / "s").rglob("*.tar"))[::7]
     for v in victims:
