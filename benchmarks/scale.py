@@ -157,12 +157,12 @@ def stage_curate_apply(run: Path, work: Path, naive: bool = False) -> dict:
     n = pl.scan_parquet(run / "tiles.parquet").select(pl.len()).collect().item()
     feats = work / "curate_features.npy"
     if not feats.exists():
-        x = np.lib.format.open_memmap(feats, mode="w+", dtype=np.float32, shape=(n, 384))
+        from cytosyn_data.feature_file import FeatureFileWriter
+
         rng = np.random.default_rng(0)
-        for lo in range(0, n, 100_000):
-            x[lo : lo + 100_000] = rng.standard_normal((min(100_000, n - lo), 384), dtype=np.float32)
-        x.flush()
-        del x
+        with FeatureFileWriter(feats) as fw:
+            for lo in range(0, n, 100_000):
+                fw.append(rng.standard_normal((min(100_000, n - lo), 384), dtype=np.float32))
     rng = np.random.default_rng(1)
     probes = [(rng.normal(size=384), rng.uniform(0.5, 2, 384), rng.normal(size=384) / 20, 0.0) for _ in range(5)]
     keys = pl.read_parquet(run / "tiles.parquet", columns=["key"])["key"]
@@ -203,7 +203,7 @@ def stage_eval_features(run: Path, work: Path) -> dict:
     subsample(x, 50_000, 0)
     keys = pl.read_parquet(run / "tiles.parquet", columns=["key"])["key"]
     gen = [f"gen__{k}__s0_{i}" for i, k in enumerate(keys.head(10_000).to_list())]
-    ri, _ = reference_pairs(keys.to_list(), gen)
+    ri, _ = reference_pairs(keys, gen)
     assert len(ri) == len(gen)
     return {"tiles": n}
 

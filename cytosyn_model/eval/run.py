@@ -197,7 +197,7 @@ def set_features(extractor, name: str, source, preprocess: list[str], cache: Pat
     tag = f"{name}-{spec.name}-{spec.identity(weights)}-{'+'.join(preprocess) or 'png'}-{set_identity(source, limit)}"
     folder = cache / tag
     if (folder / "done.json").exists():
-        keys = pl.read_parquet(folder / "keys.parquet")["key"].to_list()
+        keys = pl.read_parquet(folder / "keys.parquet")["key"]
         m = np.load(folder / "moments.npz")
         return keys, np.load(folder / "features.npy", mmap_mode="r"), (m["mean"], m["cov"])
     fns = [preprocessor(p) for p in preprocess]
@@ -231,17 +231,19 @@ def set_features(extractor, name: str, source, preprocess: list[str], cache: Pat
             raise ValueError(f"set {name}: no images in {source}")
     mu, cov = moments.mean_cov()
     np.savez(folder / "moments.npz", mean=mu, cov=cov)
-    pl.DataFrame({"key": keys}).write_parquet(folder / "keys.parquet")
+    pl.DataFrame({"key": keys}, schema={"key": pl.String}).write_parquet(folder / "keys.parquet")
     (folder / "done.json").write_text(json.dumps({"set": name, "source": str(source), "extractor": spec.name,
                                                   "preprocess": preprocess, "n": len(keys)}))
-    return keys, np.load(folder / "features.npy", mmap_mode="r"), (mu, cov)
+    return pl.Series("key", keys, dtype=pl.String), np.load(folder / "features.npy", mmap_mode="r"), (mu, cov)
 
 
 def subsample(x: np.ndarray, n: int | None, seed: int) -> np.ndarray:
     """At most ``n`` rows of ``x`` (a seeded choice kept in row order), read from its memory map."""
+    from cytosyn_data.feature_file import read_rows, take_rows
+
     if n is None or len(x) <= n:
-        return np.asarray(x)
-    return np.asarray(x[np.sort(np.random.default_rng(seed).choice(len(x), n, replace=False))])
+        return read_rows(x, 0, len(x))
+    return take_rows(x, np.sort(np.random.default_rng(seed).choice(len(x), n, replace=False)))
 
 
 def reference_key(generated_key: str) -> str | None:
@@ -254,7 +256,7 @@ def reference_pairs(real_keys: list[str], gen_keys: list[str]) -> tuple[np.ndarr
     """(real row, generated row) of each generated tile whose reference tile is in the real set (a
     join, not a dict of every real key)."""
     gen = pl.DataFrame({"ref": [reference_key(k) for k in gen_keys]}, schema={"ref": pl.String}).with_row_index("gi")
-    real = pl.DataFrame({"ref": real_keys}, schema={"ref": pl.String}).with_row_index("ri")
+    real = pl.DataFrame({"ref": pl.Series(real_keys, dtype=pl.String)}).with_row_index("ri")
     pairs = gen.join(real, on="ref", how="inner").sort("gi")
     return pairs["ri"].to_numpy(), pairs["gi"].to_numpy()
 
