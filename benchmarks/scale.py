@@ -8,7 +8,8 @@ RSS ratios; linear is 10x time per 10x tiles); at the smallest size the direct i
     python benchmarks/scale.py                       # 100k and 1M tiles
     python benchmarks/scale.py --sizes 100000 1000000 10000000
 
-Each measurement runs in a fresh child process. Runs are cached in --work (default
+Each measurement runs in a fresh child process, after an unmeasured one that builds the stage's
+synthetic inputs (part tables, detect files, feature files). Runs are cached in --work (default
 ~/.cache/cytosyn-bench/scale; about 2.2 GB per million tiles).
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -26,6 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("tile-tables", "merge", "assign", "split", "curate-apply", "eval-features", "train-resume")
 TILES_PER_SLIDE = 4000  # 40M tiles / 10k slides
+#: stages whose inputs (part tables, detect files, feature files) are built by a first child, unmeasured
+SETUP = ("merge", "tile-tables", "curate-apply", "eval-features")
+SETUP_ONLY = bool(os.environ.get("CYTOSYN_BENCH_SETUP"))
 
 
 # --------------------------------------------------------------------------- stages (run in a child)
@@ -99,6 +104,8 @@ def stage_merge(run: Path, work: Path) -> dict:
             part.write_parquet(out / f"tiles{sfx}.parquet")
             part.select("key", "slide_id", "x", "y", "tissue_fraction").write_parquet(out / f"candidates{sfx}.parquet")
         del tiles
+    if SETUP_ONLY:
+        return {"tiles": 0}
     return {"tiles": merge_parts(out)["tiles"]}
 
 
@@ -126,6 +133,8 @@ def stage_tile_tables(run: Path, work: Path) -> dict:
             (det / f"{sid}.mask.png").write_bytes(pic)
         (det / "done").touch()
         del tiles
+    if SETUP_ONLY:
+        return {"tiles": 0}
     info = {"status": "ok", "downsample": 1.0, "footprint": 448.0, "region": 448, "read_level": 0, "native": True,
             "width": 100_000, "path": "/nonexistent", "file": {}, "fast_reads": False, "level_dimensions": [[1, 1]],
             "level_downsamples": [1.0], "level_mpp": [0.25]}
@@ -156,6 +165,8 @@ def stage_curate_apply(run: Path, work: Path, naive: bool = False) -> dict:
 
     n = pl.scan_parquet(run / "tiles.parquet").select(pl.len()).collect().item()
     feats = work / "curate_features.npy"
+    if not (work / "curate_keys.parquet").exists():
+        pl.read_parquet(run / "tiles.parquet", columns=["key"]).write_parquet(work / "curate_keys.parquet")
     if not feats.exists():
         from cytosyn_data.feature_file import FeatureFileWriter
 
@@ -163,19 +174,24 @@ def stage_curate_apply(run: Path, work: Path, naive: bool = False) -> dict:
         with FeatureFileWriter(feats) as fw:
             for lo in range(0, n, 100_000):
                 fw.append(rng.standard_normal((min(100_000, n - lo), 384), dtype=np.float32))
+    if SETUP_ONLY:
+        return {"tiles": 0}
     rng = np.random.default_rng(1)
     probes = [(rng.normal(size=384), rng.uniform(0.5, 2, 384), rng.normal(size=384) / 20, 0.0) for _ in range(5)]
-    keys = pl.read_parquet(run / "tiles.parquet", columns=["key"])["key"]
-    if naive:
+    if naive:  # the whole file in float64, every table in memory
+        keys = pl.read_parquet(run / "tiles.parquet", columns=["key"])["key"]
         x = np.load(feats).astype(np.float64)
         p = np.stack([1 / (1 + np.exp(-(((x - m) / s) @ w + b))) for m, s, w, b in probes], axis=1)
         cur = pl.DataFrame({"key": keys, "artifact_prob": p.mean(1)}).with_columns(keep=pl.col("artifact_prob") < 0.5)
-    else:
-        cur = C.apply_probes(keys, np.load(feats, mmap_mode="r"), probes, 0.5)
-    tiles = pl.read_parquet(run / "tiles.parquet", columns=["key", "tss", "slide_type", "shard"])
+        tiles = pl.read_parquet(run / "tiles.parquet", columns=["key", "tss", "slide_type", "shard"])
+    else:  # as `curate apply`: chunks of rows into curation.parquet, the report and sheets from it lazily
+        C.apply_probes_to_file(work / "curate_keys.parquet", np.load(feats, mmap_mode="r"), probes, 0.5,
+                               work / "curation.parquet")
+        cur = pl.scan_parquet(work / "curation.parquet")
+        tiles = pl.scan_parquet(run / "tiles.parquet").select("key", "tss", "slide_type", "shard")
     C.removal_report(cur, tiles)
-    top = cur.top_k(64, by="artifact_prob")
-    got = C.pngs_for(run / "shards", top["key"].to_list(), tiles)
+    top = cur.top_k(64, by="artifact_prob").lazy().collect()
+    got = C.pngs_for(run / "shards", top["key"].to_list(), tiles.lazy().join(top.lazy(), on="key", how="semi").collect())
     assert len(got) == 64
     return {"tiles": n}
 
@@ -198,6 +214,8 @@ def stage_eval_features(run: Path, work: Path) -> dict:
         with FeatureFileWriter(path) as fw:
             for lo in range(0, n, 100_000):
                 fw.append(rng.standard_normal((min(100_000, n - lo), 256), dtype=np.float32))
+    if SETUP_ONLY:
+        return {"tiles": 0}
     x = np.load(path, mmap_mode="r")
     mean_cov(x)
     subsample(x, 50_000, 0)
@@ -275,6 +293,9 @@ def ensure_run(work: Path, n: int) -> Path:
 
 def measure(stage: str, run: Path, work: Path) -> dict:
     cmd = [sys.executable, __file__, "--child", stage, "--run", str(run), "--work", str(work)]
+    if stage.removesuffix("-naive") in SETUP:
+        subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "CYTOSYN_BENCH_SETUP": "1"},
+                       check=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if proc.returncode or line is None:

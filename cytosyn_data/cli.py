@@ -255,18 +255,21 @@ def _curate_apply(args, C, keys, x, work: Path) -> int:
 
     from .report import markdown_table
 
-    cur = C.apply_probes(keys, x, C.load_probes(work / "probes.npz"), args.threshold)
-    cur.write_parquet(args.run / "curation.parquet")
-    tiles = (pl.read_parquet(args.run / "tiles.parquet", columns=["key", "tss", "slide_type", "shard"])
+    n = C.apply_probes_to_file(work / "features_keys.parquet", x, C.load_probes(work / "probes.npz"), args.threshold,
+                               args.run / "curation.parquet")
+    cur = pl.scan_parquet(args.run / "curation.parquet")
+    tiles = (pl.scan_parquet(args.run / "tiles.parquet").select("key", "tss", "slide_type", "shard")
              if (args.run / "tiles.parquet").exists() else None)
     rep = C.removal_report(cur, tiles)
+    removed = int(cur.select((~pl.col("keep")).sum()).collect().item())
     for name, part in (("top_artifacts", cur), ("kept_highest_scores", cur.filter(pl.col("keep")))):
-        top = part.top_k(64, by="artifact_prob").sort("artifact_prob", "key", descending=[True, False])
-        pngs = C.pngs_for(args.run / "shards", top["key"].to_list(), tiles)
+        top = part.top_k(64, by="artifact_prob").collect().sort("artifact_prob", "key", descending=[True, False])
+        shards = tiles.join(top.lazy().select("key"), on="key", how="semi").collect() if tiles is not None else None
+        pngs = C.pngs_for(args.run / "shards", top["key"].to_list(), shards)
         C.contact_sheet([pngs[k] for k in top["key"]], [f"{p:.2f} {k}" for k, p in zip(top["key"], top["artifact_prob"])],
                         work / f"{name}.png")
-    text = ["# curation report", "", f"- tiles scored: {cur.height}; removed (mean of 5 fold probabilities >= "
-            f"{args.threshold}): {int((~cur['keep']).sum())}", "",
+    text = ["# curation report", "", f"- tiles scored: {n}; removed (mean of 5 fold probabilities >= "
+            f"{args.threshold}): {removed}", "",
             markdown_table(rep.rename({"removed_fraction": "fraction"}), "{:.3f}")]
     (work / "report.md").write_text("\n".join(text) + "\n")
     if (args.run / "candidates.parquet").exists():

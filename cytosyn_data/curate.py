@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import cv2
@@ -62,7 +63,8 @@ def tile_features(encoder, pngs: list[bytes], mean_patch: bool = False, device="
 def compute_features(shard_dir: Path, out_dir: Path, weights=None, mean_patch=False, device=None,
                      batch_size: int = 128) -> tuple[pl.Series, np.ndarray]:
     """Keys and float32 [N, D] features (memory-mapped) of every tile in the shards, cached in
-    ``out_dir`` (reused when the backbone weights and the shard files (name, size, mtime) are the same)."""
+    ``out_dir`` (reused when the backbone weights and the shard files (name, size, mtime) are the same):
+    ``out_dir/features_keys.parquet`` and ``out_dir/features.npy``."""
     import webdataset as wds
 
     from cytosyn_encoders import weights_identity
@@ -193,6 +195,32 @@ def apply_probes(keys: list[str], x: np.ndarray, probes: list, threshold: float)
     )
 
 
+def apply_probes_to_file(keys_path: Path, x: np.ndarray, probes: list, threshold: float, out: Path,
+                         chunk: int = 500_000) -> int:
+    """The curation table of every tile written chunk by chunk to ``out`` (same rows as
+    :func:`apply_probes`; keys read from ``keys_path``, features in row chunks): memory is one chunk.
+    Returns the row count."""
+    import pyarrow.parquet as pq
+
+    from .shards import tmp_path
+
+    keys = pl.scan_parquet(keys_path)
+    n = keys.select(pl.len()).collect().item()
+    tmp = tmp_path(Path(out))
+    writer = None
+    try:
+        for lo in range(0, max(n, 1), chunk):
+            part = apply_probes(keys.slice(lo, chunk).collect()["key"], read_rows(x, lo, lo + chunk), probes, threshold)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, part.to_arrow().schema)
+            writer.write_table(part.to_arrow())
+    finally:
+        if writer is not None:
+            writer.close()
+    os.replace(tmp, out)
+    return n
+
+
 def contact_sheet(pngs: list[bytes], labels: list[str], path: Path, cols: int = 8, thumb: int = 160) -> Path:
     """A grid of tiles with their labels (keys, scores) printed under each, as PNG."""
     rows = max(1, -(-len(pngs) // cols))
@@ -229,16 +257,21 @@ def pngs_for(shard_dir: Path, keys: list[str], tiles: pl.DataFrame | None = None
     return got
 
 
-def removal_report(cur: pl.DataFrame, tiles: pl.DataFrame | None) -> pl.DataFrame:
-    """Removed fraction per TSS and slide type."""
+def removal_report(cur: pl.DataFrame | pl.LazyFrame, tiles: pl.DataFrame | pl.LazyFrame | None) -> pl.DataFrame:
+    """Removed fraction per TSS and slide type (lazy inputs are aggregated streaming)."""
     if tiles is not None:
-        cur = cur.join(tiles.select("key", "tss", "slide_type"), on="key", how="left")
-    else:
-        from .barcode import parse_slide_name
+        out = cur.lazy().join(tiles.lazy().select("key", "tss", "slide_type"), on="key", how="left")
+        return _removed_fractions(out).collect()
+    from .barcode import parse_slide_name
 
-        names = [parse_slide_name(s) for s in slide_of(cur["key"])]
-        cur = cur.with_columns(tss=pl.Series([n.tss for n in names], dtype=pl.String),
-                               slide_type=pl.Series([n.slide_type for n in names], dtype=pl.String))
+    cur = cur.collect() if isinstance(cur, pl.LazyFrame) else cur
+    names = [parse_slide_name(s) for s in slide_of(cur["key"])]
+    cur = cur.with_columns(tss=pl.Series([n.tss for n in names], dtype=pl.String),
+                           slide_type=pl.Series([n.slide_type for n in names], dtype=pl.String))
+    return _removed_fractions(cur.lazy()).collect()
+
+
+def _removed_fractions(cur: pl.LazyFrame) -> pl.LazyFrame:
     return (
         cur.with_columns(pl.col("tss").fill_null("(none)"), pl.col("slide_type").fill_null("(none)"))
         .group_by("tss", "slide_type")

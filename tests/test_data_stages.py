@@ -237,6 +237,10 @@ def test_probes_are_saved_without_pickle_and_reload(tmp_path):
     p2 = C.probe_probabilities(x, C.load_probes(tmp_path / "p.npz"))
     np.testing.assert_array_equal(p1, p2)
     np.testing.assert_array_equal(C.probe_probabilities(x, res["probes"], chunk=7), p1)  # row chunks: same numbers
+    keys = pl.Series("key", [f"k{i:03d}" for i in range(60)])
+    pl.DataFrame({"key": keys}).write_parquet(tmp_path / "keys.parquet")
+    assert C.apply_probes_to_file(tmp_path / "keys.parquet", x, res["probes"], 0.5, tmp_path / "cur.parquet", chunk=16) == 60
+    assert pl.read_parquet(tmp_path / "cur.parquet").equals(C.apply_probes(keys, x, res["probes"], 0.5))
     # the feature file is written batch by batch and read back memory-mapped
     from cytosyn_data.feature_file import FeatureFileWriter
 
