@@ -183,13 +183,13 @@ def stage_curate_apply(run: Path, work: Path, naive: bool = False) -> dict:
         x = np.load(feats).astype(np.float64)
         p = np.stack([1 / (1 + np.exp(-(((x - m) / s) @ w + b))) for m, s, w, b in probes], axis=1)
         cur = pl.DataFrame({"key": keys, "artifact_prob": p.mean(1)}).with_columns(keep=pl.col("artifact_prob") < 0.5)
-        tiles = pl.read_parquet(run / "tiles.parquet", columns=["key", "tss", "slide_type", "shard"])
+        tiles = pl.read_parquet(run / "tiles.parquet", columns=["key", "shard"])
     else:  # as `curate apply`: chunks of rows into curation.parquet, the report and sheets from it lazily
         C.apply_probes_to_file(work / "curate_keys.parquet", np.load(feats, mmap_mode="r"), probes, 0.5,
                                work / "curation.parquet")
         cur = pl.scan_parquet(work / "curation.parquet")
-        tiles = pl.scan_parquet(run / "tiles.parquet").select("key", "tss", "slide_type", "shard")
-    C.removal_report(cur, tiles)
+        tiles = pl.scan_parquet(run / "tiles.parquet").select("key", "shard")
+    C.removal_report(cur, pl.read_parquet(run / "slides.parquet"))
     top = cur.top_k(64, by="artifact_prob").lazy().collect()
     got = C.pngs_for(run / "shards", top["key"].to_list(), tiles.lazy().join(top.lazy(), on="key", how="semi").collect())
     assert len(got) == 64

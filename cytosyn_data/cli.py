@@ -258,9 +258,9 @@ def _curate_apply(args, C, keys, x, work: Path) -> int:
     n = C.apply_probes_to_file(work / "features_keys.parquet", x, C.load_probes(work / "probes.npz"), args.threshold,
                                args.run / "curation.parquet")
     cur = pl.scan_parquet(args.run / "curation.parquet")
-    tiles = (pl.scan_parquet(args.run / "tiles.parquet").select("key", "tss", "slide_type", "shard")
+    tiles = (pl.scan_parquet(args.run / "tiles.parquet").select("key", "shard")
              if (args.run / "tiles.parquet").exists() else None)
-    rep = C.removal_report(cur, tiles)
+    rep = C.removal_report(cur, pl.read_parquet(args.run / "slides.parquet") if (args.run / "slides.parquet").exists() else None)
     removed = int(cur.select((~pl.col("keep")).sum()).collect().item())
     for name, part in (("top_artifacts", cur), ("kept_highest_scores", cur.filter(pl.col("keep")))):
         top = part.top_k(64, by="artifact_prob").collect().sort("artifact_prob", "key", descending=[True, False])

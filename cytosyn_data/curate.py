@@ -196,7 +196,7 @@ def apply_probes(keys: list[str], x: np.ndarray, probes: list, threshold: float)
 
 
 def apply_probes_to_file(keys_path: Path, x: np.ndarray, probes: list, threshold: float, out: Path,
-                         chunk: int = 500_000) -> int:
+                         chunk: int = 65_536) -> int:
     """The curation table of every tile written chunk by chunk to ``out`` (same rows as
     :func:`apply_probes`; keys read from ``keys_path``, features in row chunks): memory is one chunk.
     Returns the row count."""
@@ -257,18 +257,20 @@ def pngs_for(shard_dir: Path, keys: list[str], tiles: pl.DataFrame | None = None
     return got
 
 
-def removal_report(cur: pl.DataFrame | pl.LazyFrame, tiles: pl.DataFrame | pl.LazyFrame | None) -> pl.DataFrame:
-    """Removed fraction per TSS and slide type (lazy inputs are aggregated streaming)."""
-    if tiles is not None:
-        out = cur.lazy().join(tiles.lazy().select("key", "tss", "slide_type"), on="key", how="left")
-        return _removed_fractions(out).collect()
+def removal_report(cur: pl.DataFrame | pl.LazyFrame, slides: pl.DataFrame | None = None) -> pl.DataFrame:
+    """Removed fraction per TSS and slide type. A tile's slide is its key's prefix; TSS and slide type
+    come from ``slides`` (slides.parquet) or else from the TCGA barcode of the slide id: a join on the
+    slides, aggregated streaming (no per-tile table is built)."""
     from .barcode import parse_slide_name
 
-    cur = cur.collect() if isinstance(cur, pl.LazyFrame) else cur
-    names = [parse_slide_name(s) for s in slide_of(cur["key"])]
-    cur = cur.with_columns(tss=pl.Series([n.tss for n in names], dtype=pl.String),
-                           slide_type=pl.Series([n.slide_type for n in names], dtype=pl.String))
-    return _removed_fractions(cur.lazy()).collect()
+    lf = cur.lazy().with_columns(slide_id=pl.col("key").str.split("__").list.first())
+    if slides is None or not {"tss", "slide_type"} <= set(slides.columns):
+        sids = lf.select(pl.col("slide_id").unique()).collect()["slide_id"].to_list()
+        names = [parse_slide_name(s) for s in sids]
+        slides = pl.DataFrame({"slide_id": sids, "tss": [n.tss for n in names], "slide_type": [n.slide_type for n in names]},
+                              schema={"slide_id": pl.String, "tss": pl.String, "slide_type": pl.String})
+    lf = lf.join(slides.lazy().select("slide_id", "tss", "slide_type"), on="slide_id", how="left")
+    return _removed_fractions(lf).collect()
 
 
 def _removed_fractions(cur: pl.LazyFrame) -> pl.LazyFrame:
