@@ -78,10 +78,3 @@ def key_hash(keys: pl.Series | list[str], domain: str) -> np.ndarray:
     for lo in range(0, len(s), CHUNK):
         out[lo : lo + CHUNK] = _hash_chunk(s.slice(lo, CHUNK).to_arrow(), state, prefix_len)
     return out
-
-
-def key_order(keys: pl.Series | list[str], domain: str) -> np.ndarray:
-    """A seeded global shuffle: indices of ``keys`` sorted by (hash, key)."""
-    s = keys if isinstance(keys, pl.Series) else pl.Series(keys, dtype=pl.String)
-    df = pl.DataFrame({"h": key_hash(s, domain), "k": s, "i": np.arange(len(s))})
-    return df.sort("h", "k")["i"].to_numpy()

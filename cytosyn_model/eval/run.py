@@ -261,6 +261,48 @@ def reference_pairs(real_keys: list[str], gen_keys: list[str]) -> tuple[np.ndarr
     return pairs["ri"].to_numpy(), pairs["gi"].to_numpy()
 
 
+def _pair_metrics(cfg: EvalConfig, names: tuple, g: tuple, r: tuple, train, out: Path, dev) -> list[tuple]:
+    """Metric rows of one (extractor, generated set, real set). ``g``/``r``: keys, features (memory
+    map), mean, covariance and the ``max_points`` subsample of each set."""
+    (gkeys, gf, gmu, gcov, gs), (rkeys, rf, rmu, rcov, rs) = g, r
+    rows = []
+    if "fd" in cfg.metrics:
+        std, b = None, cfg.bootstrap or {}
+        if b.get("draws", 0) > 1:
+            _, std, _ = bootstrap(lambda x: frechet_distance(*mean_cov(x), rmu, rcov), gf, b.get("n", len(gf)),
+                                  b["draws"], cfg.seed)
+        rows.append(("fd", *names, frechet_distance(gmu, gcov, rmu, rcov), std))
+    if "pr" in cfg.metrics:
+        m = prdc(rs, gs, cfg.pr_k, device=dev)
+        rows += [(name, *names, m[name], None) for name in ("precision", "recall", "density", "coverage")]
+    if "fd_inf" in cfg.metrics:
+        lo, pts = int(cfg.fd_inf.get("min_fake", 5000)), int(cfg.fd_inf.get("num_points", 15))
+        if len(gf) <= lo:
+            from cytosyn_data.errors import DataError
+
+            raise DataError(f"fd_inf: generated set {names[1]} has {len(gf)} images; FD-infinity needs more than "
+                            f"fd_inf.min_fake = {lo}")
+        rows.append(("fd_inf", *names, fd_infinity(gf, rmu, rcov, lo, pts, cfg.seed), None))
+    if "kid" in cfg.metrics:
+        size = min(int(cfg.kid.get("subset_size", 1000)), len(rs), len(gs))
+        mean, std = kid(gs, rs, int(cfg.kid.get("subsets", 100)), size, seed=int(cfg.kid.get("seed", 2020)))
+        rows.append(("kid", *names, mean, std))
+    if "fld" in cfg.metrics and train is None:
+        rows.append(("fld", *names, fld(rs, gs, seed=cfg.seed, device=dev), None))
+    elif "fld" in cfg.metrics:  # the memorisation gap and per-sample scores need the training set
+        value, gap = fld_and_gap(rs, gs, real_train=train, seed=cfg.seed, device=dev)
+        rows += [("fld", *names, value, None), ("fld_gap", *names, gap, None)]
+        scores = memorisation_scores(train, rs, gf, cfg.seed, dev)  # all generated samples, as the reference
+        pl.DataFrame({"key": gkeys, "memorisation": scores}).write_parquet(out / "memorisation_{}_{}_{}.parquet".format(*names))
+    if "cosine" in cfg.metrics:
+        ri, gi = reference_pairs(rkeys, gkeys)
+        if len(ri):
+            from cytosyn_data.feature_file import take_rows
+
+            rows.append(("cosine", *names, cosine_similarity_pairs(take_rows(rf, ri), take_rows(gf, gi)), None))
+    return rows
+
+
 def evaluate(cfg: EvalConfig) -> pl.DataFrame:
     """Every metric for every (extractor, generated set, real set); writes metrics.parquet, report.md, plots."""
     out = Path(cfg.out)
@@ -283,41 +325,8 @@ def evaluate(cfg: EvalConfig) -> pl.DataFrame:
             gs = subsample(gf, cfg.max_points, cfg.seed + 1)  # k-NN, kernel and mixture metrics: <= max_points rows
             for rname, (rkeys, rf, (rmu, rcov)) in real.items():
                 rs = subsample(rf, cfg.max_points, cfg.seed + 2)
-                if "fd" in cfg.metrics:
-                    fd = frechet_distance(gmu, gcov, rmu, rcov)
-                    std = None
-                    b = cfg.bootstrap or {}
-                    if b.get("draws", 0) > 1:
-                        _, std, _ = bootstrap(lambda x: frechet_distance(*mean_cov(x), rmu, rcov), gf, b.get("n", len(gf)),
-                                              b["draws"], cfg.seed)
-                    rows.append(("fd", ename, gname, rname, fd, std))
-                if "pr" in cfg.metrics:
-                    m = prdc(rs, gs, cfg.pr_k, device=dev)
-                    rows += [(name, ename, gname, rname, m[name], None) for name in ("precision", "recall", "density", "coverage")]
-                if "fd_inf" in cfg.metrics:
-                    lo, pts = int(cfg.fd_inf.get("min_fake", 5000)), int(cfg.fd_inf.get("num_points", 15))
-                    if len(gf) <= lo:
-                        from cytosyn_data.errors import DataError
-
-                        raise DataError(f"fd_inf: generated set {gname} has {len(gf)} images; FD-infinity needs more than "
-                                        f"fd_inf.min_fake = {lo}")
-                    rows.append(("fd_inf", ename, gname, rname, fd_infinity(gf, rmu, rcov, lo, pts, cfg.seed), None))
-                if "kid" in cfg.metrics:
-                    size = min(int(cfg.kid.get("subset_size", 1000)), len(rs), len(gs))
-                    mean, std = kid(gs, rs, int(cfg.kid.get("subsets", 100)), size, seed=int(cfg.kid.get("seed", 2020)))
-                    rows.append(("kid", ename, gname, rname, mean, std))
-                if "fld" in cfg.metrics and train is None:
-                    rows.append(("fld", ename, gname, rname, fld(rs, gs, seed=cfg.seed, device=dev), None))
-                elif "fld" in cfg.metrics:  # the memorisation gap and per-sample scores need the training set
-                    value, gap = fld_and_gap(rs, gs, real_train=train, seed=cfg.seed, device=dev)
-                    rows += [("fld", ename, gname, rname, value, None), ("fld_gap", ename, gname, rname, gap, None)]
-                    scores = memorisation_scores(train, rs, gf, cfg.seed, dev)  # all generated samples, as the reference
-                    pl.DataFrame({"key": gkeys, "memorisation": scores}).write_parquet(
-                        out / f"memorisation_{ename}_{gname}_{rname}.parquet")
-                if "cosine" in cfg.metrics:
-                    ri, gi = reference_pairs(rkeys, gkeys)
-                    if len(ri):
-                        rows.append(("cosine", ename, gname, rname, cosine_similarity_pairs(rf[ri], gf[gi]), None))
+                rows += _pair_metrics(cfg, (ename, gname, rname), (gkeys, gf, gmu, gcov, gs), (rkeys, rf, rmu, rcov, rs),
+                                      train, out, dev)
     df = pl.DataFrame(rows, schema=METRICS_SCHEMA, orient="row")
     df.write_parquet(out / "metrics.parquet")
     write_report(cfg, df, out)
