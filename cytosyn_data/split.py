@@ -58,14 +58,16 @@ class SplitConfig:
 QC_FILTERS = {"min_blur": ("qc_blur", ">="), "max_pen": ("qc_pen", "<="), "min_qc_tissue": ("qc_tissue", ">=")}
 
 
-def qc_keep(tiles: pl.DataFrame, cfg: SplitConfig, where: str = "tiles.parquet") -> pl.Expr:
-    """The rows kept by the per-tile QC thresholds of ``cfg`` (all rows when none is set)."""
+def qc_keep(tiles: pl.DataFrame | list[str], cfg: SplitConfig, where: str = "tiles.parquet") -> pl.Expr:
+    """The rows kept by the per-tile QC thresholds of ``cfg`` (all rows when none is set); ``tiles``:
+    the table or its column names (a threshold whose column is missing is an error naming ``where``)."""
+    names = tiles if isinstance(tiles, list) else tiles.columns
     keep = pl.lit(True)
     for name, (col, rule) in QC_FILTERS.items():
         value = getattr(cfg, name)
         if value is None:
             continue
-        if col not in tiles.columns:
+        if col not in names:
             raise DataError(f"{where}: no {col} column (a tile run made before per-tile QC): re-tile, or drop "
                             f"--{name.replace('_', '-')}")
         keep = keep & (pl.col(col) >= value if rule == ">=" else pl.col(col) <= value)
@@ -166,15 +168,7 @@ class AssignPlan:
 def kept_tiles(tiles: pl.LazyFrame, curation: pl.LazyFrame | None, cfg: SplitConfig, names: list[str],
                where: str = "tiles.parquet") -> pl.LazyFrame:
     """Tiles within the QC thresholds and not removed by curation, with ``patient`` filled."""
-    keep = pl.lit(True)
-    for name, (col, rule) in QC_FILTERS.items():
-        value = getattr(cfg, name)
-        if value is not None:
-            if col not in names:
-                raise DataError(f"{where}: no {col} column (a tile run made before per-tile QC): re-tile, or drop "
-                                f"--{name.replace('_', '-')}")
-            keep = keep & (pl.col(col) >= value if rule == ">=" else pl.col(col) <= value)
-    t = tiles.filter(keep).with_columns(patient=pl.coalesce("patient", "slide_id"))
+    t = tiles.filter(qc_keep(list(names), cfg, where)).with_columns(patient=pl.coalesce("patient", "slide_id"))
     if curation is not None:
         t = t.join(curation.filter(~pl.col("keep")).select("key"), on="key", how="anti", maintain_order="left")
     return t
