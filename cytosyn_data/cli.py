@@ -205,11 +205,11 @@ def cmd_curate(args) -> int:
         inputs = [f"{k}: {v}" for k, v in vars(args).items() if k in ("annotations", "backbone_weights")]
         record_run(work, f"curate {args.curate_cmd}", {k: str(v) for k, v in vars(args).items()}, inputs,
                    recorded={"backbone_weights_sha256_16": weights_identity(args.backbone_weights)})
-        keys, x = C.compute_features(args.run / "shards", work, args.backbone_weights, args.mean_patch, args.device)
+        x = C.feature_cache(args.run / "shards", work, args.backbone_weights, args.mean_patch, args.device)
     if args.curate_cmd == "fit":
         ann = C.read_annotations(args.annotations)
-        pos = ann.select("key").join(pl.DataFrame({"key": keys}).with_row_index("i"), on="key", how="left",
-                                     maintain_order="left")
+        rows_of = pl.scan_parquet(work / "features_keys.parquet").with_row_index("i")
+        pos = ann.lazy().select("key").join(rows_of, on="key", how="left", maintain_order="left").collect()
         missing = pos.filter(pl.col("i").is_null())["key"].to_list()
         if missing:
             raise DataError(f"{args.annotations}: {len(missing)} annotated keys are not in the shards of {args.run}, "
@@ -225,7 +225,7 @@ def cmd_curate(args) -> int:
         print(f"mean AUC {m['auc'].mean():.3f}, mean balanced accuracy {m['balanced_accuracy'].mean():.3f}")
         return 0
     if args.curate_cmd == "apply":
-        return _curate_apply(args, C, keys, x, work)
+        return _curate_apply(args, C, x, work)
     if args.curate_cmd == "sheet":
         tiles = pl.read_parquet(args.run / "tiles.parquet", columns=["key", "shard"])
         tiles = tiles.sample(min(args.n, tiles.height), seed=args.seed, shuffle=True)
@@ -248,7 +248,7 @@ def cmd_curate(args) -> int:
     return 2
 
 
-def _curate_apply(args, C, keys, x, work: Path) -> int:
+def _curate_apply(args, C, x, work: Path) -> int:
     """Score every tile with the fitted probes, write curation.parquet, the report, the contact
     sheets (removed: highest scores; kept: highest scores below the threshold) and the HTML page."""
     import polars as pl

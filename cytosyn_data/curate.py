@@ -62,9 +62,17 @@ def tile_features(encoder, pngs: list[bytes], mean_patch: bool = False, device="
 
 def compute_features(shard_dir: Path, out_dir: Path, weights=None, mean_patch=False, device=None,
                      batch_size: int = 128) -> tuple[pl.Series, np.ndarray]:
-    """Keys and float32 [N, D] features (memory-mapped) of every tile in the shards, cached in
-    ``out_dir`` (reused when the backbone weights and the shard files (name, size, mtime) are the same):
-    ``out_dir/features_keys.parquet`` and ``out_dir/features.npy``."""
+    """Keys and float32 [N, D] features (memory-mapped) of every tile in the shards (see
+    :func:`feature_cache`; the keys are read into memory, ~60 bytes per tile)."""
+    x = feature_cache(shard_dir, out_dir, weights, mean_patch, device, batch_size)
+    return pl.read_parquet(out_dir / "features_keys.parquet")["key"], x
+
+
+def feature_cache(shard_dir: Path, out_dir: Path, weights=None, mean_patch=False, device=None,
+                  batch_size: int = 128) -> np.ndarray:
+    """float32 [N, D] features (memory-mapped) of every tile in the shards, cached in ``out_dir``
+    (reused when the backbone weights and the shard files (name, size, mtime) are the same):
+    ``out_dir/features.npy``, and the keys of its rows in ``out_dir/features_keys.parquet``."""
     import webdataset as wds
 
     from cytosyn_encoders import weights_identity
@@ -78,7 +86,7 @@ def compute_features(shard_dir: Path, out_dir: Path, weights=None, mean_patch=Fa
     ident += ("+meanpatch" if mean_patch else "") + f"+shards:{files_digest(urls)}"
     meta_path = out_dir / "features.json"
     if meta_path.exists() and json.loads(meta_path.read_text()).get("backbone") == ident:
-        return pl.read_parquet(out_dir / "features_keys.parquet")["key"], np.load(out_dir / "features.npy", mmap_mode="r")
+        return np.load(out_dir / "features.npy", mmap_mode="r")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = build_backbone(weights).to(device)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +105,7 @@ def compute_features(shard_dir: Path, out_dir: Path, weights=None, mean_patch=Fa
     keys = pl.concat(keys) if keys else pl.Series("key", [], dtype=pl.String)
     pl.DataFrame({"key": keys}).write_parquet(out_dir / "features_keys.parquet")
     atomic_write_bytes(meta_path, json.dumps({"backbone": ident, "n": len(keys)}).encode())
-    return pl.read_parquet(out_dir / "features_keys.parquet")["key"], np.load(out_dir / "features.npy", mmap_mode="r")
+    return np.load(out_dir / "features.npy", mmap_mode="r")
 
 
 # ----------------------------------------------------------------------- fit
