@@ -2,7 +2,7 @@
 
 Per slide, a picture at least 1024 px on its long side (``work/detect/{slide_id}.view.jpg``, made at
 detection) with the tissue contour (green), the pen-ink mask (magenta tint) and every candidate tile
-box coloured by its fate (:func:`geojson.tile_fates`: train, val_in, val_out, guidance, removed,
+box coloured by its fate (:func:`geojson.tile_fates`, computed for a batch of slides at a time: train, val_in, val_out, guidance, removed,
 written-not-split, unselected candidate); the browser zooms it (each picture links to itself at full
 size). Tables: slides, tiles per TSS and per split, failed slides with their causes; the curation
 contact sheets and the split audit when the run has them. Written at the end of tile, curate and
@@ -20,7 +20,7 @@ import numpy as np
 import polars as pl
 
 from .errors import DataError
-from .geojson import COLOURS, tile_fates, tissue_polygons
+from .geojson import COLOURS, fates_by_slide, tissue_polygons
 from .png import decode_png
 from .shards import atomic_write_bytes
 from .tile_detect import VIEW_SIDE
@@ -78,13 +78,11 @@ def _legend() -> str:
         '<span class="key"><i style="background:rgb(255,0,255)"></i>pen ink</span>'
 
 
-def _summary_tables(run: Path, slides: pl.DataFrame, fates: pl.DataFrame) -> str:
+def _summary_tables(slides: pl.DataFrame, per_fate: pl.DataFrame) -> str:
     cols = [c for c in ("slide_id", "status", "vendor", "mpp", "mpp_source", "tss", "n_candidates", "n_selected")
             if c in slides.columns]
     parts = ["<h2>Slides</h2>", html_table(slides.select(cols))]
-    tiles = pl.read_parquet(run / "tiles.parquet", columns=["key", "tss"])
-    per = tiles.join(fates.select("key", "fate"), on="key", how="left").with_columns(pl.col("tss").fill_null("(none)"))
-    pivot = per.group_by("tss", "fate").len().pivot(on="fate", index="tss", values="len").fill_null(0).sort("tss")
+    pivot = per_fate.pivot(on="fate", index="tss", values="len").fill_null(0).sort("tss") if per_fate.height else per_fate
     parts += ["<h2>Tiles per TSS and fate</h2>", html_table(pivot)]
     failed = slides.filter(pl.col("status") != "ok").select("slide_id", "error")
     parts += ["<h2>Failed slides</h2>", html_table(failed) if failed.height else "<p>none</p>"]
@@ -133,26 +131,30 @@ def write_report(run: str | Path) -> Path:
     img_dir = run / "report" / "img"
     img_dir.mkdir(parents=True, exist_ok=True)
     slides = pl.read_parquet(run / "slides.parquet").sort("slide_id")
-    fates = tile_fates(run)
-    by_slide = fates.partition_by("slide_id", as_dict=True)
-    figures = []
-    for slide in slides.filter(pl.col("status") == "ok").iter_rows(named=True):
+    figures, counts, n_tiles, n_cand = [], [], 0, 0
+    tss = slides.select("slide_id", tss=pl.col("tss").fill_null("(none)"))
+    for slide, fates in fates_by_slide(run, slides):  # a batch of slides at a time
         sid = slide["slide_id"]
-        pic = slide_picture(run, slide, by_slide.get((sid,), fates.head(0)))
+        pic = slide_picture(run, slide, fates)
         ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(pic, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
         atomic_write_bytes(img_dir / f"{sid}.jpg", jpg.tobytes(), durable=False)
-        n = by_slide.get((sid,), fates.head(0)).group_by("fate").len().sort("fate")
-        counts = ", ".join(f"{f} {c}" for f, c in n.iter_rows())
+        n = fates.group_by("fate").len().sort("fate")
+        written = fates.filter(pl.col("fate") != "candidate")
+        counts.append(written.join(tss, on="slide_id").group_by("tss", "fate").len())
+        n_tiles, n_cand = n_tiles + written.height, n_cand + fates.height
         figures.append(f'<figure><a href="img/{html.escape(sid)}.jpg"><img src="img/{html.escape(sid)}.jpg" '
-                       f'alt="{html.escape(sid)}"></a><figcaption><b>{html.escape(sid)}</b>: {counts}</figcaption></figure>')
+                       f'alt="{html.escape(sid)}"></a><figcaption><b>{html.escape(sid)}</b>: '
+                       f'{", ".join(f"{f} {c}" for f, c in n.iter_rows())}</figcaption></figure>')
+    per_fate = (pl.concat(counts).group_by("tss", "fate").agg(pl.col("len").sum()) if counts
+                else pl.DataFrame(schema={"tss": pl.String, "fate": pl.String, "len": pl.UInt32}))
     n_ok = slides.filter(pl.col("status") == "ok").height
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>cytosyn run {html.escape(run.name)}</title>
 <style>{STYLE}</style></head><body>
 <h1>cytosyn run <code>{html.escape(str(run))}</code></h1>
 <p>slides: <span id="n-slides">{slides.height}</span> ({n_ok} ok, {slides.height - n_ok} failed); tiles written:
-<span id="n-tiles">{fates.filter(pl.col('fate') != 'candidate').height}</span>; candidates: {fates.height}</p>
+<span id="n-tiles">{n_tiles}</span>; candidates: {n_cand}</p>
 <p>{_legend()}</p>
-{_summary_tables(run, slides, fates)}
+{_summary_tables(slides, per_fate)}
 <h2>Slides with their tiles</h2>
 {''.join(figures)}
 {_extras(run, img_dir)}

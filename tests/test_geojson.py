@@ -35,3 +35,15 @@ def test_geojson_per_slide_has_tissue_and_every_tile_by_fate(tmp_path, cmu_slide
                 assert -1 <= x <= s["width"] + 1 and -1 <= y <= s["height"] + 1
         ring = next(f for f in boxes if f["properties"]["name"] in set(mine["key"]))["geometry"]["coordinates"][0]
         assert ring[0] == ring[-1] and len(ring) == 5
+
+
+def test_fates_in_slide_batches_equal_the_whole_run(tmp_path, cmu_slide, tcga_slide):
+    from cytosyn_data.geojson import fates_by_slide, tile_fates
+
+    run = tile_two_slides(tmp_path, cmu_slide, tcga_slide, "40")
+    assert main(["split", "--run", str(run), "--val-in-fraction", "0.2", "--guidance-tiles", "4", "--shard-size", "8"]) == 0
+    slides = pl.read_parquet(run / "slides.parquet").sort("slide_id")
+    whole = tile_fates(run).sort("key")
+    for batch in (1, 10**9):  # one slide per batch, every slide in one batch
+        got = pl.concat([f for _, f in fates_by_slide(run, slides, max_candidates=batch)]).sort("key")
+        assert got.equals(whole) and whole.height == pl.read_parquet(run / "candidates.parquet").height
