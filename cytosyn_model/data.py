@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import random
 from pathlib import Path
 
@@ -100,18 +101,20 @@ class VisitStream:
     re-orders each visit.
     """
 
-    def __init__(self, urls: list[str], seed: int, skip: int, shuffle_buffer: int):
+    def __init__(self, urls: list[str], seed: int, skip: int, shuffle_buffer: int, counts: SampleCounts | None = None):
         self.urls, self.seed, self.skip, self.buffer = urls, seed, skip, shuffle_buffer
+        self.counts = counts or SampleCounts()
 
     def __call__(self, src=None):
         rng, skip = random.Random(self.seed), self.skip
         for j in itertools.count():
             url = rng.choice(self.urls)
             if skip:
-                n = sample_count(url)
+                n = self.counts(url)
                 if skip >= n:
                     skip -= n
                     continue
+            self.counts.flush()
             samples = wds.tarfile_to_samples()(iter([{"url": url}]))
             if self.buffer > 1:
                 vis = random.Random(f"{self.seed}/{j}")
@@ -123,18 +126,51 @@ class VisitStream:
                 yield s
 
 
-_COUNTS: dict[tuple, int] = {}
+class SampleCounts:
+    """Samples per shard (:func:`cytosyn_data.tar_index.count_samples`, headers only), memoised in
+    this process and, with ``path``, in a JSON file shared by the run's processes and later resumes
+    (``{url: [identity, count]}``; identity = size and mtime of a local file, ETag/size of an object).
+    A shard whose identity changed is counted again; a lost concurrent update only costs a recount."""
 
+    def __init__(self, path: str | Path | None = None):
+        self.path = Path(path) if path else None
+        self.known: dict[str, list] = {}
+        self.new = 0
+        self._ident: dict[str, str] = {}  # one stat / HEAD per shard and process
+        if self.path is not None and self.path.exists():
+            try:
+                self.known = json.loads(self.path.read_text())
+            except (OSError, ValueError):
+                self.known = {}
 
-def sample_count(url: str) -> int:
-    """Samples in one shard (memoised per path, size and mtime for local files)."""
-    from cytosyn_data.tar_index import count_samples
+    @staticmethod
+    def identity(url: str) -> str:
+        from cytosyn_data.remote import is_url, remote_identity
 
-    p = Path(url)
-    ident = (url, *(lambda st: (st.st_size, st.st_mtime_ns))(p.stat())) if p.exists() else (url,)
-    if ident not in _COUNTS:
-        _COUNTS[ident] = count_samples(url)
-    return _COUNTS[ident]
+        if is_url(url):
+            return json.dumps(remote_identity(url), sort_keys=True, default=str)
+        st = Path(url).stat()
+        return f"{st.st_size}:{st.st_mtime_ns}"
+
+    def __call__(self, url: str) -> int:
+        from cytosyn_data.tar_index import count_samples
+
+        ident = self._ident.get(url) or self._ident.setdefault(url, self.identity(url))
+        hit = self.known.get(url)
+        if hit is None or hit[0] != ident:
+            self.known[url] = [ident, count_samples(url)]
+            self.new += 1
+        return int(self.known[url][1])
+
+    def flush(self) -> None:
+        """Write the new counts (merged with the file's current content) by temporary name and rename."""
+        if self.path is None or not self.new:
+            return
+        from cytosyn_data.shards import write_json_atomic
+
+        merged = {**(SampleCounts(self.path).known), **self.known}
+        write_json_atomic(merged, self.path)
+        self.new = 0
 
 
 def make_loader(
@@ -145,6 +181,7 @@ def make_loader(
     num_workers: int = 0,
     shuffle_buffer: int = 1000,
     batches_done: int = 0,
+    count_cache: str | Path | None = None,
 ) -> torch.utils.data.DataLoader:
     """Infinite loader of batches for process ``rank``.
 
@@ -152,6 +189,8 @@ def make_loader(
     ``batches_done`` batches stream r has made ceil((batches_done - r) / W) of them, which it
     seeks past on resume (:class:`VisitStream`; worker w reads stream (w + batches_done) mod W):
     a resumed run sees exactly the batches it would have seen, after reading at most one shard.
+    ``count_cache``: a JSON file keeping the shards' sample counts between resumes (see
+    :class:`SampleCounts`).
     """
     urls = shard_urls(shards)
     nw = max(num_workers, 1)
@@ -165,7 +204,7 @@ def make_loader(
     def stream(src=None):
         done = max(0, -(-(batches_done - role()) // nw))
         stream_seed = (seed * 1_000_003 + rank * 1009 + role()) % (2**31)
-        yield from VisitStream(urls, stream_seed, done * batch_size, shuffle_buffer)()
+        yield from VisitStream(urls, stream_seed, done * batch_size, shuffle_buffer, SampleCounts(count_cache))()
 
     pipeline = wds.DataPipeline(
         stream,

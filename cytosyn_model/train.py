@@ -513,6 +513,7 @@ def train(cfg: TrainConfig, shards, resume: str | Path | None = "auto", stop_aft
     loader = make_loader(
         shards, cfg.batch_size, seed=cfg.seed, rank=trainer.acc.process_index,
         num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, batches_done=trainer.step,
+        count_cache=Path(cfg.out) / "shard_samples.json",
     )
     end = cfg.max_steps if stop_after is None else min(cfg.max_steps, trainer.step + stop_after)
     # the bar is closed before an error propagates, so the error line is the last thing printed

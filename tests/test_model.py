@@ -189,3 +189,13 @@ def test_loader_resume_seeks_to_the_same_batches_without_replaying(tmp_path, wor
     it = iter(D.VisitStream(sorted(str(p) for p in tmp_path.glob("*.tar")), seed=1, skip=37, shuffle_buffer=4)())
     next(it)
     assert len(opened) == 1  # 37 samples (7 visits) skipped by their counts, one shard read
+    # the counts persist for later resumes (a shard whose file changed is counted again)
+    cache = tmp_path / "counts" / "shard_samples.json"
+    urls = sorted(str(p) for p in tmp_path.glob("*.tar"))
+    next(iter(D.VisitStream(urls, seed=1, skip=37, shuffle_buffer=4, counts=D.SampleCounts(cache))()))
+    assert {v[1] for v in json.loads(cache.read_text()).values()} == {5}
+    import cytosyn_data.tar_index as T
+
+    monkeypatch.setattr(T, "count_samples", lambda url: (_ for _ in ()).throw(AssertionError("recounted")))
+    again = D.VisitStream(urls, seed=1, skip=37, shuffle_buffer=4, counts=D.SampleCounts(cache))
+    assert next(iter(again())) is not None
