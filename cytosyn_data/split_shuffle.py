@@ -187,7 +187,8 @@ def _scatter_slide(unit: ScatterUnit, pw: PieceWriter) -> dict:
 def scatter_units(parts: list[Path], guidance: pl.Series, layout: dict, shard_paths: list[Path], slides: pl.DataFrame,
                   work: Path, cfg, parallel: int) -> list[ScatterUnit]:
     """Runs of consecutive input shards of about ``UNIT_TILES`` tiles of the split (at least 2 units
-    per worker), plus one unit per slide when ``cfg.expand_px``; names carry a digest of the inputs."""
+    per worker), plus one unit per slide when ``cfg.expand_px``; names carry a digest of the inputs and
+    of what routes the items (buckets, seed, variants), so a unit left by another run is never reused."""
     scan = pl.scan_parquet(parts)
     per_shard = dict(scan.group_by("shard").len().collect().iter_rows())
     paths = [p for p in shard_paths if per_shard.get(p.name)]
@@ -198,12 +199,13 @@ def scatter_units(parts: list[Path], guidance: pl.Series, layout: dict, shard_pa
     common = dict(work=str(work), parts=tuple(map(str, parts)), guidance=tuple(guidance.to_list()),
                   buckets=tuple((g, *layout[g]) for g in GROUPS), seed=cfg.seed, jpeg_quality=cfg.jpeg_quality,
                   expand_px=cfg.expand_px)
-    units = [ScatterUnit(_unit_name("s", i, [str(paths[j]) for j in g]), inputs=tuple(str(paths[j]) for j in g), **common)
-             for i, g in enumerate(groups)]
+    what = [json.dumps({k: v for k, v in common.items() if k != "work"}, sort_keys=True)]  # what routes the items
+    units = [ScatterUnit(_unit_name("s", i, [*what, *(str(paths[j]) for j in g)]), inputs=tuple(str(paths[j]) for j in g),
+                         **common) for i, g in enumerate(groups)]
     if cfg.expand_px:
         want = set(scan.select(pl.col("slide_id").unique()).collect()["slide_id"].to_list())
         for i, row in enumerate(r for r in slides.sort("slide_id").to_dicts() if r["slide_id"] in want):
-            units.append(ScatterUnit(_unit_name("x", i, [row["slide_id"], str(row["path"])]), slide=row, **common))
+            units.append(ScatterUnit(_unit_name("x", i, [*what, row["slide_id"], str(row["path"])]), slide=row, **common))
     return units
 
 
