@@ -155,6 +155,20 @@ def stage_tile_tables(run: Path, work: Path) -> dict:
     return {"tiles": n}
 
 
+def random_features(path: Path, n: int, dim: int) -> None:
+    """A float32 [n, dim] standard-normal feature file (seeded), written batch by batch unless present."""
+    import numpy as np
+
+    from cytosyn_data.feature_file import FeatureFileWriter
+
+    if path.exists():
+        return
+    rng = np.random.default_rng(0)
+    with FeatureFileWriter(path) as fw:
+        for lo in range(0, n, 100_000):
+            fw.append(rng.standard_normal((min(100_000, n - lo), dim), dtype=np.float32))
+
+
 def stage_curate_apply(run: Path, work: Path, naive: bool = False) -> dict:
     """Probe scores of every tile from a memory-mapped 384-d feature file, the curation table and
     the removal report (naive: the whole file loaded, float64 in one go)."""
@@ -167,13 +181,7 @@ def stage_curate_apply(run: Path, work: Path, naive: bool = False) -> dict:
     feats = work / "curate_features.npy"
     if not (work / "curate_keys.parquet").exists():
         pl.read_parquet(run / "tiles.parquet", columns=["key"]).write_parquet(work / "curate_keys.parquet")
-    if not feats.exists():
-        from cytosyn_data.feature_file import FeatureFileWriter
-
-        rng = np.random.default_rng(0)
-        with FeatureFileWriter(feats) as fw:
-            for lo in range(0, n, 100_000):
-                fw.append(rng.standard_normal((min(100_000, n - lo), 384), dtype=np.float32))
+    random_features(feats, n, 384)
     if SETUP_ONLY:
         return {"tiles": 0}
     rng = np.random.default_rng(1)
@@ -207,13 +215,7 @@ def stage_eval_features(run: Path, work: Path) -> dict:
 
     n = pl.scan_parquet(run / "tiles.parquet").select(pl.len()).collect().item()
     path = work / "eval_features.npy"
-    if not path.exists():
-        from cytosyn_data.feature_file import FeatureFileWriter
-
-        rng = np.random.default_rng(0)
-        with FeatureFileWriter(path) as fw:
-            for lo in range(0, n, 100_000):
-                fw.append(rng.standard_normal((min(100_000, n - lo), 256), dtype=np.float32))
+    random_features(path, n, 256)
     if SETUP_ONLY:
         return {"tiles": 0}
     x = np.load(path, mmap_mode="r")

@@ -224,21 +224,10 @@ def assign_splits(slides: pl.DataFrame, tiles: pl.DataFrame, curation: pl.DataFr
 
 
 def audit(splits: pl.DataFrame, tiles: pl.DataFrame) -> dict:
-    """Leakage audit: patients/slides shared by train and val_out, train/val_in overlaps, sizes per TSS."""
+    """Leakage audit of an in-memory split (see :func:`audit_parts`), the overlap check included."""
     s = splits.join(tiles.select(WINDOW_COLUMNS).drop("slide_id"), on="key", how="left")
-    train, vo, vi = (s.filter(pl.col("split") == n) for n in ("train", "val_out", "val_in"))
-    shared_patients = sorted(set(train["patient"]) & set(vo["patient"]))
-    shared_slides = sorted(set(train["slide_id"]) & set(vo["slide_id"]))
-    overlaps = overlapping(vi, train)
-    sizes = s.with_columns(pl.col("tss").fill_null(NULL_STRATUM)).group_by("tss", "split").len().sort("tss", "split")
-    return {
-        "shared_patients_train_val_out": shared_patients,
-        "shared_slides_train_val_out": shared_slides,
-        "overlapping_val_in_tiles": overlaps["key"].to_list(),
-        "sizes": sizes,
-        "guidance": int(s["guidance"].sum()),
-        "ok": not shared_patients and not shared_slides and overlaps.height == 0,
-    }
+    overlaps = overlapping(s.filter(pl.col("split") == "val_in"), s.filter(pl.col("split") == "train"))
+    return audit_parts(splits.lazy(), overlaps["key"].to_list())
 
 
 def write_audit(path: Path, result: dict) -> None:
