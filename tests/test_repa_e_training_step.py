@@ -108,15 +108,20 @@ def test_two_training_steps_equal_the_reference(tmp_path):
 
 
 def _compare_step(step, ours, theirs, grads_ours, grads_ref):
+    # the models run in float64 here, but the VAE loss terms are computed in float32 on both sides (as
+    # REPA-E does): LPIPS and the discriminator's logits (a mean of values of both signs) then differ by
+    # float32 rounding, which depends on the convolution kernels oneDNN picks for this CPU (1.05e-5
+    # relative for gan_g on one AMD EPYC VM); the float64 terms keep the tight tolerance
+    f32 = {"lpips", "gan_g", "vae_total"}
     for k in ("l1", "lpips", "kl", "gan_g", "align_vae", "vae_total", "denoise", "align_sit", "sit_total",
               "grad_norm_vae", "grad_norm_sit"):
-        assert ours[k] == pytest.approx(float(theirs[k]), rel=1e-5, abs=1e-9), (step, k)
+        assert ours[k] == pytest.approx(float(theirs[k]), rel=1e-4 if k in f32 else 1e-5, abs=1e-9), (step, k)
     if step == 0:  # before discriminator_start: factor 0, no GAN term, a zero discriminator loss
         assert float(theirs["gan_d"]) == 0 and ours["gan_g"] == 0 and "gan_d" not in ours
     else:
         assert ours["gan_g"] != 0
         for k in ("gan_d", "grad_norm_disc"):
-            assert ours[k] == pytest.approx(float(theirs[k]), rel=1e-5), (step, k)
+            assert ours[k] == pytest.approx(float(theirs[k]), rel=1e-4), (step, k)
     assert set(grads_ours) == set(grads_ref), set(grads_ours) ^ set(grads_ref)
     for name, gr in grads_ref.items():
         _assert_rel(grads_ours[name], gr, 5e-5, f"step {step} gradient of {name}")
