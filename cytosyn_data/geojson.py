@@ -21,7 +21,6 @@ import polars as pl
 from .errors import DataError
 from .png import decode_png
 from .shards import atomic_write_bytes
-from .split import WINDOW_COLUMNS, read_windows
 
 #: QuPath classification colours (RGB)
 COLOURS = {"tissue": (0, 160, 0), "train": (40, 110, 255), "val_in": (255, 170, 0), "val_out": (220, 40, 40),
@@ -56,6 +55,8 @@ def tile_fates(run: Path, slide_ids: list[str] | None = None) -> pl.DataFrame:
     """key, slide_id, x0, y0 (level-0 corner of the read window), side, fate: every candidate of the
     slides ``slide_ids`` (all when None). The run's tables are scanned with that filter; splits and
     curation are joined on the tiles' keys, so only these slides' rows are ever held."""
+    from .split import WINDOW_COLUMNS, read_windows  # here: the tile stage's report need not import the split
+
     only = pl.col("slide_id").is_in(slide_ids) if slide_ids is not None else pl.lit(True)
     tiles = pl.scan_parquet(run / "tiles.parquet").filter(only).select(WINDOW_COLUMNS).collect()
     cand = pl.scan_parquet(run / "candidates.parquet").filter(only).select("key", "slide_id", "x", "y")

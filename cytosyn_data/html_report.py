@@ -22,6 +22,7 @@ import polars as pl
 from .errors import DataError
 from .geojson import COLOURS, fates_by_slide, tissue_polygons
 from .png import decode_png
+from .qc import draw_boxes
 from .shards import atomic_write_bytes
 from .tile_detect import VIEW_SIDE
 from .tissue import pen_mask
@@ -50,11 +51,12 @@ def slide_picture(run: Path, slide: dict, fates: pl.DataFrame) -> np.ndarray:
     s = img.shape[1] / w0
     rings = [np.round(np.array(r) * s).astype(np.int32) for r in tissue_polygons(mask, w0)]
     cv2.polylines(out, rings, True, COLOURS["tissue"], 2)
-    order = {f: i for i, f in enumerate(reversed(FATES))}  # candidates first, splits on top
-    for t in fates.with_columns(o=pl.col("fate").replace_strict(order, default=0)).sort("o").iter_rows(named=True):
-        p0 = (int(t["x0"] * s), int(t["y0"] * s))
-        p1 = (max(p0[0] + 1, int((t["x0"] + t["side"]) * s) - 1), max(p0[1] + 1, int((t["y0"] + t["side"]) * s) - 1))
-        cv2.rectangle(out, p0, p1, COLOURS[t["fate"]], 1 if t["fate"] == "candidate" else 2)
+    for fate in reversed(FATES):  # candidates first, splits on top
+        t = fates.filter(pl.col("fate") == fate)
+        x0, y0 = (t["x0"].to_numpy() * s).astype(np.int64), (t["y0"].to_numpy() * s).astype(np.int64)
+        x1 = np.maximum(x0 + 1, ((t["x0"] + t["side"]).to_numpy() * s).astype(np.int64) - 1)
+        y1 = np.maximum(y0 + 1, ((t["y0"] + t["side"]).to_numpy() * s).astype(np.int64) - 1)
+        draw_boxes(out, x0, y0, x1, y1, COLOURS[fate], 1 if fate == "candidate" else 2)
     return out
 
 

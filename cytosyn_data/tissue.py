@@ -27,25 +27,42 @@ class TissueParams:
     max_hole_um2: float = 50_000.0  # enclosed gaps smaller than this are filled; larger ones stay glass
 
 
-def pen_mask(rgb: np.ndarray, params: TissueParams = TissueParams()) -> np.ndarray:
+def pen_mask(rgb: np.ndarray, params: TissueParams = TissueParams(), hsv: np.ndarray | None = None) -> np.ndarray:
     """Boolean [h, w] mask of red, green and blue marker ink in an RGB uint8 image.
 
     H&E occupies the pink-to-purple hues (about 260-350 degrees); ink is saturated
-    pure red (hue <= 15 or >= 352 degrees with green and blue low), green/cyan
-    (70-200 degrees) or blue (200-250 degrees with blue far above red).
+    pure red (hue <= 15 or >= 345 degrees, saturation >= 140), dense dark red/purple (315-345
+    degrees, saturation >= 120, value < 110), green/cyan (70-200 degrees, saturation >= 40,
+    green > red + 20) or blue (195-250 degrees, saturation >= 60, blue > red + 45, blue > green).
+    ``hsv``: the image's ``COLOR_RGB2HSV_FULL`` when the caller has it already. The hue bands are
+    given in HSV_FULL's units (256 = 360 degrees) and evaluated with OpenCV, ~2x faster than the
+    same rules in numpy, which the tests check over every RGB colour.
     """
-    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL)  # hue 0-255 for 0-360 degrees
-    hue = hsv[..., 0].astype(np.float32) * (360.0 / 256.0)
-    sat = hsv[..., 1]
-    r = rgb[..., 0].astype(np.int16)
-    g = rgb[..., 1].astype(np.int16)
-    b = rgb[..., 2].astype(np.int16)
-    val = hsv[..., 2]
-    red = ((hue <= 15) | (hue >= 345)) & (sat >= 140)
-    dark_red = (hue >= 315) & (hue < 345) & (sat >= 120) & (val < 110)  # dense red/purple ink
-    green = (sat >= 40) & (hue >= 70) & (hue < 200) & (g > r + 20)
-    blue = (sat >= 60) & (hue >= 195) & (hue < 250) & (b - r > 45) & (b > g)
-    return red | dark_red | green | blue
+    if hsv is None:
+        hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL)
+    ink = cv2.inRange(hsv, *_PEN_BANDS["red_low"])
+    for band in ("red_high", "dark_red"):
+        ink |= cv2.inRange(hsv, *_PEN_BANDS[band])
+    r, g, b = cv2.split(rgb)
+    ink |= cv2.inRange(hsv, *_PEN_BANDS["green"]) & cv2.compare(cv2.subtract(g, r), 20, cv2.CMP_GT)
+    ink |= (cv2.inRange(hsv, *_PEN_BANDS["blue"]) & cv2.compare(cv2.subtract(b, r), 45, cv2.CMP_GT)
+            & cv2.compare(b, g, cv2.CMP_GT))
+    return ink > 0
+
+
+#: (low, high) HSV_FULL bounds of the ink hue bands (hue 0-255 for 0-360 degrees, inclusive):
+#: hue <= 15 deg -> <= 10; >= 345 -> >= 246; [315, 345) -> 224-245; [70, 200) -> 50-142;
+#: [195, 250) -> 139-177. Value < 110 -> <= 109.
+_PEN_BANDS = {
+    name: (np.array(lo, np.uint8), np.array(hi, np.uint8))
+    for name, lo, hi in (
+        ("red_low", (0, 140, 0), (10, 255, 255)),
+        ("red_high", (246, 140, 0), (255, 255, 255)),
+        ("dark_red", (224, 120, 0), (245, 255, 109)),
+        ("green", (50, 40, 0), (142, 255, 255)),
+        ("blue", (139, 60, 0), (177, 255, 255)),
+    )
+}
 
 
 def _disk(radius_px: int) -> np.ndarray:

@@ -13,6 +13,7 @@ import pytest
 from cytosyn_data.png import decode_png
 from cytosyn_data.shards import _tarinfo, member_header
 from cytosyn_data.tile_kernel import QC_SCHEMA, tile_qc
+from cytosyn_data.tissue import pen_mask
 
 IMAGES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "images"
 
@@ -55,3 +56,25 @@ def test_tiles_parquet_carries_the_qc_of_each_png(tmp_path, cmu_slide):
     for row in tiles.iter_rows(named=True):
         want = tile_qc(decode_png(members[f"{row['key']}.png"]))
         assert [row[c] for c in QC_SCHEMA] == pytest.approx([round(v, 4) for v in want], rel=1e-6, abs=1e-4)
+
+
+@pytest.mark.parametrize("side", [224, 222, 37])
+def test_batched_qc_equals_each_tile_alone_and_opencv_per_tile(side):
+    from cytosyn_data.tile_kernel import tiles_qc
+
+    rng = np.random.default_rng(side)
+    smooth = np.stack([cv2.GaussianBlur(t, (0, 0), 2) for t in rng.integers(0, 256, (7, side, side, 3), dtype=np.uint8)])
+    tiles = np.concatenate([smooth, rng.integers(0, 256, (2, side, side, 3), dtype=np.uint8)])
+    tiles[3, :, :side // 2] = (220, 30, 40)  # red ink over half a tile
+    batch = tiles_qc(tiles)
+    for t, got in zip(tiles, batch):
+        assert tuple(got) == tile_qc(t)  # a tile's measures do not depend on its batch
+        # the definitions, one OpenCV call at a time on this tile alone
+        half = cv2.resize(t, (side // 2, side // 2), interpolation=cv2.INTER_AREA)
+        lap = cv2.Laplacian(cv2.cvtColor(half, cv2.COLOR_RGB2GRAY), cv2.CV_16S, ksize=1)
+        small = cv2.resize(half, (side // 4, side // 4), interpolation=cv2.INTER_AREA)
+        hsv = cv2.cvtColor(small, cv2.COLOR_RGB2HSV_FULL)
+        want = [((hsv[..., 1] > 20) & (hsv[..., 2] >= 30)).mean(), lap.astype(np.float64).var(),
+                hsv[..., 1].mean(), hsv[..., 2].mean(), pen_mask(small).mean()]
+        assert got == pytest.approx(want, rel=1e-12, abs=1e-12)
+    assert batch[3, 4] > batch[0, 4] + 0.3

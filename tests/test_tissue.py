@@ -72,3 +72,28 @@ def test_enclosed_background_equals_scipy_binary_fill_holes():
     for i in range(300):
         m = rng.random((int(rng.integers(1, 60)), int(rng.integers(1, 60)))) < rng.random()
         assert np.array_equal(enclosed_background(m), ndimage.binary_fill_holes(m) & ~m), i
+
+
+def _pen_rules_numpy(rgb):
+    """The ink rules of pen_mask's docstring, in degrees, written out in numpy."""
+    import cv2
+
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV_FULL)
+    hue = hsv[..., 0].astype(np.float32) * (360.0 / 256.0)
+    sat, val = hsv[..., 1], hsv[..., 2]
+    r, g, b = (rgb[..., i].astype(np.int16) for i in range(3))
+    red = ((hue <= 15) | (hue >= 345)) & (sat >= 140)
+    dark_red = (hue >= 315) & (hue < 345) & (sat >= 120) & (val < 110)
+    green = (sat >= 40) & (hue >= 70) & (hue < 200) & (g > r + 20)
+    blue = (sat >= 60) & (hue >= 195) & (hue < 250) & (b - r > 45) & (b > g)
+    return red | dark_red | green | blue
+
+
+def test_pen_mask_equals_its_rules_on_every_rgb_colour():
+    import cv2
+
+    cube = np.stack(np.meshgrid(*[np.arange(256, dtype=np.uint8)] * 3, indexing="ij"), -1).reshape(4096, 4096, 3)
+    want = _pen_rules_numpy(cube)
+    assert 0 < want.sum() < want.size
+    assert np.array_equal(pen_mask(cube), want)
+    assert np.array_equal(pen_mask(cube, hsv=cv2.cvtColor(cube, cv2.COLOR_RGB2HSV_FULL)), want)
