@@ -51,6 +51,11 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
 _USTAR_TAIL = b"0" + bytes(100) + b"ustar\x0000" + bytes(32 + 32 + 8 + 8 + 155 + 12)
 
 
+_MODE_IDS = b"0000644\x00" + b"0000000\x00" * 2
+_MTIME = b"%011o\x00" % FIXED_MTIME
+_FIXED_SUM = sum(_MODE_IDS) + sum(_MTIME) + 8 * 32 + sum(_USTAR_TAIL)
+
+
 def member_header(name: str, size: int) -> bytes:
     """The tar header of a member with :func:`_tarinfo`'s fixed metadata: the same bytes as
     ``tarfile``'s PAX output, built directly when the name is short ASCII (10x faster; the
@@ -58,9 +63,9 @@ def member_header(name: str, size: int) -> bytes:
     raw = name.encode("ascii", "replace")
     if len(raw) >= 100 or not name.isascii() or size >= 8**11:
         return _tarinfo(name, size).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
-    head = raw.ljust(100, b"\0") + b"0000644\x00" + b"0000000\x00" * 2 + b"%011o\x00" % size + b"%011o\x00" % FIXED_MTIME
-    chksum = sum(head) + 8 * 32 + sum(_USTAR_TAIL)
-    return head + b"%06o\x00 " % chksum + _USTAR_TAIL
+    sized = b"%011o\x00" % size
+    chksum = sum(raw) + sum(sized) + _FIXED_SUM  # the header's byte sum, checksum field as spaces
+    return raw.ljust(100, b"\0") + _MODE_IDS + sized + _MTIME + b"%06o\x00 " % chksum + _USTAR_TAIL
 
 
 class TarAppender:
@@ -78,8 +83,9 @@ class TarAppender:
         self.count = 0
 
     def add(self, name: str, data: bytes) -> None:
-        header = member_header(name, len(data))
-        self._fh.write(b"".join((header, data, b"\0" * (-len(data) % tarfile.BLOCKSIZE))))
+        self._fh.write(member_header(name, len(data)))
+        self._fh.write(data)
+        self._fh.write(bytes(-len(data) % tarfile.BLOCKSIZE))
         self.count += 1
 
     def tell(self) -> tuple[int, int]:

@@ -213,7 +213,10 @@ def run_tile(
         remote = any(is_url(p) for p in slides["path"])
         cache = SlideCache(cache_dir or out / "work" / "slide-cache", cache_bytes) if remote else None
         with open_executor(spec, warm=("cytosyn_data.tile_write", "cytosyn_data.tile_detect")) as ex:
-            return _run_tile(slides, out, cfg, _Runner(ex, cache, files, regions), shard_index, num_shards, stage)
+            result = _run_tile(slides, out, cfg, _Runner(ex, cache, files, regions), shard_index, num_shards, stage)
+        if stage != "detect":  # the pages, once the workers are let go
+            _write_reports(out, result, cfg, shard_index, num_shards)
+        return result
 
 
 def _identity_or_cause(path: str) -> dict | str:
@@ -286,14 +289,19 @@ def _run_tile(slides: pl.DataFrame, out: Path, cfg: TileConfig, ex: "_Runner", s
         seconds=seconds, stratum_quotas=stratum_totals, backend=ex.name,
         downloaded=ex.cache.downloaded if ex.cache else 0,
     )
+    return result
+
+
+def _write_reports(out: Path, result: TileResult, cfg: TileConfig, shard_index: int, num_shards: int) -> None:
+    """``report{suffix}.md`` (the summary) and, for an unsplit run, the HTML report."""
     from .report import write_tile_report
 
-    write_tile_report(out / f"report{suffix}.md", result, slides_df, cfg)
+    suffix = _part_suffix(shard_index, num_shards)
+    write_tile_report(out / f"report{suffix}.md", result, pl.read_parquet(out / f"slides{suffix}.parquet"), cfg)
     if num_shards == 1:  # a split run gets its page after `merge` (cytosyn-data report)
         from .html_report import write_report
 
         write_report(out)
-    return result
 
 
 def _detect_phase(mine: list[dict], cfg: TileConfig, work: Path, ex: "_Runner") -> float:

@@ -160,3 +160,25 @@ def test_features_on_a_dask_cluster_equal_the_local_loop(tmp_path, cmu_slide):
     b = {p.name: p.read_bytes() for p in (tmp_path / "b").glob("*.tar")}
     assert a == b and len(a) == 3 and all(b"cls.npy" in v for v in a.values())
     assert sorted(p.name for p in (tmp_path / "b" / ".features").glob("*.json")) == sorted(f"{n}.json" for n in a)
+
+
+def _unit_pid(x: int) -> tuple[int, int]:
+    if x == 13:
+        raise ValueError("unit 13 failed")
+    time.sleep(0.05)
+    return x, os.getpid()
+
+
+def test_local_pool_runs_units_here_and_in_its_processes_each_once():
+    from cytosyn_data.executors import LocalPool
+
+    pool = LocalPool(3)
+    try:
+        got = list(pool.map(_unit_pid, list(range(12)), "units"))
+        assert sorted(x for x, _ in got) == list(range(12))
+        pids = {pid for _, pid in got}
+        assert os.getpid() in pids and len(pids) >= 2  # this process works too, beside the spawned ones
+        with pytest.raises(ValueError, match="unit 13 failed"):
+            list(pool.map(_unit_pid, list(range(10, 20)), "units"))
+    finally:
+        pool.close()
