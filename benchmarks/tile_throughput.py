@@ -210,6 +210,10 @@ def main() -> None:
     print(f"{a.workers} workers on this one slide: whole command {med['one']['wall'] / med['many']['wall']:.2f}x "
           f"(wall {med['many']['wall']:.1f} s; target >= 1.8x), write phase {write_one / write_many:.2f}x; "
           f"peak RSS {med['many']['rss_gib']:.2f} GiB (largest process); shards identical: {same}")
+    serial = med["one"]["wall"] - write_one  # interpreter start, imports, detection, tables, reports
+    print(f"outside the write phase: {serial:.1f} s of the {med['one']['wall']:.1f} s of 1 worker; with the write "
+          f"phase at exactly {a.workers}x the whole command could reach at most "
+          f"{med['one']['wall'] / (serial + write_one / a.workers):.2f}x")
 
 
 if __name__ == "__main__":
