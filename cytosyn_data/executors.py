@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import multiprocessing
+import pickle
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -73,7 +74,7 @@ class LocalPool:
                     while pending and len(away) < self.workers - 1:
                         away.add(self._ex.submit(fn, pending.popleft()))
                     if pending and not here:
-                        here.add(self._here.submit(fn, pending.popleft()))
+                        here.add(self._here.submit(_run_on_a_copy, fn, pending.popleft()))
                     done, _ = wait(away | here, return_when=FIRST_COMPLETED)
                     for f in done:
                         away.discard(f), here.discard(f)
@@ -90,6 +91,12 @@ class LocalPool:
         if self._ex is not None:
             self._here.shutdown(wait=True, cancel_futures=True)
             self._ex.shutdown(wait=False, cancel_futures=True)
+
+
+def _run_on_a_copy(fn, item):
+    """``fn`` on a pickled copy of ``item``, as a spawned process would get it: the unit shares
+    nothing with the caller, which goes on using its own objects meanwhile."""
+    return fn(pickle.loads(pickle.dumps(item)))
 
 
 def _import_modules(names: tuple[str, ...]) -> None:
