@@ -77,7 +77,8 @@ class LocalPool:
                         here.add(self._here.submit(_run_on_a_copy, fn, pending.popleft()))
                     done, _ = wait(away | here, return_when=FIRST_COMPLETED)
                     for f in done:
-                        away.discard(f), here.discard(f)
+                        away.discard(f)
+                        here.discard(f)
                         bar.update()
                         yield f.result()
         finally:

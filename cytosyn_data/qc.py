@@ -32,7 +32,8 @@ def overlay_tiles(
     x1, y1 = ((x + footprint) * s).astype(np.int64) - 1, ((y + footprint) * s).astype(np.int64) - 1
     # candidates (yellow, 1 px), then the selected tiles on top (green, 2 px)
     for chosen, color, width in ((False, (230, 200, 0), 1), (True, (0, 200, 0), 2)):
-        draw_boxes(img, x0[sel == chosen], y0[sel == chosen], x1[sel == chosen], y1[sel == chosen], color, width)
+        m = sel == chosen
+        draw_boxes(img, x0[m], y0[m], x1[m], y1[m], color, width)
     return img
 
 

@@ -164,9 +164,7 @@ class TiledTiffReader:
         count = page.databytecounts[index]
         if count == 0:
             return None
-        fh = self._tf.filehandle
-        fh.seek(page.dataoffsets[index])
-        data = fh.read(count)
+        data = os.pread(self._fd, count, page.dataoffsets[index])
         tables = page.jpegtables or b"\xff\xd8\xff\xd9"
         marker = _ADOBE_RGB if page.photometric == 2 else b""
         stream = tables[:2] + marker + tables[2:-2] + data[2:]
