@@ -34,7 +34,12 @@ class RunStateError(DataError):
 def run_cli(prog: str, fn: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     """Call ``fn(argv)``; turn errors into one line on stderr and an exit code (2 usage, 1 data).
 
-    ``--debug`` anywhere in ``argv`` re-raises instead, for the full traceback."""
+    ``--debug`` anywhere in ``argv`` re-raises instead, for the full traceback. In a job of several
+    processes (torchrun / accelerate launch: ``WORLD_SIZE`` > 1) the line names the process's rank."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        prog = f"{prog} [rank {os.environ.get('RANK', '?')}/{os.environ['WORLD_SIZE']}]"
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     if debug:

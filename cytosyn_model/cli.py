@@ -9,13 +9,16 @@ from pathlib import Path
 from cytosyn_data.checks import cli_type, fraction, non_negative, positive
 from cytosyn_data.errors import UsageError, run_cli
 
+from .distributed import end_job
+
 
 def _train(argv: list[str] | None) -> int:
     from cytosyn_data.config import load_stage_config
 
     from .train import NaNLossError, TrainConfig, train
 
-    p = argparse.ArgumentParser(prog="cytosyn-train", description="REPA-E end-to-end training (use `accelerate launch` for several GPUs)")
+    p = argparse.ArgumentParser(prog="cytosyn-train", description="REPA-E end-to-end training; one job over several "
+                                "processes under torchrun / accelerate launch (GPUs: NCCL, CPUs: gloo)")
     p.add_argument("--shards", nargs="+", required=True, help="shard folder(s), .tar files or brace patterns")
     p.add_argument("--config", type=Path, required=True, help="pipelines/train_*.yaml")
     p.add_argument("--out", help="run folder (overrides the config)")
@@ -33,10 +36,12 @@ def _train(argv: list[str] | None) -> int:
     try:
         t = train(cfg, args.shards, resume=None if args.resume == "none" else args.resume,
                   accept_config_change=args.accept_config_change)
-    except NaNLossError as exc:
+    except NaNLossError as exc:  # raised on every rank at once (the loss terms are gathered)
         print(f"cytosyn-train: stopped: {exc}", file=sys.stderr)
         return 3
-    print(f"cytosyn-train: step {t.step}; checkpoints in {Path(cfg.out) / 'checkpoints'}, log {Path(cfg.out) / 'log.jsonl'}")
+    if t.acc.is_main_process:
+        print(f"cytosyn-train: step {t.step}; checkpoints in {Path(cfg.out) / 'checkpoints'}, log {Path(cfg.out) / 'log.jsonl'}")
+    end_job()
     return 0
 
 

@@ -3,7 +3,9 @@
 BatchNorm without affine parameters on latents [B, C, h, w], eps 1e-4: in train mode it uses the
 batch statistics and updates the running ones (momentum 0.1); in eval mode it uses the running
 ones. REPA-E keeps it inside its SiT (``model.bn``); here it is its own module so that the EMA copy
-keeps its own statistics and the decoder can de-normalise.
+keeps its own statistics and the decoder can de-normalise. In a job of several processes the train
+mode uses the statistics of the global batch (every rank's latents; see distributed.py), so N ranks
+x batch B normalise and update the running statistics as one process with batch N*B.
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .distributed import GlobalBatchNorm2d
+
 
 class LatentNorm(nn.Module):
     def __init__(self, channels: int = 4, momentum: float = 0.1, eps: float = 1e-4):
         super().__init__()
-        self.bn = nn.BatchNorm2d(channels, affine=False, momentum=momentum, eps=eps)
+        self.bn = GlobalBatchNorm2d(channels, affine=False, momentum=momentum, eps=eps)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.bn(z)

@@ -13,6 +13,13 @@ reference code in tests/test_repa_e_reference.py), plus CytoSyn's EMA of the VAE
 5. ``ema_phase``: EMA of the SiT (with its frozen-then-trainable ``pos_embed``), the VAE and the
    latent statistics.
 The same t and path noise serve steps 2 and 4 (:class:`StepNoise`).
+
+Under torchrun / ``accelerate launch`` the job is data parallel over its N processes (see
+distributed.py): the models are not wrapped; after each backward pass the gradients of whatever
+is trainable in that phase are averaged over the ranks, the latent BatchNorm uses the global batch,
+and the loss terms are gathered so that every rank logs their global means and stops together when
+one is not finite. N ranks x batch B therefore compute what one process computes with batch N*B
+(tests/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import copy
 import dataclasses
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +36,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cytosyn_data.errors import UsageError
+from cytosyn_data.errors import RunStateError, UsageError
 
 from cytosyn_encoders.h0mini import build_h0_mini, h0_mini_features
+from .distributed import (
+    DEFAULT_TIMEOUT_S, GlobalBatchNorm2d, average_gradients, barrier, broadcast_module, gather_objects, gather_rows, launched_world,
+    make_accelerator,
+)
 from .latent_norm import LatentNorm
 from .losses import (
-    LPIPS, PatchDiscriminator, VAELossWeights, diffusion_loss, discriminator_loss, interpolate, repa_loss,
+    LPIPS, PatchDiscriminator, VAELossWeights, diffusion_loss, discriminator_loss, interpolate, repa_loss, upcast,
     vae_generator_losses,
 )
 from .sit import SiT, SiTConfig
@@ -80,6 +92,7 @@ class TrainConfig:
     shuffle_buffer: int = 1000
     num_workers: int = 4
     seed: int = 0
+    dist_timeout_s: float = DEFAULT_TIMEOUT_S  # a collective waiting longer for a rank fails the job
     log_every: int = 50
     sample_every: int = 5000
     sample_steps: int = 50
@@ -111,7 +124,7 @@ class TrainConfig:
             positive(getattr(self, k), f"{where}: {k}", int)
         for k in ("gan_start_step", "num_workers", "shuffle_buffer"):
             non_negative(getattr(self, k), f"{where}: {k}", int)
-        for k in ("lr", "adam_eps", "grad_clip", "bn_eps"):
+        for k in ("lr", "adam_eps", "grad_clip", "bn_eps", "dist_timeout_s"):
             positive(getattr(self, k), f"{where}: {k}")
         for k in ("vae_lr", "disc_lr"):
             if getattr(self, k) is not None:
@@ -140,7 +153,7 @@ class TrainConfig:
 
     #: keys that may change when a run is resumed (how long, how often to log/save, data workers)
     RESUMABLE_CHANGES = ("out", "max_steps", "log_every", "sample_every", "sample_steps", "ckpt_every",
-                         "keep_checkpoints", "num_workers")
+                         "keep_checkpoints", "num_workers", "dist_timeout_s")
 
     def differences(self, other: dict) -> list[str]:
         """``key: theirs -> ours`` for every key (outside :attr:`RESUMABLE_CHANGES`) that differs
@@ -214,24 +227,24 @@ def build_models(cfg: TrainConfig) -> dict[str, nn.Module]:
             bn.set_statistics(*report.latent_stats)
     if cfg.latent_stats:
         bn.set_statistics(*checkpoint.load_latent_stats(cfg.latent_stats))
-    return {"vae": vae, "sit": sit, "bn": bn, "disc": PatchDiscriminator(cfg.disc_channels)}
+    disc = GlobalBatchNorm2d.convert(PatchDiscriminator(cfg.disc_channels))  # global-batch BN statistics
+    return {"vae": vae, "sit": sit, "bn": bn, "disc": disc}
 
 
 class Trainer:
     """Holds the models, optimisers and state of one REPA-E run (one process of it)."""
 
     def __init__(self, cfg: TrainConfig, accelerator=None):
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         self.cfg = cfg
-        self.acc = accelerator or Accelerator(mixed_precision=cfg.mixed_precision)
-        set_seed(cfg.seed, device_specific=True)
+        self.acc = accelerator or make_accelerator(cfg.mixed_precision, cfg.dist_timeout_s)
+        set_seed(cfg.seed)  # the same initial weights on every rank (and rank 0's are broadcast)
         self.device = self.acc.device
         m = build_models(cfg)
+        for module in m.values():
+            broadcast_module(module.to(self.device))
         self.vae_cfg, self.sit_cfg = m["vae"].cfg, m["sit"].cfg
-        if self.acc.num_processes > 1:
-            m["bn"] = nn.SyncBatchNorm.convert_sync_batchnorm(m["bn"])
         self.lpips = None
         if cfg.lpips_weight > 0:
             self.lpips = LPIPS(cfg.lpips_vgg_weights, cfg.lpips_lin_weights).to(self.device)
@@ -244,16 +257,17 @@ class Trainer:
             return torch.optim.AdamW(module.parameters(), lr=lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
 
         opts = adamw(m["vae"], cfg.vae_lr or cfg.lr), adamw(m["sit"], cfg.lr), adamw(m["disc"], cfg.disc_lr or cfg.lr)
-        self.vae, self.sit, self.disc, self.bn, self.opt_vae, self.opt_sit, self.opt_disc = self.acc.prepare(
-            m["vae"], m["sit"], m["disc"], m["bn"].to(self.device), *opts
-        )
+        # the models stay unwrapped (no DistributedDataParallel): _update averages the gradients
+        self.vae, self.sit, self.disc, self.bn = m["vae"], m["sit"], m["disc"], m["bn"]
+        self.opt_vae, self.opt_sit, self.opt_disc = self.acc.prepare(*opts)
         self.step = 0
         self.out = Path(cfg.out)
+        set_seed(cfg.seed, device_specific=True)  # each rank draws its own t, noise and drop mask
 
     # ------------------------------------------------------------------ inputs
     def _features(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """(cls [B, D], tokens [B, 196, D]) in the SiT's dtype, from the shards, else from a frozen H0-mini."""
-        dtype = next(self.acc.unwrap_model(self.sit).parameters()).dtype
+        dtype = next(self.sit.parameters()).dtype
         if "cls" in batch and "tok" in batch:
             return batch["cls"].to(self.device, dtype), batch["tok"].to(self.device, dtype)
         if self.h0 is None:
@@ -276,18 +290,24 @@ class Trainer:
         """REPA-E's discriminator factor at this step: ``disc_factor`` from ``gan_start_step`` on, else 0."""
         return self.cfg.disc_factor if self.step >= self.cfg.gan_start_step else 0.0
 
-    def _check(self, name: str, value: torch.Tensor) -> None:
-        if not torch.isfinite(value).all():
-            raise NaNLossError(f"step {self.step + 1}: loss term '{name}' is {value.item()}")
-
     def _record(self, logs: dict, losses: dict[str, torch.Tensor]) -> None:
-        for name, v in losses.items():
-            self._check(name, v)
-            logs[name] = float(v.detach())
+        """Log the mean over ranks of each (scalar) loss term; a term that is not finite on any rank
+        stops every rank with :class:`NaNLossError` naming the step, the term (and the rank)."""
+        names = list(losses)
+        rows = gather_rows(torch.stack([losses[k].detach().double().reshape(()) for k in names]))
+        values = rows.cpu().tolist()
+        for i, name in enumerate(names):  # the first term that is not finite, with the rank(s) it is so on
+            bad = [r for r, row in enumerate(values) if not math.isfinite(row[i])]
+            if bad:
+                where = f" on rank {', '.join(map(str, bad))}" if len(values) > 1 else ""
+                raise NaNLossError(f"step {self.step + 1}: loss term '{name}' is {values[bad[0]][i]}{where}")
+        logs.update(zip(names, rows.mean(0).tolist()))
 
     def _update(self, loss: torch.Tensor, model: nn.Module, opt: torch.optim.Optimizer) -> float:
-        """backward, clip to ``grad_clip``, optimiser step, zero the gradients; returns the pre-clip norm."""
+        """backward, average the gradients over the ranks, clip to ``grad_clip``, optimiser step, zero
+        the gradients; returns the pre-clip norm (of the averaged gradient)."""
         self.acc.backward(loss)
+        average_gradients(model.parameters())
         norm = self.acc.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -295,38 +315,36 @@ class Trainer:
 
     # ------------------------------------------------------------------ phases
     def encode(self, x: torch.Tensor, noise: StepNoise):
-        """Phase 1: (reconstruction, posterior, z) of images [B, 3, H, W] in [-1, 1], through the
-        (DDP-wrapped) VAE so that its gradients are synchronised."""
+        """Phase 1: (reconstruction, posterior, z) of images [B, 3, H, W] in [-1, 1]; rec and z in
+        float32 (or float64) whatever the autocast dtype."""
         self.vae.train()
         with self.acc.autocast():
-            return self.vae(x, noise=noise.posterior)
+            rec, post, z = self.vae(x, noise=noise.posterior)
+        return upcast(rec), post, upcast(z)
 
     def vae_losses(self, x, rec, post, z, noise: StepNoise, cls, tok) -> dict[str, torch.Tensor]:
         """Loss terms of phase 2; the caller has frozen the SiT and the discriminator.
 
         The alignment pass runs the unwrapped SiT in eval mode up to its REPA block on the latents
         normalised with the running statistics, with no condition dropped (REPA-E's ``model.eval()``)."""
-        sit_raw, bn_raw = self.acc.unwrap_model(self.sit), self.acc.unwrap_model(self.bn)
-        sit_raw.eval()
-        bn_raw.eval()
-        disc = self.acc.unwrap_model(self.disc)
-        losses = vae_generator_losses(x, rec, post, self.cfg.loss_weights(), self.lpips, disc, self.disc_factor())
+        self.sit.eval()
+        self.bn.eval()
+        losses = vae_generator_losses(x, rec, post, self.cfg.loss_weights(), self.lpips, self.disc, self.disc_factor())
         with self.acc.autocast():
-            xt, _ = interpolate(bn_raw(z), noise.path, noise.t)
-            _, zs = sit_raw(xt, noise.t, cls, align_only=True)
+            xt, _ = interpolate(self.bn(z), noise.path, noise.t)
+            _, zs = self.sit(xt, noise.t, cls, align_only=True)
             align = repa_loss(zs, tok)
         losses["align_vae"] = align
         losses["vae_total"] = losses.pop("vae_rec") + self.cfg.proj_coeff_vae * align
         return losses
 
     def vae_phase(self, x, rec, post, z, noise: StepNoise, cls, tok, logs: dict) -> None:
-        sit_raw, disc_raw = self.acc.unwrap_model(self.sit), self.acc.unwrap_model(self.disc)
-        _requires_grad(sit_raw, False)
-        _requires_grad(disc_raw, False)
+        _requires_grad(self.sit, False)
+        _requires_grad(self.disc, False)
         losses = self.vae_losses(x, rec, post, z, noise, cls, tok)
         self._record(logs, losses)
         logs["grad_norm_vae"] = self._update(losses["vae_total"], self.vae, self.opt_vae)
-        _requires_grad(disc_raw, True)
+        _requires_grad(self.disc, True)
 
     def disc_phase(self, x, rec, logs: dict) -> None:
         """Phase 3 (skipped when ``gan_weight`` is 0); runs with factor 0 before ``gan_start_step`` as REPA-E."""
@@ -334,10 +352,11 @@ class Trainer:
             return
         factor = self.disc_factor()
         d_loss = discriminator_loss(self.disc, x, rec, factor)
-        self._check("gan_d", d_loss)
+        terms: dict[str, float] = {}
+        self._record(terms, {"gan_d": d_loss})
         norm = self._update(d_loss, self.disc, self.opt_disc)
         if factor > 0:
-            logs.update(gan_d=float(d_loss.detach()), grad_norm_disc=norm)
+            logs.update(gan_d=terms["gan_d"], grad_norm_disc=norm)
 
     def sit_losses(self, z, noise: StepNoise, cls, tok) -> dict[str, torch.Tensor]:
         """Loss terms of phase 4 on detached latents (SiT and BatchNorm in train mode)."""
@@ -351,19 +370,17 @@ class Trainer:
         return {"denoise": denoise, "align_sit": align, "sit_total": denoise + self.cfg.proj_coeff_sit * align}
 
     def sit_phase(self, z, noise: StepNoise, cls, tok, logs: dict) -> None:
-        sit_raw = self.acc.unwrap_model(self.sit)
-        _requires_grad(sit_raw, True)  # REPA-E's requires_grad(model, True): pos_embed included
+        _requires_grad(self.sit, True)  # REPA-E's requires_grad(model, True): pos_embed included
         if not self.sit_cfg.learn_null:
-            sit_raw.y_embedder.null.requires_grad_(False)
+            self.sit.y_embedder.null.requires_grad_(False)
         losses = self.sit_losses(z, noise, cls, tok)
         self._record(logs, losses)
         logs["grad_norm_sit"] = self._update(losses["sit_total"], self.sit, self.opt_sit)
 
     def ema_phase(self) -> None:
-        u = self.acc.unwrap_model
-        ema_update(self.ema_sit, u(self.sit), self.cfg.ema_decay)
-        ema_update(self.ema_vae, u(self.vae), self.cfg.ema_decay)
-        ema_update(self.ema_bn, u(self.bn), self.cfg.ema_decay)
+        ema_update(self.ema_sit, self.sit, self.cfg.ema_decay)
+        ema_update(self.ema_vae, self.vae, self.cfg.ema_decay)
+        ema_update(self.ema_bn, self.bn, self.cfg.ema_decay)
 
     def train_step(self, batch: dict, noise: StepNoise | None = None,
                    generator: torch.Generator | None = None) -> dict[str, float]:
@@ -384,56 +401,59 @@ class Trainer:
 
     # ------------------------------------------------------------ checkpoints
     def modules(self) -> dict[str, nn.Module]:
-        u = self.acc.unwrap_model
         return {
-            "vae": u(self.vae), "sit": u(self.sit), "disc": u(self.disc), "bn": u(self.bn),
+            "vae": self.vae, "sit": self.sit, "disc": self.disc, "bn": self.bn,
             "ema_vae": self.ema_vae, "ema_sit": self.ema_sit, "ema_bn": self.ema_bn,
         }
 
     def save_checkpoint(self, path: str | Path | None = None) -> Path:
-        """``{out}/checkpoints/step_{N}/``: models.safetensors, optim.pt, rng.pt, state.json (atomic)."""
+        """``{out}/checkpoints/step_{N}/``: models.safetensors, optim.pt, rng.pt (every rank's generator
+        states), state.json. Every rank calls it; rank 0 writes (temporary name, rename) while the
+        others wait, so the folder is written once and complete when any rank goes on."""
+        final = Path(path) if path else self.out / "checkpoints" / f"step_{self.step:07d}"
+        rng_states = gather_objects(self._rng_state())
+        if self.acc.is_main_process:
+            tmp = final.with_name(final.name + ".tmp")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+            self._write_checkpoint(tmp, rng_states)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            self._prune_checkpoints(final.parent)
+        barrier()
+        return final
+
+    def _rng_state(self) -> dict:
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return rng
+
+    def _write_checkpoint(self, folder: Path, rng_states: list[dict]) -> None:
         from safetensors.torch import save_file
 
-        final = Path(path) if path else self.out / "checkpoints" / f"step_{self.step:07d}"
-        if not self.acc.is_main_process:
-            self.acc.wait_for_everyone()
-            return final
-        tmp = final.with_name(final.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        tensors = {}
-        for name, m in self.modules().items():
-            for k, v in m.state_dict().items():
-                tensors[f"{name}.{k}"] = v.detach().cpu().contiguous()
-        save_file(tensors, str(tmp / "models.safetensors"))
-        torch.save({"vae": self.opt_vae.state_dict(), "sit": self.opt_sit.state_dict(), "disc": self.opt_disc.state_dict()}, tmp / "optim.pt")
-        rng = {"torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, tmp / "rng.pt")
         from cytosyn_data.run_state import code_version
-
-        state = {"step": self.step, "config": dataclasses.asdict(self.cfg), "code_version": code_version()}
         from cytosyn_encoders import weights_identity
 
+        tensors = {f"{name}.{k}": v.detach().cpu().contiguous()
+                   for name, m in self.modules().items() for k, v in m.state_dict().items()}
+        save_file(tensors, str(folder / "models.safetensors"))
+        torch.save({"vae": self.opt_vae.state_dict(), "sit": self.opt_sit.state_dict(), "disc": self.opt_disc.state_dict()},
+                   folder / "optim.pt")
+        torch.save({"world_size": len(rng_states), "ranks": rng_states}, folder / "rng.pt")
+        state = {"step": self.step, "world_size": len(rng_states), "config": dataclasses.asdict(self.cfg),
+                 "code_version": code_version()}
         state["weights_sha256_16"] = {  # every weights file that influenced this checkpoint
             k: weights_identity(getattr(self.cfg, k))
             for k in ("vae_init", "sit_init", "latent_stats", "h0_mini_weights", "lpips_vgg_weights", "lpips_lin_weights")
             if getattr(self.cfg, k)
         }
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-        if final.exists():
-            import shutil
-
-            shutil.rmtree(final)
-        tmp.rename(final)
-        self._prune_checkpoints(final.parent)
-        self.acc.wait_for_everyone()
-        return final
+        (folder / "state.json").write_text(json.dumps(state, indent=1))
 
     def _prune_checkpoints(self, folder: Path) -> None:
         done = sorted(p for p in folder.glob("step_*") if not p.name.endswith(".tmp"))
-        import shutil
-
         for old in done[: -self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
 
@@ -451,9 +471,14 @@ class Trainer:
         self.opt_sit.load_state_dict(opt["sit"])
         self.opt_disc.load_state_dict(opt["disc"])
         rng = torch.load(path / "rng.pt", map_location="cpu", weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        states = rng.get("ranks", [rng])  # before multi-process checkpoints: one state, one process
+        if len(states) != self.acc.num_processes:
+            raise RunStateError(f"{path}: written by a job of {len(states)} process(es), this job has "
+                                f"{self.acc.num_processes}: resume it with {len(states)}")
+        mine = states[self.acc.process_index]
+        torch.set_rng_state(mine["torch"])
+        if "cuda" in mine and self.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda"], self.device)
         self.step = json.loads((path / "state.json").read_text())["step"]
 
     # ---------------------------------------------------------------- samples
@@ -475,10 +500,14 @@ class Trainer:
 def check_resume_config(cfg: TrainConfig, checkpoint: Path, accept: bool) -> None:
     """Refuse to resume ``checkpoint`` with a config that differs from its own (listing the keys)
     unless ``accept``; operational keys (:attr:`TrainConfig.RESUMABLE_CHANGES`) may differ."""
-    from cytosyn_data.errors import RunStateError
-
-    saved = json.loads((Path(checkpoint) / "state.json").read_text())["config"]
-    diff = cfg.differences(saved)
+    state = json.loads((Path(checkpoint) / "state.json").read_text())
+    saved_world, world = state.get("world_size", 1), launched_world()
+    if saved_world != world:
+        raise RunStateError(
+            f"{checkpoint}: written by a job of {saved_world} process(es), this job has {world}: resume with "
+            f"{saved_world} processes (each rank's data stream and RNG continue), or train into another --out"
+        )
+    diff = cfg.differences(state["config"])
     if diff and not accept:
         raise RunStateError(
             f"{checkpoint}: the config differs from the checkpoint's ({'; '.join(diff)}); resume with "
