@@ -174,3 +174,18 @@ def slurm_cluster(spec: ClusterSpec):
         job_extra_directives=list(spec.job_extra),
         local_directory=spec.local_directory or "$TMPDIR",
     )
+
+
+def rank_device(requested: str | None = None) -> str:
+    """The torch device of this process: ``requested``, else CUDA when present, else the CPU. Under
+    torchrun / accelerate launch (``LOCAL_RANK`` set) a bare ``cuda`` with several visible GPUs
+    becomes ``cuda:{LOCAL_RANK mod count}``, so the ranks of a node do not share GPU 0."""
+    import os
+
+    import torch
+
+    device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
+    local = os.environ.get("LOCAL_RANK")
+    if device == "cuda" and local is not None and torch.cuda.device_count() > 1:
+        device = f"cuda:{int(local) % torch.cuda.device_count()}"
+    return device

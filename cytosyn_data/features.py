@@ -7,7 +7,9 @@ first, so training streams the features with the image. ``.features/{shard}.json
 folder records a finished shard by content (size, mtime and sha256 of the written shard) and the
 encoder's weights digest; a re-run skips a shard only when both still match. Each shard is a
 work unit: several processes (``accelerate launch``/torchrun) take shards ``i % world == rank``
-on GPUs; on CPUs the units can run on a Dask cluster (``--scheduler`` / ``--cluster``).
+on GPUs (each on its own device, ``cuda:LOCAL_RANK``); a unit clears only its own shard's stale
+temporaries, so no rank touches another's files; on CPUs the units can run on a Dask cluster
+(``--scheduler`` / ``--cluster``).
 """
 
 from __future__ import annotations
@@ -118,8 +120,7 @@ def add_features(
         shards = list_remote(str(shard_dir), {".tar"})
     else:
         shard_dir = Path(shard_dir)
-        shards = sorted(shard_dir.glob("*.tar"))
-        remove_stale_tmp(shard_dir)
+        shards = sorted(shard_dir.glob("*.tar"))  # stale temporaries: cleared by each shard's own unit
     if not shards:
         raise FileNotFoundError(f"{shard_dir}: no .tar shards")
     if weights is None:
@@ -150,6 +151,8 @@ def feature_shard(unit: FeatureUnit) -> dict:
         return _feature_remote_shard(unit)
     shard = Path(unit.shard)
     mark = marker_path(shard)
+    remove_stale_tmp(shard.parent, shard.name)  # only this shard's: other ranks write the others
+    remove_stale_tmp(mark.parent, mark.name)
     old = json.loads(mark.read_text()) if mark.exists() else None
     if _is_done(old, shard, unit.ident):
         return {"skipped": 1, "written": 0, "tiles": 0}
@@ -188,7 +191,9 @@ def _rewrite_with_features(shard: Path, unit: FeatureUnit) -> int:
     """Rewrite the local tar ``shard`` with the feature members, one batch of ``batch_size`` tiles at
     a time (memory: one batch's members and tokens, not the shard's); returns the tiles encoded
     (0: no PNG, the shard is left as it is)."""
-    device = torch.device(unit.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from .executors import rank_device
+
+    device = torch.device(rank_device(unit.device))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     n, pending, n_png = 0, [], 0
     with TarAppender(shard) as tar:

@@ -148,11 +148,14 @@ def iter_tar_members(path: Path) -> Iterable[tuple[str, bytes]]:
                 yield info.name, tar.extractfile(info).read()
 
 
-def remove_stale_tmp(folder: Path) -> int:
-    """Delete temporary files left by a killed writer in ``folder``; returns how many."""
+def remove_stale_tmp(folder: Path, name: str | None = None) -> int:
+    """Delete temporary files left by a killed writer in ``folder`` (only those of the file ``name``
+    when given: a writer that owns one file never touches another writer's); returns how many."""
+    import glob
+
     n = 0
     if folder.exists():
-        for p in folder.glob(".*.tmp-*"):
+        for p in folder.glob(f".{glob.escape(name)}.tmp-*" if name else ".*.tmp-*"):
             p.unlink(missing_ok=True)
             n += 1
     return n

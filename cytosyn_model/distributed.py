@@ -99,12 +99,25 @@ def average_gradients(params: Iterable[nn.Parameter], bucket_bytes: int = 64 << 
             offset += g.numel()
 
 
-def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, differentiable (the gradient of each rank's input is the sum of the ranks'
-    output gradients)."""
-    from torch.distributed.nn.functional import all_reduce
+class _SumOverRanks(torch.autograd.Function):
+    """Sum over ranks, differentiable: each rank's output is the sum of every rank's input, so the
+    gradient of a rank's input is the sum of every rank's output gradient."""
 
-    return all_reduce(t, op=dist.ReduceOp.SUM)
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        out = t.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    return _SumOverRanks.apply(t)
 
 
 def global_batch_moments(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -68,3 +68,113 @@ def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path):
     # a NaN in rank 1's batch stops both ranks, each naming the step, the term and the rank
     for r in (r0, r1):
         assert r["nan_error"].startswith(f"step {steps.STEPS + 1}: loss term 'l1' is nan on rank 1"), r["nan_error"]
+
+
+# ------------------------------------------------------------------ the command lines, as launched
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory, cmu_slide) -> Path:
+    """12 CMU-1 tiles in 3 shards of 4."""
+    from cytosyn_data.cli import main
+
+    out = tmp_path_factory.mktemp("dist_tiles")
+    assert main(["tile", "--slides", str(cmu_slide), "--out", str(out), "--tiles", "12", "--shard-size", "4"]) == 0
+    return out / "shards"
+
+
+def _tiny_config(path: Path, **over) -> Path:
+    import yaml
+
+    d = yaml.safe_load((HERE.parent / "pipelines" / "train_tiny.yaml").read_text())
+    d["train"].update({**dict(batch_size=2, max_steps=4, ckpt_every=2, sample_every=4, log_every=1, gan_start_step=2,
+                              sample_steps=2), **over})
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def _log(run: Path) -> list[dict]:
+    import json
+
+    return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"}
+            for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_cli_training_of_two_processes_resumes_exactly_and_refuses_another_world_size(tmp_path, tiles, capsys):
+    from safetensors.torch import load_file
+
+    from cytosyn_model.cli import train_main
+
+    cfg = _tiny_config(tmp_path / "c.yaml")
+    train = ["--no-python", "cytosyn-train", "--shards", str(tiles), "--config", str(cfg)]
+    full = torchrun(train + ["--out", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr[-3000:]
+    assert full.stdout.count("cytosyn-train: step 4;") == 1  # one job: rank 0 reports it
+    part = torchrun(train + ["--out", str(tmp_path / "part"), "--max-steps", "2"])
+    assert part.returncode == 0, part.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "part" / "checkpoints").iterdir()) == ["step_0000002"]
+    resumed = torchrun(train + ["--out", str(tmp_path / "part")])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    # each rank's RNG and data stream continue: the resumed run equals the uninterrupted one
+    assert [r["step"] for r in _log(tmp_path / "part")] == [1, 2, 3, 4]
+    assert _log(tmp_path / "part") == _log(tmp_path / "full")
+    a = load_file(str(tmp_path / "full" / "checkpoints" / "step_0000004" / "models.safetensors"))
+    b = load_file(str(tmp_path / "part" / "checkpoints" / "step_0000004" / "models.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    rng = torch.load(tmp_path / "full" / "checkpoints" / "step_0000004" / "rng.pt", weights_only=True)
+    assert rng["world_size"] == 2 and not torch.equal(rng["ranks"][0]["torch"], rng["ranks"][1]["torch"])
+
+    # a resume by one process is refused, naming both sizes
+    capsys.readouterr()
+    assert train_main(["--shards", str(tiles), "--config", str(cfg), "--out", str(tmp_path / "full"), "--max-steps", "6"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "written by a job of 2 process(es), this job has 1" in err and len(err.splitlines()) == 1
+
+
+def test_a_killed_rank_ends_the_job_within_seconds_naming_the_rank(tmp_path, tiles):
+    import time
+
+    import psutil
+
+    cfg = _tiny_config(tmp_path / "c.yaml", max_steps=500, ckpt_every=500, sample_every=500)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
+           "cytosyn-train", "--shards", str(tiles), "--config", str(cfg), "--out", str(tmp_path / "run")]
+    job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and log.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert job.poll() is None, job.communicate()[0][-3000:]
+    workers = psutil.Process(job.pid).children(recursive=True)
+    rank1 = [w for w in workers if w.environ().get("RANK") == "1"]
+    assert len(rank1) == 1
+    rank1[0].kill()  # SIGKILL in the middle of training
+    t0 = time.monotonic()
+    out, _ = job.communicate(timeout=120)
+    assert job.returncode != 0
+    assert time.monotonic() - t0 < 60
+    assert "rank      : 1 (local_rank: 1)" in out and "SIGKILL" in out
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+
+
+def test_features_of_two_processes_are_byte_identical_to_one(tmp_path, tiles):
+    import shutil
+
+    from cytosyn_data.cli import main
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    shutil.copytree(tiles, one)
+    shutil.copytree(tiles, two)
+    stale = two / ".tiles-000001.tar.tmp-99999"  # left by a killed writer: its shard's unit clears it
+    stale.write_bytes(b"partial")
+    assert main(["features", "--shards", str(one), "--h0-mini-weights", "random:small", "--batch-size", "3"]) == 0
+    res = torchrun(["--no-python", "cytosyn-data", "features", "--shards", str(two), "--h0-mini-weights", "random:small",
+                    "--batch-size", "3"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("shard(s) written") == 2  # rank 0: shards 0 and 2, rank 1: shard 1
+    shards = sorted(p.name for p in one.glob("*.tar"))
+    assert shards == sorted(p.name for p in two.glob("*.tar")) and len(shards) == 3
+    for name in shards:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+        assert (two / ".features" / f"{name}.json").exists()
+    assert not stale.exists() and not list(two.glob(".*.tmp-*"))
