@@ -45,10 +45,9 @@ def _train(argv: list[str] | None) -> int:
     return 0
 
 
-def _sample(argv: list[str] | None) -> int:
-    from .generate import Generator, conditions_for_mode, load_reference_features, write_outputs
-
-    p = argparse.ArgumentParser(prog="cytosyn-sample", description="Generate tiles from a cytosyn-train checkpoint")
+def _sample_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cytosyn-sample", description="Generate tiles from a cytosyn-train checkpoint; "
+                                "under torchrun / accelerate launch each process writes its share of the units")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", type=Path, help="a cytosyn-train checkpoint folder")
     src.add_argument("--model", type=Path, help="a folder written by cytosyn-export")
@@ -59,6 +58,9 @@ def _sample(argv: list[str] | None) -> int:
     p.add_argument("--h0-mini-weights", help="local H0-mini weights when the shards have no cls.npy ('random:small': tests)")
     p.add_argument("-n", "--num", type=cli_type(positive, int), default=16)
     p.add_argument("--batch-size", type=cli_type(positive, int), default=64)
+    p.add_argument("--shard-size", type=cli_type(positive, int), default=1000,
+                   help="samples per unit of work: one shard (--format shards) or that many PNG files; "
+                        "units are split over the processes and finished ones are skipped on a re-run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--sampler", choices=["sde", "euler", "heun"], default="sde")
     p.add_argument("--steps", type=cli_type(positive, int), default=250)
@@ -67,30 +69,51 @@ def _sample(argv: list[str] | None) -> int:
     p.add_argument("--guidance-high", type=cli_type(fraction, True), default=0.75)
     p.add_argument("--interp-steps", type=cli_type(positive, int), default=8)
     p.add_argument("--format", choices=["png", "shards"], default="png")
-    p.add_argument("--device")
+    p.add_argument("--device", help="default: cuda (cuda:LOCAL_RANK under torchrun) when present, else cpu")
+    return p
+
+
+def _sample(argv: list[str] | None) -> int:
+    import os
+
+    from cytosyn_data.executors import rank_device
+    from cytosyn_data.run_state import check_run_file, files_digest
+
+    from .generate import Generator, SampleSettings, conditions_for_mode, generate_units, load_reference_features
+
+    p = _sample_parser()
     args = p.parse_args(argv)
     if args.guidance_low > args.guidance_high:
         raise UsageError(f"--guidance-low {args.guidance_low} is above --guidance-high {args.guidance_high}")
     if args.sampler == "sde" and args.steps < 2:
         raise UsageError("--steps must be >= 2 for the SDE sampler (the last step is the noise-free one)")
-    gen = Generator.from_model_dir(args.model, args.device) if args.model else Generator.from_checkpoint(args.checkpoint, args.device)
+    if args.mode != "uncond" and not args.ref_shards:
+        p.error(f"--mode {args.mode} needs --ref-shards")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = rank_device(args.device)
+    gen = Generator.from_model_dir(args.model, device) if args.model else Generator.from_checkpoint(args.checkpoint, device)
     ref_keys, ref = [], None
     if args.mode != "uncond":
-        if not args.ref_shards:
-            p.error(f"--mode {args.mode} needs --ref-shards")
         need = {"cond": args.num, "variations": 1, "interpolate": 2}[args.mode]
         ref_keys, ref = load_reference_features(args.ref_shards, args.ref_keys, args.h0_mini_weights,
                                                 limit=None if args.ref_keys else need)
     cond = conditions_for_mode(args.mode, ref, args.num, args.interp_steps)
     n = cond.shape[0] if cond is not None else args.num
-    images = gen.generate(cond, n, args.seed, args.batch_size, args.sampler, args.steps, args.cfg_scale,
-                          args.guidance_low, args.guidance_high)
     if args.mode == "cond":
         keys = [f"gen__{ref_keys[i % len(ref_keys)]}__s{args.seed}_{i}" for i in range(n)]
     else:
         keys = [f"gen__{args.mode}__s{args.seed}_{i:05d}" for i in range(n)]
-    write_outputs(images, keys, args.out, args.format)
-    print(f"cytosyn-sample: {n} tiles ({args.mode}, {args.sampler} {args.steps} steps, cfg {args.cfg_scale}) -> {args.out}")
+    settings = SampleSettings(args.seed, args.sampler, args.steps, args.cfg_scale, args.guidance_low, args.guidance_high)
+    source = args.model or args.checkpoint
+    conf = {**vars(settings), "mode": args.mode, "n": n, "format": args.format, "shard_size": args.shard_size,
+            "interp_steps": args.interp_steps, "ref_keys": files_digest([], "\n".join(ref_keys))}
+    # a re-run with the same settings skips the written units; other settings are refused (never mixed)
+    check_run_file(args.out, "sample", conf, [f"model: {source} {files_digest(source.rglob('*.safetensors'))}"],
+                   overwrite=False, clear=None)
+    res = generate_units(gen, cond, keys, args.out, args.format, settings, args.batch_size, args.shard_size, rank, world)
+    where = f" (process {rank} of {world})" if world > 1 else ""
+    print(f"cytosyn-sample: {res['written']} tiles written, {res['skipped']} already there{where} ({args.mode}, "
+          f"{args.sampler} {args.steps} steps, cfg {args.cfg_scale}) -> {args.out}")
     return 0
 
 

@@ -49,6 +49,13 @@ def shard_urls(shards: str | Path | list) -> list[str]:
     return [str(p)]
 
 
+def every_shard(urls):
+    """A webdataset ``nodesplitter`` that gives every process every shard: reference and evaluation
+    sets, which each process of a torchrun job reads whole (webdataset refuses a pipeline without one
+    when WORLD_SIZE > 1)."""
+    yield from urls
+
+
 def decode_sample(sample: dict, size: int = 224) -> dict:
     """Raw webdataset sample -> {key, image (float [-1, 1], [3, size, size]), cls?, tok?}.
 

@@ -1,7 +1,10 @@
 """Generation from a trained checkpoint: conditions -> latents (sampler) -> tiles.
 
 Uses the EMA SiT, the EMA VAE and the EMA latent statistics. Sample i's noise depends only
-on (seed, i), so results do not depend on the batch size.
+on (seed, i), so results do not depend on the batch size, nor on how the samples are split over
+processes: :func:`generate_units` writes units of ``shard_size`` samples (one shard, or that many
+PNG files, each), process r of a job of N (torchrun / accelerate launch) doing units j % N == r; a
+re-run skips the units already written.
 """
 
 from __future__ import annotations
@@ -85,15 +88,17 @@ class Generator:
         guidance_low: float = 0.0,
         guidance_high: float = 0.75,
         dtype: torch.dtype = torch.float32,
+        first: int = 0,
     ) -> np.ndarray:
-        """``n`` tiles as uint8 [n, H, W, 3]; ``cond`` [n, D] (None: unconditional)."""
+        """``n`` tiles as uint8 [n, H, W, 3]; ``cond`` [n, D] (None: unconditional). The tiles are
+        samples ``first`` .. ``first + n - 1`` of the seed: sample i's noise depends on (seed, i) only."""
         if sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {sampler!r}; known: {sorted(SAMPLERS)}")
         c, s = self.sit.cfg.in_channels, self.sit.cfg.input_size
         fn = sit_velocity_fn(self.sit, dtype)
         out = []
         for start in range(0, n, batch_size):
-            idx = range(start, min(n, start + batch_size))
+            idx = range(first + start, first + min(n, start + batch_size))
             noise = torch.stack(
                 [torch.randn(c, s, s, generator=torch.Generator().manual_seed(seed * 1_000_003 + i)) for i in idx]
             ).to(self.device)
@@ -130,8 +135,38 @@ def conditions_for_mode(mode: str, ref: torch.Tensor | None, n: int, steps_betwe
     raise ValueError(f"unknown mode {mode!r}; known: cond, uncond, variations, interpolate")
 
 
-def write_outputs(images: np.ndarray, keys: list[str], out: Path, fmt: str = "png") -> None:
-    """PNG files ``{key}.png`` or one WebDataset shard, plus ``grid.png``."""
+@dataclass(frozen=True)
+class SampleSettings:
+    """How samples are drawn (what ``cytosyn-sample`` records in the output's run.json)."""
+
+    seed: int = 0
+    sampler: str = "sde"
+    steps: int = 250
+    cfg_scale: float = 2.5
+    guidance_low: float = 0.0
+    guidance_high: float = 0.75
+
+
+def sample_units(n: int, shard_size: int, rank: int = 0, world: int = 1) -> list[tuple[int, range]]:
+    """(unit index j, sample indices) of the units of process ``rank``: samples [j*shard_size,
+    (j+1)*shard_size) for every j with j % world == rank."""
+    return [(j, range(lo, min(n, lo + shard_size))) for j, lo in enumerate(range(0, n, shard_size)) if j % world == rank]
+
+
+def unit_shard(out: Path, j: int) -> Path:
+    return out / f"generated-{j:06d}.tar"
+
+
+def unit_done(out: Path, fmt: str, j: int, keys: list[str]) -> bool:
+    """A unit is written when its shard exists (``shards``) or every one of its PNG files does."""
+    if fmt == "shards":
+        return unit_shard(out, j).exists()
+    return all((out / f"{k}.png").exists() for k in keys)
+
+
+def write_unit(images: np.ndarray, keys: list[str], out: Path, fmt: str, j: int) -> None:
+    """PNG files ``{key}.png``, or the shard ``generated-{j:06d}.tar`` ({key}.png, {key}.json), each by
+    temporary name and rename."""
     from cytosyn_data.png import encode_png
     from cytosyn_data.shards import atomic_write_bytes, write_tar_atomic
 
@@ -143,10 +178,37 @@ def write_outputs(images: np.ndarray, keys: list[str], out: Path, fmt: str = "pn
         members = []
         for key, img in zip(keys, images):
             members += [(f"{key}.png", encode_png(img)), (f"{key}.json", json.dumps({"key": key}).encode())]
-        write_tar_atomic(out / "generated-000000.tar", members)
+        write_tar_atomic(unit_shard(out, j), members)
     else:
         raise ValueError(f"unknown output format {fmt!r}")
-    save_grid(images[:64], out / "grid.png")
+
+
+def generate_units(gen: Generator, cond: torch.Tensor | None, keys: list[str], out: Path, fmt: str,
+                   settings: SampleSettings, batch_size: int = 64, shard_size: int = 1000, rank: int = 0,
+                   world: int = 1) -> dict[str, int]:
+    """Sample ``len(keys)`` tiles (sample i conditioned on ``cond[i]``, or unconditional) into ``out``:
+    this process's units (:func:`sample_units`), skipping those already written; unit 0 also writes
+    ``grid.png`` of its first 64 tiles. Returns {"written": tiles, "skipped": tiles}."""
+    from tqdm.auto import tqdm
+
+    written = skipped = 0
+    units = sample_units(len(keys), shard_size, rank, world)
+    for j, idx in tqdm(units, desc="sample", unit="unit", disable=rank != 0 or len(units) < 2):
+        unit_keys = keys[idx.start:idx.stop]
+        if unit_done(out, fmt, j, unit_keys):
+            skipped += len(idx)
+            continue
+        images = gen.generate(cond[idx.start:idx.stop] if cond is not None else None, len(idx), settings.seed,
+                              batch_size, settings.sampler, settings.steps, settings.cfg_scale, settings.guidance_low,
+                              settings.guidance_high, first=idx.start)
+        write_unit(images, unit_keys, out, fmt, j)
+        if j == 0:
+            try:  # a picture never fails the stage
+                save_grid(images[:64], out / "grid.png")
+            except Exception as exc:  # noqa: BLE001
+                print(f"cytosyn-sample: warning: grid.png not written ({type(exc).__name__}: {exc})")
+        written += len(idx)
+    return {"written": written, "skipped": skipped}
 
 
 def load_reference_features(shards, keys: list[str] | None, h0_weights: str | None = None,
@@ -154,12 +216,12 @@ def load_reference_features(shards, keys: list[str] | None, h0_weights: str | No
     """CLS features of reference tiles: the shards' ``cls.npy``, else computed with H0-mini."""
     import webdataset as wds
 
-    from .data import shard_urls
+    from .data import every_shard, shard_urls
     from cytosyn_encoders.h0mini import build_h0_mini, h0_mini_features
 
     model = None
     names, feats = [], []
-    for sample in wds.WebDataset(shard_urls(shards), shardshuffle=False):
+    for sample in wds.WebDataset(shard_urls(shards), shardshuffle=False, nodesplitter=every_shard):
         if keys and sample["__key__"] not in keys:
             continue
         if "cls.npy" in sample:

@@ -160,16 +160,15 @@ def test_a_killed_rank_ends_the_job_within_seconds_naming_the_rank(tmp_path, til
 def test_features_of_two_processes_are_byte_identical_to_one(tmp_path, tiles):
     import shutil
 
-    from cytosyn_data.cli import main
-
     one, two = tmp_path / "one", tmp_path / "two"
     shutil.copytree(tiles, one)
     shutil.copytree(tiles, two)
     stale = two / ".tiles-000001.tar.tmp-99999"  # left by a killed writer: its shard's unit clears it
     stale.write_bytes(b"partial")
-    assert main(["features", "--shards", str(one), "--h0-mini-weights", "random:small", "--batch-size", "3"]) == 0
-    res = torchrun(["--no-python", "cytosyn-data", "features", "--shards", str(two), "--h0-mini-weights", "random:small",
-                    "--batch-size", "3"])
+    cmd = ["--no-python", "cytosyn-data", "features", "--h0-mini-weights", "random:small", "--batch-size", "3"]
+    single = torchrun(cmd + ["--shards", str(one)], nproc=1)  # the same launcher and threads as the 2 processes
+    assert single.returncode == 0, single.stderr[-3000:]
+    res = torchrun(cmd + ["--shards", str(two)])
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.count("shard(s) written") == 2  # rank 0: shards 0 and 2, rank 1: shard 1
     shards = sorted(p.name for p in one.glob("*.tar"))
@@ -178,3 +177,33 @@ def test_features_of_two_processes_are_byte_identical_to_one(tmp_path, tiles):
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
         assert (two / ".features" / f"{name}.json").exists()
     assert not stale.exists() and not list(two.glob(".*.tmp-*"))
+
+
+def test_sampling_over_two_processes_is_byte_identical_to_one(tmp_path, tiles, capsys):
+    from cytosyn_model.cli import sample_main
+    from cytosyn_model.train import TrainConfig, Trainer
+
+    import yaml
+
+    d = yaml.safe_load((HERE.parent / "pipelines" / "train_tiny.yaml").read_text())["train"]
+    ckpt = Trainer(TrainConfig.from_dict({**d, "out": str(tmp_path / "run")})).save_checkpoint()
+    args = ["--checkpoint", str(ckpt), "--ref-shards", str(tiles), "--h0-mini-weights", "random:small", "--mode", "cond",
+            "-n", "7", "--steps", "3", "--sampler", "sde", "--format", "shards", "--shard-size", "3", "--batch-size", "2"]
+    # the same launcher and threads (torchrun sets OMP_NUM_THREADS=1) with 1 and 2 processes: CPU
+    # kernels round differently with other thread counts
+    one = torchrun(["--no-python", "cytosyn-sample", *args, "--out", str(tmp_path / "one")], nproc=1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    res = torchrun(["--no-python", "cytosyn-sample", *args, "--out", str(tmp_path / "two")])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "4 tiles written, 0 already there (process 0 of 2)" in res.stdout  # units 0 and 2
+    assert "3 tiles written, 0 already there (process 1 of 2)" in res.stdout  # unit 1
+    names = ["generated-000000.tar", "generated-000001.tar", "generated-000002.tar", "grid.png"]
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(names + ["run.json"])
+
+    capsys.readouterr()
+    assert sample_main(args + ["--out", str(tmp_path / "two")]) == 0  # a re-run skips the written units
+    assert "0 tiles written, 7 already there" in capsys.readouterr().out
+    assert sample_main([a if a != "3" else "4" for a in args] + ["--out", str(tmp_path / "two")]) == 1
+    assert "settings.steps: 3 -> 4" in capsys.readouterr().err  # other settings are refused, never mixed
