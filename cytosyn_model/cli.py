@@ -9,7 +9,7 @@ from pathlib import Path
 from cytosyn_data.checks import cli_type, fraction, non_negative, positive
 from cytosyn_data.errors import UsageError, run_cli
 
-from .distributed import end_job
+from .distributed import end_job, start_cpu_group
 
 
 def _train(argv: list[str] | None) -> int:
@@ -130,9 +130,12 @@ def _eval(argv: list[str] | None) -> int:
     if args.out:
         conf["out"] = args.out
     cfg = EvalConfig.from_dict(conf, where=f"{args.config} (section eval)")
-    df = evaluate(cfg)
-    print(df)
-    print(f"cytosyn-eval: {df.height} values -> {Path(cfg.out) / 'metrics.parquet'}, report {Path(cfg.out) / 'report.md'}")
+    rank, world = start_cpu_group()  # torchrun / accelerate launch: each process extracts its share
+    df = evaluate(cfg, rank, world)
+    if df is not None:
+        print(df)
+        print(f"cytosyn-eval: {df.height} values -> {Path(cfg.out) / 'metrics.parquet'}, report {Path(cfg.out) / 'report.md'}")
+    end_job()
     return 0
 
 

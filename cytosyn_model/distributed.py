@@ -203,3 +203,14 @@ def end_job() -> None:
     if is_distributed():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def start_cpu_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> tuple[int, int]:
+    """(rank, world) of a job launched with torchrun / accelerate launch, after joining a gloo process
+    group for its barriers (stages that exchange files, not tensors, e.g. evaluation); (0, 1) when
+    not launched."""
+    if launched_world() <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), dist.get_world_size()

@@ -207,3 +207,40 @@ def test_sampling_over_two_processes_is_byte_identical_to_one(tmp_path, tiles, c
     assert "0 tiles written, 7 already there" in capsys.readouterr().out
     assert sample_main([a if a != "3" else "4" for a in args] + ["--out", str(tmp_path / "two")]) == 1
     assert "settings.steps: 3 -> 4" in capsys.readouterr().err  # other settings are refused, never mixed
+
+
+def test_evaluation_features_over_two_processes_equal_one(tmp_path, tiles):
+    import numpy as np
+    import polars as pl
+    import yaml
+
+    from cytosyn_data.png import decode_png, encode_png
+    from cytosyn_data.shards import iter_tar_members
+
+    gen = tmp_path / "gen"  # 'generated' tiles: mirrored copies of the real ones, named as cytosyn-sample names them
+    gen.mkdir()
+    for shard in sorted(tiles.glob("*.tar")):
+        for name, data in iter_tar_members(shard):
+            if name.endswith(".png"):
+                img = np.ascontiguousarray(decode_png(data)[:, ::-1])
+                (gen / f"gen__{name[:-4]}__s0_0.png").write_bytes(encode_png(img))
+    outs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"eval{nproc}"
+        cfg = tmp_path / f"eval{nproc}.yaml"
+        cfg.write_text(yaml.safe_dump({"eval": {
+            "out": str(out), "real": {"cmu": str(tiles)}, "generated": {"flip": str(gen)},
+            "extractors": {"inception_v3": "random:small"}, "metrics": ["fd", "pr", "cosine"], "pr_k": 2,
+            "bootstrap": {"draws": 0}, "batch_size": 5}}))  # 12 images: batches of 5, 5, 2
+        res = torchrun(["--no-python", "cytosyn-eval", "--config", str(cfg)], nproc=nproc)
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert res.stdout.count("cytosyn-eval: ") == 1  # process 0 computes and reports
+        outs[nproc] = out
+    assert pl.read_parquet(outs[1] / "metrics.parquet").equals(pl.read_parquet(outs[2] / "metrics.parquet"))
+    caches = [sorted(p.name for p in (outs[n] / "cache").iterdir()) for n in (1, 2)]
+    assert caches[0] == caches[1] and len(caches[0]) == 2
+    for set_dir in caches[0]:
+        for f in ("features.npy", "keys.parquet", "moments.npz"):
+            a, b = (outs[n] / "cache" / set_dir / f for n in (1, 2))
+            assert a.read_bytes() == b.read_bytes(), (set_dir, f)
+        assert not list((outs[2] / "cache" / set_dir).glob("part-*"))

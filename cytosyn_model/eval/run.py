@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 
 from cytosyn_data.feature_file import FeatureFileWriter
 
+from ..distributed import barrier
 from .extractors import REGISTRY, build_extractor, center_crop, jpeg_roundtrip
 from .fld import fld, fld_and_gap, memorisation_scores
 from .metrics import RunningMoments, bootstrap, cosine_similarity_pairs, fd_infinity, frechet_distance, kid, mean_cov, prdc
@@ -125,11 +127,9 @@ def _decode(data: bytes, where: str, to_rgb8) -> np.ndarray:
         raise DataError(f"{where}: corrupt image ({type(exc).__name__}: {exc})") from None
 
 
-def iter_images(source: str | Path, limit: int | None = None):
-    """(key, uint8 [H, W, 3]) from a folder of shards (.png or .jpg members) or of PNG/JPEG files;
-    grey, 16-bit and RGBA images are converted, a corrupt one stops with the file (and key) named."""
-    from cytosyn_data.png import to_rgb8
-
+def iter_encoded(source: str | Path, limit: int | None = None):
+    """(key, encoded bytes, where) of the images of a folder of shards (.png or .jpg members) or of
+    PNG/JPEG files, in order, at most ``limit``; nothing is decoded."""
     from cytosyn_data.remote import is_url
 
     if is_url(source):
@@ -139,26 +139,29 @@ def iter_images(source: str | Path, limit: int | None = None):
     else:
         src = Path(source)
         tars = sorted(src.glob("*.tar")) if src.is_dir() else ([src] if src.suffix == ".tar" else [])
-    n = 0
     if tars:
         import webdataset as wds
 
-        for s in wds.WebDataset([str(t) for t in tars], shardshuffle=False):
-            data = s.get("png") or s.get("jpg")
-            if data is None:
-                continue
-            yield s["__key__"], _decode(data, f"{s['__url__']}: {s['__key__']}", to_rgb8)
-            n += 1
-            if limit and n >= limit:
-                return
+        from cytosyn_model.data import every_shard
+
+        items = ((s["__key__"], s.get("png") or s.get("jpg"), f"{s['__url__']}: {s['__key__']}")
+                 for s in wds.WebDataset([str(t) for t in tars], shardshuffle=False, nodesplitter=every_shard))
+        items = (it for it in items if it[1] is not None)
     elif src.is_dir():
-        for p in sorted(q for q in src.iterdir() if q.suffix.lower() in (".png", ".jpg", ".jpeg") and q.stem != "grid"):
-            yield p.stem, _decode(p.read_bytes(), str(p), to_rgb8)
-            n += 1
-            if limit and n >= limit:
-                return
+        files = sorted(q for q in src.iterdir() if q.suffix.lower() in (".png", ".jpg", ".jpeg") and q.stem != "grid")
+        items = ((p.stem, p.read_bytes(), str(p)) for p in files)
     else:
         raise FileNotFoundError(f"{src}: no shards or images here")
+    yield from itertools.islice(items, limit or None)
+
+
+def iter_images(source: str | Path, limit: int | None = None):
+    """(key, uint8 [H, W, 3]) of :func:`iter_encoded`'s images; grey, 16-bit and RGBA images are
+    converted, a corrupt one stops with the file (and key) named."""
+    from cytosyn_data.png import to_rgb8
+
+    for key, data, where in iter_encoded(source, limit):
+        yield key, _decode(data, where, to_rgb8)
 
 
 def set_identity(source, limit: int | None) -> str:
@@ -190,51 +193,91 @@ def set_identity(source, limit: int | None) -> str:
 
 
 def set_features(extractor, name: str, source, preprocess: list[str], cache: Path, batch_size: int, device,
-                 weights: str | None, limit: int | None = None) -> tuple[list[str], np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """Features [N, D] float32 of one set (cached; written batch by batch and returned memory-mapped),
-    its keys, and its float64 (mean, cov) accumulated while streaming."""
+                 weights: str | None, limit: int | None = None, rank: int = 0,
+                 world: int = 1) -> tuple[list[str], np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Features [N, D] float32 of one set (cached; returned memory-mapped), its keys, and its float64
+    (mean, cov). Every process of a job calls it: process r extracts batches b % world == r into
+    ``part-{r}``, then process 0 joins the parts in batch order (the bytes of one process's cache,
+    whatever ``world``) and accumulates the moments while doing so."""
     spec = extractor.spec
     tag = f"{name}-{spec.name}-{spec.identity(weights)}-{'+'.join(preprocess) or 'png'}-{set_identity(source, limit)}"
     folder = cache / tag
-    if (folder / "done.json").exists():
-        keys = pl.read_parquet(folder / "keys.parquet")["key"]
-        m = np.load(folder / "moments.npz")
-        return keys, np.load(folder / "features.npy", mmap_mode="r"), (m["mean"], m["cov"])
-    fns = [preprocessor(p) for p in preprocess]
-    keys, batch_k, batch_i = [], [], []
-    moments = None
-    folder.mkdir(parents=True, exist_ok=True)
-    with FeatureFileWriter(folder / "features.npy") as fw:
+    if not (folder / "done.json").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        if not _extract_part(extractor, f"{name}/{spec.name}", source, preprocess, folder, batch_size, device, limit,
+                             rank, world):  # every process counts the images: all stop together
+            raise ValueError(f"set {name}: no images in {source}")
+        barrier()
+        if rank == 0:
+            n = _join_parts(folder, batch_size, world)
+            (folder / "done.json").write_text(json.dumps({"set": name, "source": str(source), "extractor": spec.name,
+                                                          "preprocess": preprocess, "n": n}))
+        barrier()
+    keys = pl.read_parquet(folder / "keys.parquet")["key"]
+    m = np.load(folder / "moments.npz")
+    return keys, np.load(folder / "features.npy", mmap_mode="r"), (m["mean"], m["cov"])
 
-        def flush():
-            nonlocal moments
-            x = torch.from_numpy(np.stack(batch_i)).permute(0, 3, 1, 2).float().div(255).to(device)
-            f = extractor(x).cpu().numpy()
-            if moments is None:
-                moments = RunningMoments(f.shape[1])
+
+def _extract_part(extractor, what: str, source, preprocess: list[str], folder: Path, batch_size: int, device,
+                  limit: int | None, rank: int, world: int) -> int:
+    """``part-{rank}.npy`` and ``part-{rank}.keys.parquet``: the features of batches b % world == rank
+    (images of the other batches are read, not decoded); returns the set's image count."""
+    from cytosyn_data.png import to_rgb8
+
+    fns = [preprocessor(p) for p in preprocess]
+    items = iter_encoded(source, limit)
+    keys, total = [], 0
+    with FeatureFileWriter(folder / f"part-{rank}.npy") as fw:
+        for b in tqdm(itertools.count(), desc=what, unit="batch", leave=False, disable=rank != 0):
+            batch = list(itertools.islice(items, batch_size))
+            total += len(batch)
+            if not batch:
+                break
+            if b % world != rank:
+                continue
+            images = []
+            for key, data, where in batch:
+                img = _decode(data, where, to_rgb8)
+                for fn in fns:
+                    img = fn(img)
+                images.append(np.ascontiguousarray(img))
+            x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255).to(device)
+            fw.append(extractor(x).cpu().numpy())
+            keys.extend(k for k, _, _ in batch)
+    pl.DataFrame({"key": keys}, schema={"key": pl.String}).write_parquet(folder / f"part-{rank}.keys.parquet")
+    return total
+
+
+def _join_parts(folder: Path, batch_size: int, world: int) -> int:
+    """features.npy, keys.parquet and moments.npz from the parts, batch b from part b % world, the
+    moments added batch by batch as one process adds them; the parts are removed. Returns N."""
+    from cytosyn_data.feature_file import read_rows
+
+    from .metrics import RunningMoments
+
+    parts = [np.load(folder / f"part-{r}.npy", mmap_mode="r") for r in range(world)]
+    part_keys = [pl.read_parquet(folder / f"part-{r}.keys.parquet")["key"] for r in range(world)]
+    n = sum(len(k) for k in part_keys)
+    offsets, keys, moments = [0] * world, [], None
+    with FeatureFileWriter(folder / "features.npy") as fw:
+        for b in range(-(-n // batch_size)):
+            r = b % world
+            lo = offsets[r]
+            offsets[r] = hi = min(lo + batch_size, len(part_keys[r]))
+            f = read_rows(parts[r], lo, hi)
+            moments = moments or RunningMoments(f.shape[1])
             moments.add(f)
             fw.append(f)
-            keys.extend(batch_k)
-            batch_k.clear()
-            batch_i.clear()
-
-        for key, img in tqdm(iter_images(source, limit), desc=f"{name}/{spec.name}", unit="img", leave=False):
-            for fn in fns:
-                img = fn(img)
-            batch_k.append(key)
-            batch_i.append(np.ascontiguousarray(img))
-            if len(batch_i) == batch_size:
-                flush()
-        if batch_i:
-            flush()
-        if not keys:
-            raise ValueError(f"set {name}: no images in {source}")
-    mu, cov = moments.mean_cov()
-    np.savez(folder / "moments.npz", mean=mu, cov=cov)
-    pl.DataFrame({"key": keys}, schema={"key": pl.String}).write_parquet(folder / "keys.parquet")
-    (folder / "done.json").write_text(json.dumps({"set": name, "source": str(source), "extractor": spec.name,
-                                                  "preprocess": preprocess, "n": len(keys)}))
-    return pl.Series("key", keys, dtype=pl.String), np.load(folder / "features.npy", mmap_mode="r"), (mu, cov)
+            keys.append(part_keys[r][lo:hi])
+    if n:
+        mu, cov = moments.mean_cov()
+        np.savez(folder / "moments.npz", mean=mu, cov=cov)
+        pl.concat(keys).to_frame("key").write_parquet(folder / "keys.parquet")
+    del parts
+    for r in range(world):
+        (folder / f"part-{r}.npy").unlink()
+        (folder / f"part-{r}.keys.parquet").unlink()
+    return n
 
 
 def subsample(x: np.ndarray, n: int | None, seed: int) -> np.ndarray:
@@ -303,32 +346,48 @@ def _pair_metrics(cfg: EvalConfig, names: tuple, g: tuple, r: tuple, train, out:
     return rows
 
 
-def evaluate(cfg: EvalConfig) -> pl.DataFrame:
-    """Every metric for every (extractor, generated set, real set); writes metrics.parquet, report.md, plots."""
+def evaluate(cfg: EvalConfig, rank: int = 0, world: int = 1) -> pl.DataFrame | None:
+    """Every metric for every (extractor, generated set, real set); writes metrics.parquet, report.md,
+    plots. In a job of ``world`` processes each extracts its share of every set's features
+    (:func:`set_features`) and process 0 computes the metrics and writes the outputs (the others
+    return None)."""
     out = Path(cfg.out)
     cache = out / "cache"
     out.mkdir(parents=True, exist_ok=True)
-    dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from cytosyn_data.executors import rank_device
+
+    dev = torch.device(rank_device(cfg.device))
     rows = []
     pre_r, pre_g = cfg.preprocess.get("real", []), cfg.preprocess.get("generated", [])
     for ename, weights in cfg.extractors.items():
         extractor = build_extractor(ename, weights).to(dev)
-        real = {n: set_features(extractor, n, p, pre_r, cache, cfg.batch_size, dev, weights, cfg.max_images)
-                for n, p in cfg.real.items()}
+
+        def feats(name, source, pre):
+            return set_features(extractor, name, source, pre, cache, cfg.batch_size, dev, weights, cfg.max_images,
+                                rank, world)
+
+        real = {n: feats(n, p, pre_r) for n, p in cfg.real.items()}
         train = None
         if cfg.real_train and "fld" in cfg.metrics:
-            train = subsample(set_features(extractor, "real_train", cfg.real_train, pre_r, cache, cfg.batch_size, dev,
-                                           weights, cfg.max_images)[1], cfg.max_points, cfg.seed)
-        for gname, g in cfg.generated.items():
-            gpath = g["path"] if isinstance(g, dict) else g
-            gkeys, gf, (gmu, gcov) = set_features(extractor, f"gen_{gname}", gpath, pre_g, cache, cfg.batch_size, dev, weights, cfg.max_images)
+            train = subsample(feats("real_train", cfg.real_train, pre_r)[1], cfg.max_points, cfg.seed)
+        gens = {g: feats(f"gen_{g}", v["path"] if isinstance(v, dict) else v, pre_g) for g, v in cfg.generated.items()}
+        if rank != 0:
+            continue
+        for gname, (gkeys, gf, (gmu, gcov)) in gens.items():
             gs = subsample(gf, cfg.max_points, cfg.seed + 1)  # k-NN, kernel and mixture metrics: <= max_points rows
             for rname, (rkeys, rf, (rmu, rcov)) in real.items():
                 rs = subsample(rf, cfg.max_points, cfg.seed + 2)
                 rows += _pair_metrics(cfg, (ename, gname, rname), (gkeys, gf, gmu, gcov, gs), (rkeys, rf, rmu, rcov, rs),
                                       train, out, dev)
+    if rank != 0:
+        return None
     df = pl.DataFrame(rows, schema=METRICS_SCHEMA, orient="row")
     df.write_parquet(out / "metrics.parquet")
+    _write_outputs(cfg, df, out)
+    return df
+
+
+def _write_outputs(cfg: EvalConfig, df: pl.DataFrame, out: Path) -> None:
     write_report(cfg, df, out)
     from ..html_pages import write_eval_page
 
@@ -341,7 +400,6 @@ def evaluate(cfg: EvalConfig) -> pl.DataFrame:
 
     record_run(out, "eval", dataclasses.asdict(cfg), [f"{n}: {p} files={set_identity(p, cfg.max_images)}" for n, p in sets.items()],
                recorded={"extractor_weights": {e: weights_identity(w) for e, w in cfg.extractors.items()}})
-    return df
 
 
 def write_report(cfg: EvalConfig, df: pl.DataFrame, out: Path) -> None:
