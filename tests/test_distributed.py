@@ -244,3 +244,63 @@ def test_evaluation_features_over_two_processes_equal_one(tmp_path, tiles):
             a, b = (outs[n] / "cache" / set_dir / f for n in (1, 2))
             assert a.read_bytes() == b.read_bytes(), (set_dir, f)
         assert not list((outs[2] / "cache" / set_dir).glob("part-*"))
+
+
+# ------------------------------------------------------------------ the SLURM templates, run as jobs
+_FAKE_SRUN = """#!/bin/bash
+# srun for one node: SLURM_NTASKS copies of the command, SLURM_PROCID/SLURM_LOCALID set; fails if any fails
+while [[ "$1" == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < ${SLURM_NTASKS:-1}; i++)); do SLURM_PROCID=$i SLURM_LOCALID=$i "$@" & pids+=($!); done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=1; done
+exit $rc
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    for port in range(31000, 39999, 7):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
+
+
+def _sbatch(script: str, tmp_path: Path, env: dict) -> subprocess.CompletedProcess:
+    """Run ``pipelines/slurm/{script}`` as its job would run on one node: srun and scontrol are
+    stand-ins (tasks as local processes), everything else (torchrun, the console scripts) is real."""
+    bin_dir, venv = tmp_path / "fake-bin", tmp_path / "venv"
+    bin_dir.mkdir(exist_ok=True)
+    (venv / "bin").mkdir(parents=True, exist_ok=True)
+    (bin_dir / "srun").write_text(_FAKE_SRUN)
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho localhost\n")
+    for f in ("srun", "scontrol"):
+        (bin_dir / f).chmod(0o755)
+    (venv / "bin" / "activate").write_text(f'export PATH="{Path(sys.executable).parent}:$PATH"\n')
+    full = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "VENV": str(venv), "SLURM_JOB_NODELIST": "localhost",
+            "SLURM_NNODES": "1", "NCCL_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(["bash", str(HERE.parent / "pipelines" / "slurm" / script)], env=full, capture_output=True,
+                          text=True, timeout=300, cwd=HERE.parent)
+
+
+def test_slurm_templates_train_and_sample_as_one_job(tmp_path, tiles):
+    cfg = _tiny_config(tmp_path / "c.yaml", max_steps=2)
+    job = _sbatch("train.sbatch", tmp_path, {"SLURM_JOB_ID": str(_free_port() - 20000), "SLURM_NTASKS": "1",
+                                             "GPUS_PER_NODE": "2", "SHARDS": str(tiles), "CONFIG": str(cfg),
+                                             "OUT": str(tmp_path / "train")})
+    assert job.returncode == 0, job.stderr[-3000:]
+    ckpt = tmp_path / "train" / "checkpoints" / "step_0000002"
+    assert torch.load(ckpt / "rng.pt", weights_only=True)["world_size"] == 2  # one job of 2 ranks
+
+    job = _sbatch("sample.sbatch", tmp_path, {"SLURM_NTASKS": "2", "CHECKPOINT": str(ckpt), "REF": str(tiles),
+                                              "OUT": str(tmp_path / "gen"), "N": "4", "STEPS": "3", "DEVICE": "cpu",
+                                              "SHARD_SIZE": "2", "H0_MINI_WEIGHTS": "random:small"})
+    assert job.returncode == 0, job.stderr[-3000:]
+    assert "2 tiles written, 0 already there (process 0 of 2)" in job.stdout
+    assert "2 tiles written, 0 already there (process 1 of 2)" in job.stdout
+    assert sorted(p.name for p in (tmp_path / "gen").glob("*.tar")) == ["generated-000000.tar", "generated-000001.tar"]
