@@ -477,8 +477,12 @@ class Trainer:
                                 f"{self.acc.num_processes}: resume it with {len(states)}")
         mine = states[self.acc.process_index]
         torch.set_rng_state(mine["torch"])
-        if "cuda" in mine and self.device.type == "cuda":
-            torch.cuda.set_rng_state(mine["cuda"], self.device)
+        cuda = mine.get("cuda")
+        if cuda is not None and self.device.type == "cuda":
+            if isinstance(cuda, (list, tuple)):  # before: every device's state, saved by the one process
+                torch.cuda.set_rng_state_all(cuda)
+            else:
+                torch.cuda.set_rng_state(cuda, self.device)
         self.step = json.loads((path / "state.json").read_text())["step"]
 
     # ---------------------------------------------------------------- samples
