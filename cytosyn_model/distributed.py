@@ -45,8 +45,8 @@ def make_accelerator(mixed_precision: str = "no", timeout_s: float = DEFAULT_TIM
 
     cpu = not torch.cuda.is_available()
     kwargs = {"timeout": timedelta(seconds=timeout_s)}
-    if cpu and launched_world() > 1:
-        kwargs["backend"] = "gloo"  # not MPI/oneCCL even where torch has them: one tested path
+    if cpu and (launched_world() > 1 or "LOCAL_RANK" in os.environ):  # what accelerate takes for a CPU job
+        kwargs["backend"] = "gloo"  # not MPI even where torch has it: one tested path
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu, kwargs_handlers=[InitProcessGroupKwargs(**kwargs)])
 
 

@@ -308,7 +308,10 @@ class Trainer:
         the gradients; returns the pre-clip norm (of the averaged gradient)."""
         self.acc.backward(loss)
         average_gradients(model.parameters())
-        norm = self.acc.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
+        # fp16: unscale this optimizer's gradients only (Accelerator.clip_grad_norm_ unscales every
+        # prepared optimizer, and the next phase's call would unscale them twice before the update)
+        self.acc.unscale_gradients(opt)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(norm)

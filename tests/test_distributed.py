@@ -18,12 +18,13 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import dist_train_steps as steps  # noqa: E402
+import dist_train_steps as steps  # noqa: E402  (its STEPS; the script itself runs under torchrun)
 
 
 def torchrun(args: list[str], nproc: int = 2, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node N ARGS`` (console scripts with --no-python)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # CPU processes (gloo) even on a machine with a GPU: ranks of one node cannot share one GPU
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, **kw)
 
@@ -52,7 +53,9 @@ def test_two_ranks_equal_one_process_with_the_global_batch(tmp_path):
     assert r0["logs"] == r1["logs"]
 
     (tmp_path / "one").mkdir()
-    one = steps.run(tmp_path / "one")
+    res = torchrun([str(HERE / "dist_train_steps.py"), str(tmp_path / "one")], nproc=1)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one = torch.load(tmp_path / "one" / "rank0.pt", weights_only=True)
     assert one["world"] == 1
     for step, (a, b) in enumerate(zip(r0["logs"], one["logs"])):
         assert set(a) == set(b), step
@@ -136,7 +139,7 @@ def test_a_killed_rank_ends_the_job_within_seconds_naming_the_rank(tmp_path, til
     import psutil
 
     cfg = _tiny_config(tmp_path / "c.yaml", max_steps=500, ckpt_every=500, sample_every=500)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
            "cytosyn-train", "--shards", str(tiles), "--config", str(cfg), "--out", str(tmp_path / "run")]
     job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -283,7 +286,7 @@ def _sbatch(script: str, tmp_path: Path, env: dict) -> subprocess.CompletedProce
         (bin_dir / f).chmod(0o755)
     (venv / "bin" / "activate").write_text(f'export PATH="{Path(sys.executable).parent}:$PATH"\n')
     full = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "VENV": str(venv), "SLURM_JOB_NODELIST": "localhost",
-            "SLURM_NNODES": "1", "NCCL_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", **env}
+            "SLURM_NNODES": "1", "NCCL_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **env}
     return subprocess.run(["bash", str(HERE.parent / "pipelines" / "slurm" / script)], env=full, capture_output=True,
                           text=True, timeout=300, cwd=HERE.parent)
 

@@ -11,12 +11,24 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_bf16_multi_step_training_and_sampling(tmp_path):
+@pytest.fixture(autouse=True)
+def fresh_accelerator_state():
+    """accelerate keeps one AcceleratorState per process and refuses another mixed precision than the
+    first Accelerator's: each test here starts (and leaves) a fresh one."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_multi_step_training_and_sampling(tmp_path, precision):
     from cytosyn_model.generate import Generator
     from cytosyn_model.train import TrainConfig, Trainer
 
     d = yaml.safe_load((ROOT / "pipelines" / "train_tiny.yaml").read_text())["train"]
-    d.update(out=str(tmp_path), mixed_precision="bf16", gan_start_step=0)
+    d.update(out=str(tmp_path), mixed_precision=precision, gan_start_step=0)
     tr = Trainer(TrainConfig.from_dict(d))
     assert tr.device.type == "cuda"
     batch = {"image": torch.rand(4, 3, 224, 224) * 2 - 1, "cls": torch.randn(4, 64), "tok": torch.randn(4, 196, 64)}
