@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from cytosyn_data.features import encode_tiles
+from cytosyn_data.features.stage import encode_tiles
 from cytosyn_encoders.h0mini import build_h0_mini
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def tiles(shards: Path | None, n: int) -> list[bytes]:
         urls = sorted(str(p) for p in shards.glob("*.tar"))
         out = [s["png"] for s in wds.WebDataset(urls, shardshuffle=False)]
     else:
-        from cytosyn_data.png import encode_png
+        from cytosyn_data.io.png import encode_png
 
         rng = np.random.default_rng(0)
         out = [encode_png(rng.integers(0, 256, (224, 224, 3), dtype=np.uint8)) for _ in range(16)]

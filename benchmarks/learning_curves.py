@@ -30,7 +30,7 @@ def tile_and_split(out: Path, shared: Path) -> tuple[Path, Path]:
     import webdataset as wds
 
     from cytosyn_data.cli import main as data_main
-    from cytosyn_data.shards import write_tar_atomic
+    from cytosyn_data.io.tar_write import write_tar_atomic
 
     tiles = out / "tiles"
     if not (tiles / "tiles.parquet").exists():

@@ -1,6 +1,6 @@
 """Scale benchmark: time and peak memory of each stage's table logic and of the split, at growing
 tile counts, on synthetic runs (real tar shards of tiny PNG + JSON members, tables with the exact
-schemas; cytosyn_data.synthetic). Prints, in one run, per stage and size: seconds, tiles per
+schemas; cytosyn_data.run.synthetic). Prints, in one run, per stage and size: seconds, tiles per
 second, peak RSS (the process and its workers), and the growth from the smallest size (time and
 RSS ratios; linear is 10x time per 10x tiles); at the smallest size the direct in-memory path
 (tests/split_oracle.py, the code before the scale work) runs too, for the ratio.
@@ -39,7 +39,7 @@ def stage_assign(run: Path, work: Path) -> dict:
     splits table streamed, the audit by aggregations."""
     import polars as pl
 
-    from cytosyn_data.split import SplitConfig, assign_run, audit_parts, write_splits_table
+    from cytosyn_data.split.stage import SplitConfig, assign_run, audit_parts, write_splits_table
 
     a = assign_run(run, work / "assign", SplitConfig(), None)
     write_splits_table(a, work / "splits.parquet")
@@ -53,7 +53,7 @@ def stage_assign_naive(run: Path, work: Path) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     import split_oracle
 
-    from cytosyn_data.split import SplitConfig
+    from cytosyn_data.split.stage import SplitConfig
 
     tiles = pl.read_parquet(run / "tiles.parquet")
     split_oracle.assign_splits(pl.read_parquet(run / "slides.parquet"), tiles, None, SplitConfig())
@@ -75,7 +75,7 @@ def stage_split_naive(run: Path, work: Path) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     import split_oracle
 
-    from cytosyn_data.split import SplitConfig
+    from cytosyn_data.split.stage import SplitConfig
 
     out = work / "split_naive"
     shutil.rmtree(out, ignore_errors=True)
@@ -90,7 +90,7 @@ def stage_merge(run: Path, work: Path) -> dict:
     """cytosyn-data merge of 8 part tables (candidates = tiles.parquet's rows, as many)."""
     import polars as pl
 
-    from cytosyn_data.tile_stage import merge_parts
+    from cytosyn_data.tile.stage import merge_parts
 
     out = work / "merge"
     if not (out / "tiles-part0007of0008.parquet").exists():
@@ -115,9 +115,9 @@ def stage_tile_tables(run: Path, work: Path) -> dict:
     import numpy as np
     import polars as pl
 
-    from cytosyn_data import tile_stage as T
-    from cytosyn_data.png import encode_png
-    from cytosyn_data.tile_plan import shard_cuts, shard_units, slide_quotas
+    from cytosyn_data.tile import stage as T
+    from cytosyn_data.io.png import encode_png
+    from cytosyn_data.tile.plan import shard_cuts, shard_units, slide_quotas
 
     out = work / "tile_tables"
     det = out / "work" / "detect"
@@ -159,7 +159,7 @@ def random_features(path: Path, n: int, dim: int) -> None:
     """A float32 [n, dim] standard-normal feature file (seeded), written batch by batch unless present."""
     import numpy as np
 
-    from cytosyn_data.feature_file import FeatureFileWriter
+    from cytosyn_data.io.feature_file import FeatureFileWriter
 
     if path.exists():
         return
@@ -175,7 +175,7 @@ def stage_curate_apply(run: Path, work: Path, naive: bool = False) -> dict:
     import numpy as np
     import polars as pl
 
-    from cytosyn_data import curate as C
+    from cytosyn_data.curate import stage as C
 
     n = pl.scan_parquet(run / "tiles.parquet").select(pl.len()).collect().item()
     feats = work / "curate_features.npy"
@@ -258,9 +258,9 @@ def stage_train_resume_naive(run: Path, work: Path) -> dict:
 
 
 #: modules imported before the clock starts (torch alone takes seconds)
-PRELOAD = {"curate-apply": "cytosyn_data.curate", "eval-features": "cytosyn_model.eval.run",
-           "train-resume": "cytosyn_model.data", "split": "cytosyn_data.cli", "assign": "cytosyn_data.split",
-           "merge": "cytosyn_data.tile_stage", "tile-tables": "cytosyn_data.tile_stage"}
+PRELOAD = {"curate-apply": "cytosyn_data.curate.stage", "eval-features": "cytosyn_model.eval.run",
+           "train-resume": "cytosyn_model.data", "split": "cytosyn_data.cli", "assign": "cytosyn_data.split.stage",
+           "merge": "cytosyn_data.tile.stage", "tile-tables": "cytosyn_data.tile.stage"}
 
 
 def child(stage: str, run: Path, work: Path) -> None:
@@ -282,7 +282,7 @@ def child(stage: str, run: Path, work: Path) -> None:
 
 # --------------------------------------------------------------------------- driver
 def ensure_run(work: Path, n: int) -> Path:
-    from cytosyn_data.synthetic import make_run
+    from cytosyn_data.run.synthetic import make_run
 
     run = work / f"run_{n}"
     if not (run / "tiles.parquet").exists():

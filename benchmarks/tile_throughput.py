@@ -47,7 +47,7 @@ def make_slide(path: Path) -> Path:
     import cv2
     import tifffile
 
-    from cytosyn_data.wsi import open_slide
+    from cytosyn_data.wsi.slide import open_slide
 
     with open_slide(CMU) as s:
         tex = s.read_rgb(TEXTURE[:2], 0, TEXTURE[2:])  # its tissue-rich part: lobes of solid tissue
@@ -97,8 +97,8 @@ def cohort_dir(tmp: str, slide: Path, n: int) -> str:
 
 
 def child_cytosyn(slide: str, out: str, workers: int) -> dict:
-    from cytosyn_data.slide_table import build_slide_table
-    from cytosyn_data.tile_stage import TileConfig, run_tile
+    from cytosyn_data.run.slide_table import build_slide_table
+    from cytosyn_data.tile.stage import TileConfig, run_tile
 
     res = run_tile(build_slide_table([slide]), out, TileConfig(tiles=None), workers=workers)
     return {"tiles": res.n_tiles, "seconds": res.seconds, "shards": res.n_shards}
@@ -113,7 +113,7 @@ def child_limit(slide: str, out: str, tiles_file: str) -> dict:
     import polars as pl
     import tifffile
 
-    from cytosyn_data.png import encode_png
+    from cytosyn_data.io.png import encode_png
 
     tiles = pl.read_parquet(tiles_file).sort(["y", "x"])
     tf = tifffile.TiffFile(slide)

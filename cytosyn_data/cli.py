@@ -6,8 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from .checks import cli_type, fraction, non_negative, positive
-from .errors import DataError, UsageError, run_cli
+from cytosyn_data.core.checks import cli_type, fraction, non_negative, positive
+from cytosyn_data.core.errors import DataError, UsageError, run_cli
 
 
 def _tiles_arg(value: str) -> int | None:
@@ -38,7 +38,7 @@ def cluster_spec(args):
     """The :class:`ClusterSpec` of the parsed options."""
     import re
 
-    from .executors import ClusterSpec
+    from cytosyn_data.core.executors import ClusterSpec
 
     if args.scheduler and args.cluster:
         raise UsageError("give --scheduler (an existing cluster) or --cluster (start one), not both")
@@ -99,9 +99,9 @@ def _add_tile(sub) -> None:
 
 
 def cmd_tile(args) -> int:
-    from .config import load_stage_config
-    from .slide_table import build_slide_table
-    from .tile_stage import TileConfig, run_tile
+    from cytosyn_data.core.config import load_stage_config
+    from cytosyn_data.run.slide_table import build_slide_table
+    from cytosyn_data.tile.stage import TileConfig, run_tile
 
     conf = load_stage_config(args.config, "tile")
     for name in ("tiles", "seed", "shard_size"):
@@ -112,7 +112,7 @@ def cmd_tile(args) -> int:
     cfg = TileConfig.from_dict(conf, f"{args.config} (section tile)" if args.config else "tile options")
     if not 0 <= args.shard_index < args.num_shards:
         raise UsageError(f"--shard-index must be in [0, {args.num_shards}), got {args.shard_index}")
-    from .remote import is_url, publish
+    from cytosyn_data.io.remote import is_url, publish
 
     if is_url(args.out) and not args.work_dir:
         raise UsageError(f"--out {args.out} is a URL: give a local --work-dir to make the run in")
@@ -159,7 +159,7 @@ def cmd_tile(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from .tile_stage import merge_parts
+    from cytosyn_data.tile.stage import merge_parts
 
     counts = merge_parts(args.out)
     print(", ".join(f"{k}: {v}" for k, v in counts.items()))
@@ -192,13 +192,13 @@ def _add_curate(sub) -> None:
 def cmd_curate(args) -> int:
     import polars as pl
 
-    from . import curate as C
+    from cytosyn_data.curate import stage as C
 
     work = args.run / "curate"
     if not (args.run / "shards").is_dir():
         raise DataError(f"{args.run}: no shards/ folder; is it a tile run?")
     if args.curate_cmd in ("fit", "apply"):
-        from .run_state import record_run
+        from cytosyn_data.run.state import record_run
 
         from cytosyn_encoders import weights_identity
 
@@ -238,7 +238,7 @@ def cmd_curate(args) -> int:
     if args.curate_cmd == "weak-labels":
         import webdataset as wds
 
-        from .png import decode_png
+        from cytosyn_data.io.png import decode_png
 
         urls = sorted(str(p) for p in (args.run / "shards").glob("*.tar"))
         rows = [(s["__key__"], C.weak_label(decode_png(s["png"]))) for s in wds.WebDataset(urls, shardshuffle=False)]
@@ -253,7 +253,7 @@ def _curate_apply(args, C, x, work: Path) -> int:
     sheets (removed: highest scores; kept: highest scores below the threshold) and the HTML page."""
     import polars as pl
 
-    from .report import markdown_table
+    from cytosyn_data.reports.markdown import markdown_table
 
     n = C.apply_probes_to_file(work / "features_keys.parquet", x, C.load_probes(work / "probes.npz"), args.threshold,
                                args.run / "curation.parquet")
@@ -273,7 +273,7 @@ def _curate_apply(args, C, x, work: Path) -> int:
             markdown_table(rep.rename({"removed_fraction": "fraction"}), "{:.3f}")]
     (work / "report.md").write_text("\n".join(text) + "\n")
     if (args.run / "candidates.parquet").exists():
-        from .html_report import write_report
+        from cytosyn_data.reports.html import write_report
 
         write_report(args.run)
     print("\n".join(text))
@@ -304,7 +304,7 @@ def _add_split(sub) -> None:
 
 
 def cmd_split(args) -> int:
-    from .split import SplitConfig, run_split
+    from cytosyn_data.split.stage import SplitConfig, run_split
 
     cfg = SplitConfig(args.val_out_fraction, args.val_in_fraction, args.guidance_tiles, args.seed, args.shard_size,
                       args.jpeg_quality, args.expand_px, args.min_blur, args.max_pen, args.min_qc_tissue)
@@ -334,7 +334,7 @@ def _add_features(sub) -> None:
 def cmd_features(args) -> int:
     import os
 
-    from .features import add_features
+    from cytosyn_data.features.stage import add_features
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     spec = cluster_spec(args)
@@ -348,7 +348,7 @@ def cmd_features(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .html_report import write_report
+    from cytosyn_data.reports.html import write_report
 
     path = write_report(args.run)
     print(f"report: {path} (open it in a browser; it works from disk)")
@@ -356,7 +356,7 @@ def cmd_report(args) -> int:
 
 
 def cmd_export_h5(args) -> int:
-    from .coords_h5 import export_h5
+    from cytosyn_data.io.coords_h5 import export_h5
 
     paths = export_h5(args.run)
     print(f"export-h5: {len(paths)} slide(s) -> {args.run / 'h5'} (TRIDENT/CLAM 'coords' with read attributes)")
@@ -364,7 +364,7 @@ def cmd_export_h5(args) -> int:
 
 
 def cmd_export_geojson(args) -> int:
-    from .geojson import export_geojson
+    from cytosyn_data.reports.geojson import export_geojson
 
     paths = export_geojson(args.run)
     print(f"export-geojson: {len(paths)} slide(s) -> {args.run / 'geojson'} (QuPath: File > Import objects)")

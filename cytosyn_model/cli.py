@@ -6,14 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from cytosyn_data.checks import cli_type, fraction, non_negative, positive
-from cytosyn_data.errors import UsageError, run_cli
+from cytosyn_data.core.checks import cli_type, fraction, non_negative, positive
+from cytosyn_data.core.errors import UsageError, run_cli
 
 from .distributed import end_job, start_cpu_group
 
 
 def _train(argv: list[str] | None) -> int:
-    from cytosyn_data.config import load_stage_config
+    from cytosyn_data.core.config import load_stage_config
 
     from .train import NaNLossError, TrainConfig, train
 
@@ -76,8 +76,8 @@ def _sample_parser() -> argparse.ArgumentParser:
 def _sample(argv: list[str] | None) -> int:
     import os
 
-    from cytosyn_data.executors import rank_device
-    from cytosyn_data.run_state import check_run_file, files_digest
+    from cytosyn_data.core.executors import rank_device
+    from cytosyn_data.run.state import check_run_file, files_digest
 
     from .generate import Generator, SampleSettings, conditions_for_mode, generate_units, load_reference_features
 
@@ -118,7 +118,7 @@ def _sample(argv: list[str] | None) -> int:
 
 
 def _eval(argv: list[str] | None) -> int:
-    from cytosyn_data.config import load_stage_config
+    from cytosyn_data.core.config import load_stage_config
 
     from .eval.run import EvalConfig, evaluate
 

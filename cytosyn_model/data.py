@@ -26,7 +26,7 @@ def shard_urls(shards: str | Path | list) -> list[str]:
         for s in shards:
             out.extend(shard_urls(s))
         return out
-    from cytosyn_data.remote import is_url, list_remote, register_with_webdataset
+    from cytosyn_data.io.remote import is_url, list_remote, register_with_webdataset
 
     if is_url(shards):  # s3://bucket/run/splits/train/ (a prefix) or one .tar URL, read through fsspec
         urls = [str(shards)] if str(shards).endswith(".tar") else list_remote(str(shards), {".tar"})
@@ -60,10 +60,10 @@ def decode_sample(sample: dict, size: int = 224) -> dict:
     """Raw webdataset sample -> {key, image (float [-1, 1], [3, size, size]), cls?, tok?}.
 
     8-bit RGB PNGs take torchvision's fast decoder; grey, palette, 16-bit and RGBA members are
-    converted (cytosyn_data.png.decode_tile); a missing, corrupt or wrongly sized member stops with
+    converted (cytosyn_data.io.png.decode_tile); a missing, corrupt or wrongly sized member stops with
     the shard and key named."""
-    from cytosyn_data.errors import DataError
-    from cytosyn_data.png import decode_tile, png_header
+    from cytosyn_data.core.errors import DataError
+    from cytosyn_data.io.png import decode_tile, png_header
 
     where = f"{sample.get('__url__', 'shard')}: {sample['__key__']}"
     data = sample.get("png")
@@ -103,7 +103,7 @@ class VisitStream:
     ``random.Random(seed)`` for the whole stream) and yields its samples through a shuffle buffer
     seeded by (seed, j) and emptied at the end of the visit. A visit's samples therefore depend only
     on (seed, j), so skipping ``n`` samples draws the shard of each skipped visit and subtracts its
-    sample count (headers only, :func:`cytosyn_data.tar_index.count_samples`, memoised), then
+    sample count (headers only, :func:`cytosyn_data.io.tar_read.count_samples`, memoised), then
     replays at most one shard. The split stage's shards are already a global shuffle; the buffer
     re-orders each visit.
     """
@@ -134,7 +134,7 @@ class VisitStream:
 
 
 class SampleCounts:
-    """Samples per shard (:func:`cytosyn_data.tar_index.count_samples`, headers only), memoised in
+    """Samples per shard (:func:`cytosyn_data.io.tar_read.count_samples`, headers only), memoised in
     this process and, with ``path``, in a JSON file shared by the run's processes and later resumes
     (``{url: [identity, count]}``; identity = size and mtime of a local file, ETag/size of an object).
     A shard whose identity changed is counted again; a lost concurrent update only costs a recount."""
@@ -152,7 +152,7 @@ class SampleCounts:
 
     @staticmethod
     def identity(url: str) -> str:
-        from cytosyn_data.remote import is_url, remote_identity
+        from cytosyn_data.io.remote import is_url, remote_identity
 
         if is_url(url):
             return json.dumps(remote_identity(url), sort_keys=True, default=str)
@@ -160,7 +160,7 @@ class SampleCounts:
         return f"{st.st_size}:{st.st_mtime_ns}"
 
     def __call__(self, url: str) -> int:
-        from cytosyn_data.tar_index import count_samples
+        from cytosyn_data.io.tar_read import count_samples
 
         ident = self._ident.get(url) or self._ident.setdefault(url, self.identity(url))
         hit = self.known.get(url)
@@ -173,7 +173,7 @@ class SampleCounts:
         """Write the new counts (merged with the file's current content) by temporary name and rename."""
         if self.path is None or not self.new:
             return
-        from cytosyn_data.shards import write_json_atomic
+        from cytosyn_data.io.atomic import write_json_atomic
 
         merged = {**(SampleCounts(self.path).known), **self.known}
         write_json_atomic(merged, self.path)

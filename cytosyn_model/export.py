@@ -50,7 +50,7 @@ def diffusers_vae_config(vcfg, image_size: int) -> dict:
     levels = len(vcfg.ch_mult)
     chans = [vcfg.ch * m for m in vcfg.ch_mult]
     if any(c % 32 for c in chans):
-        from cytosyn_data.errors import UsageError
+        from cytosyn_data.core.errors import UsageError
 
         raise UsageError(f"diffusers' AutoencoderKL uses 32 GroupNorm groups everywhere; this VAE's channels {chans} "
                          "are not all multiples of 32 (its norms use 8 groups): it cannot be exported")

@@ -167,8 +167,9 @@ def unit_done(out: Path, fmt: str, j: int, keys: list[str]) -> bool:
 def write_unit(images: np.ndarray, keys: list[str], out: Path, fmt: str, j: int) -> None:
     """PNG files ``{key}.png``, or the shard ``generated-{j:06d}.tar`` ({key}.png, {key}.json), each by
     temporary name and rename."""
-    from cytosyn_data.png import encode_png
-    from cytosyn_data.shards import atomic_write_bytes, write_tar_atomic
+    from cytosyn_data.io.png import encode_png
+    from cytosyn_data.io.atomic import atomic_write_bytes
+    from cytosyn_data.io.tar_write import write_tar_atomic
 
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "png":
@@ -231,7 +232,7 @@ def load_reference_features(shards, keys: list[str] | None, h0_weights: str | No
                 if not h0_weights:
                     raise FileNotFoundError("reference shards have no cls.npy and no --h0-mini-weights was given")
                 model = build_h0_mini(h0_weights)
-            from cytosyn_data.png import decode_png
+            from cytosyn_data.io.png import decode_png
 
             img = torch.from_numpy(decode_png(sample["png"]).copy()).permute(2, 0, 1)[None].float() / 255
             f = h0_mini_features(model, img)[0][0]

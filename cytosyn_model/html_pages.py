@@ -17,8 +17,8 @@ from pathlib import Path
 
 import polars as pl
 
-from cytosyn_data.html_report import html_page, html_table
-from cytosyn_data.shards import atomic_write_bytes
+from cytosyn_data.reports.html import html_page, html_table
+from cytosyn_data.io.atomic import atomic_write_bytes
 
 LOSS_KEYS = ("denoise", "proj_sit", "proj_vae", "l1", "lpips", "kl", "gan_g", "disc", "sit_total", "vae_total")
 

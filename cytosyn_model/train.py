@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cytosyn_data.errors import RunStateError, UsageError
+from cytosyn_data.core.errors import RunStateError, UsageError
 
 from cytosyn_encoders.h0mini import build_h0_mini, h0_mini_features
 from .distributed import (
@@ -117,7 +117,7 @@ class TrainConfig:
         return cfg
 
     def validate(self, where: str) -> None:
-        from cytosyn_data.checks import fraction, non_negative, one_of, positive
+        from cytosyn_data.core.checks import fraction, non_negative, one_of, positive
 
         for k in ("batch_size", "max_steps", "disc_channels", "log_every", "sample_every", "sample_steps",
                   "ckpt_every", "keep_checkpoints"):
@@ -437,7 +437,7 @@ class Trainer:
     def _write_checkpoint(self, folder: Path, rng_states: list[dict]) -> None:
         from safetensors.torch import save_file
 
-        from cytosyn_data.run_state import code_version
+        from cytosyn_data.run.state import code_version
         from cytosyn_encoders import weights_identity
 
         tensors = {f"{name}.{k}": v.detach().cpu().contiguous()

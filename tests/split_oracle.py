@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from cytosyn_data.key_hash import key_hash_one
-from cytosyn_data.png import jpeg_from_png
-from cytosyn_data.sampling import NULL_STRATUM, apportion, stable_hash
-from cytosyn_data.shards import write_tar_atomic
-from cytosyn_data.split import SPLITS_SCHEMA, choose_val_out, qc_keep, val_in_quotas
-from cytosyn_data.tar_index import split_member
+from cytosyn_data.core.hashing import key_hash_one
+from cytosyn_data.io.png import jpeg_from_png
+from cytosyn_data.core.quotas import NULL_STRATUM, apportion, stable_hash
+from cytosyn_data.io.tar_write import write_tar_atomic
+from cytosyn_data.split.stage import SPLITS_SCHEMA, choose_val_out, qc_keep, val_in_quotas
+from cytosyn_data.io.tar_read import split_member
 
 
 # The member index and random reader the split used before its shuffle went out of core.

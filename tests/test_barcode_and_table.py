@@ -3,8 +3,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from cytosyn_data.barcode import parse_slide_name, slide_id_from_path
-from cytosyn_data.slide_table import SlideTableError, build_slide_table
+from cytosyn_data.run.barcode import parse_slide_name, slide_id_from_path
+from cytosyn_data.run.slide_table import SlideTableError, build_slide_table
 
 
 def test_tcga_barcode_parsed_case_insensitively():

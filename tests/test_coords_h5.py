@@ -8,8 +8,8 @@ import openslide
 import polars as pl
 
 from cytosyn_data.cli import main
-from cytosyn_data.png import decode_png
-from cytosyn_data.shards import iter_tar_members
+from cytosyn_data.io.png import decode_png
+from cytosyn_data.io.tar_read import iter_tar_members
 
 
 def test_export_then_import_tiles_the_same_tiles(tmp_path, cmu_slide):

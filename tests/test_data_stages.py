@@ -14,8 +14,9 @@ import webdataset as wds
 from PIL import Image
 
 from cytosyn_data.cli import main
-from cytosyn_data.png import decode_png, encode_png
-from cytosyn_data.shards import iter_tar_members, write_tar_atomic
+from cytosyn_data.io.png import decode_png, encode_png
+from cytosyn_data.io.tar_read import iter_tar_members
+from cytosyn_data.io.tar_write import write_tar_atomic
 
 SLIDES = [  # (file, slide_id, mpp, project): two slides of one patient, two projects, four TSS
     ("cmu", "TCGA-AA-0001-01Z-00-DX1", None, "TCGA-A"),
@@ -115,8 +116,8 @@ def test_split_expand_and_jpeg_variants_equal_the_reference_path(run, tmp_path):
     """Two workers, expanded tiles re-read from the real slides, JPEG copies: the bucket shuffle's
     bytes equal the direct path of tests/split_oracle.py fed the same expanded PNGs."""
     import split_oracle
-    from cytosyn_data.split import SplitConfig
-    from cytosyn_data.split_expand import expanded_pngs
+    from cytosyn_data.split.stage import SplitConfig
+    from cytosyn_data.split.expand import expanded_pngs
 
     assert _split(run, tmp_path / "s", "--expand-px", "16", "--jpeg-quality", "80", "--workers", "2") == 0
     splits = pl.read_parquet(tmp_path / "s" / "splits.parquet")
@@ -199,7 +200,7 @@ def image_run(tmp_path_factory, images_dir):
 
 
 def test_curation_grouped_five_fold_fit_and_fold_averaged_apply(image_run, capsys):
-    from cytosyn_data import curate as C
+    from cytosyn_data.curate import stage as C
 
     args = ["--run", str(image_run), "--backbone-weights", "random:small"]
     assert main(["curate", "fit", *args, "--annotations", str(image_run / "labels.csv")]) == 0
@@ -225,7 +226,7 @@ def test_curation_grouped_five_fold_fit_and_fold_averaged_apply(image_run, capsy
 
 
 def test_probes_are_saved_without_pickle_and_reload(tmp_path):
-    from cytosyn_data import curate as C
+    from cytosyn_data.curate import stage as C
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 5))
@@ -242,14 +243,14 @@ def test_probes_are_saved_without_pickle_and_reload(tmp_path):
     assert C.apply_probes_to_file(tmp_path / "keys.parquet", x, res["probes"], 0.5, tmp_path / "cur.parquet", chunk=16) == 60
     assert pl.read_parquet(tmp_path / "cur.parquet").equals(C.apply_probes(keys, x, res["probes"], 0.5))
     # the feature file is written batch by batch and read back memory-mapped
-    from cytosyn_data.feature_file import FeatureFileWriter
+    from cytosyn_data.io.feature_file import FeatureFileWriter
 
     with FeatureFileWriter(tmp_path / "f.npy") as fw:
         for lo in range(0, 60, 16):
             fw.append(x[lo:lo + 16])
     back = np.load(tmp_path / "f.npy", mmap_mode="r")
     assert back.dtype == np.float32 and np.array_equal(back, x.astype(np.float32))
-    from cytosyn_data.feature_file import read_rows
+    from cytosyn_data.io.feature_file import read_rows
 
     assert np.array_equal(read_rows(back, 7, 19), back[7:19]) and np.array_equal(read_rows(back[5:], 0, 4), back[5:9])
     assert list(tmp_path.glob("*.raw")) == [] and list(tmp_path.glob(".*tmp*")) == []

@@ -13,9 +13,9 @@ import polars as pl
 import pytest
 
 from cytosyn_data.cli import main
-from cytosyn_data.png import decode_png
-from cytosyn_data.shards import iter_tar_members
-from cytosyn_data.slide_table import build_slide_table
+from cytosyn_data.io.png import decode_png
+from cytosyn_data.io.tar_read import iter_tar_members
+from cytosyn_data.run.slide_table import build_slide_table
 
 wsidicomizer = pytest.importorskip("wsidicomizer")
 

@@ -217,8 +217,8 @@ def test_evaluation_features_over_two_processes_equal_one(tmp_path, tiles):
     import polars as pl
     import yaml
 
-    from cytosyn_data.png import decode_png, encode_png
-    from cytosyn_data.shards import iter_tar_members
+    from cytosyn_data.io.png import decode_png, encode_png
+    from cytosyn_data.io.tar_read import iter_tar_members
 
     gen = tmp_path / "gen"  # 'generated' tiles: mirrored copies of the real ones, named as cytosyn-sample names them
     gen.mkdir()

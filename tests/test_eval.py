@@ -177,8 +177,8 @@ def test_cosine_and_running_moments():
 
 def test_end_to_end_on_cmu_tiles_with_jpeg_ablation(tmp_path, cmu_slide):
     from cytosyn_data.cli import main
-    from cytosyn_data.png import decode_png, encode_png
-    from cytosyn_data.shards import iter_tar_members
+    from cytosyn_data.io.png import decode_png, encode_png
+    from cytosyn_data.io.tar_read import iter_tar_members
 
     assert main(["tile", "--slides", str(cmu_slide), "--out", str(tmp_path / "run"), "--tiles", "all", "--shard-size", "20"]) == 0
     real = {n: b for p in sorted((tmp_path / "run" / "shards").glob("*.tar")) for n, b in iter_tar_members(p)}

@@ -64,7 +64,7 @@ def test_samples_from_the_folder_equal_the_checkpoints(checkpoint, tmp_path):
 
 
 def test_a_vae_diffusers_cannot_express_is_refused(tmp_path):
-    from cytosyn_data.errors import UsageError
+    from cytosyn_data.core.errors import UsageError
     from cytosyn_model.export import diffusers_vae_config
     from cytosyn_model.vae import VAEConfig
 

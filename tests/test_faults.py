@@ -14,7 +14,7 @@ import pytest
 import webdataset as wds
 
 from conftest import tile_two_slides
-from cytosyn_data.run_state import RunLock
+from cytosyn_data.run.state import RunLock
 
 
 def cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -214,7 +214,8 @@ def test_bad_split_options_exit_2(tmp_path, tile_run, args, message):
 
 # ---------------------------------------------------------------- features
 def test_features_markers_follow_the_shard_content(tmp_path, tile_run):
-    from cytosyn_data.shards import iter_tar_members, write_tar_atomic
+    from cytosyn_data.io.tar_read import iter_tar_members
+    from cytosyn_data.io.tar_write import write_tar_atomic
 
     d = tmp_path / "shards"
     shutil.copytree(tile_run / "shards", d)
@@ -282,7 +283,7 @@ def test_bad_train_config_names_the_file_and_key(tmp_path, over, message):
 def test_eval_unknown_metric_lists_the_valid_ones_and_cache_follows_the_images(tmp_path, tile_run):
     import yaml
 
-    from cytosyn_data.png import encode_png
+    from cytosyn_data.io.png import encode_png
 
     conf = tmp_path / "eval.yaml"
     conf.write_text(yaml.safe_dump({"eval": {"metrics": ["fd", "fid"], "real": {"r": str(tile_run / "shards")}}}))
@@ -312,7 +313,7 @@ def test_rgba_slides_are_composited_on_white_in_every_reader(tmp_path):
     import openslide
     import tifffile
 
-    from cytosyn_data.wsi import composite_on_white, open_slide
+    from cytosyn_data.wsi.slide import composite_on_white, open_slide
 
     rng = np.random.default_rng(0)
     img = np.zeros((1024, 1024, 4), np.uint8)
@@ -333,7 +334,7 @@ def test_rgba_slides_are_composited_on_white_in_every_reader(tmp_path):
     assert (want[:50, :50] == 255).all()
     out = tmp_path / "run"
     assert cli("tile", "--slides", path, "--out", out, "--tiles", "all").returncode == 0
-    from cytosyn_data.png import decode_png
+    from cytosyn_data.io.png import decode_png
 
     tiles = pl.read_parquet(out / "tiles.parquet")
     assert tiles.height >= 4
@@ -344,7 +345,8 @@ def test_rgba_slides_are_composited_on_white_in_every_reader(tmp_path):
 
 def _member_shard(tmp_path: Path, tile_run: Path, bad: bytes) -> Path:
     """A copy of the first tile shard whose first PNG member is replaced by ``bad``."""
-    from cytosyn_data.shards import iter_tar_members, write_tar_atomic
+    from cytosyn_data.io.tar_read import iter_tar_members
+    from cytosyn_data.io.tar_write import write_tar_atomic
 
     d = tmp_path / "bad_shards"
     members = list(iter_tar_members(sorted((tile_run / "shards").glob("*.tar"))[0]))
@@ -359,7 +361,7 @@ def test_grey_16bit_and_rgba_members_are_converted_for_training(tmp_path, tile_r
 
     from PIL import Image
 
-    from cytosyn_data.png import decode_png
+    from cytosyn_data.io.png import decode_png
     from cytosyn_model.data import decode_sample
 
     rgb = decode_png(next(s["png"] for s in wds.WebDataset(sorted(str(p) for p in (tile_run / "shards").glob("*.tar")), shardshuffle=False)))

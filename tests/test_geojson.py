@@ -38,7 +38,7 @@ def test_geojson_per_slide_has_tissue_and_every_tile_by_fate(tmp_path, cmu_slide
 
 
 def test_fates_in_slide_batches_equal_the_whole_run(tmp_path, cmu_slide, tcga_slide):
-    from cytosyn_data.geojson import fates_by_slide, tile_fates
+    from cytosyn_data.reports.geojson import fates_by_slide, tile_fates
 
     run = tile_two_slides(tmp_path, cmu_slide, tcga_slide, "40")
     assert main(["split", "--run", str(run), "--val-in-fraction", "0.2", "--guidance-tiles", "4", "--shard-size", "8"]) == 0

@@ -167,8 +167,8 @@ def test_h0_mini_tokens_and_missing_weights():
 def test_loader_resume_seeks_to_the_same_batches_without_replaying(tmp_path, workers, monkeypatch):
     """Shards of 5 samples, batches of 3: a loader started at batch k yields batches k, k+1, ... of
     an uninterrupted loader, and reads at most one shard per stream before its first batch."""
-    from cytosyn_data.png import encode_png
-    from cytosyn_data.shards import write_tar_atomic
+    from cytosyn_data.io.png import encode_png
+    from cytosyn_data.io.tar_write import write_tar_atomic
     from cytosyn_model import data as D
 
     rng = np.random.default_rng(0)
@@ -194,7 +194,7 @@ def test_loader_resume_seeks_to_the_same_batches_without_replaying(tmp_path, wor
     urls = sorted(str(p) for p in tmp_path.glob("*.tar"))
     next(iter(D.VisitStream(urls, seed=1, skip=37, shuffle_buffer=4, counts=D.SampleCounts(cache))()))
     assert {v[1] for v in json.loads(cache.read_text()).values()} == {5}
-    import cytosyn_data.tar_index as T
+    import cytosyn_data.io.tar_read as T
 
     monkeypatch.setattr(T, "count_samples", lambda url: (_ for _ in ()).throw(AssertionError("recounted")))
     again = D.VisitStream(urls, seed=1, skip=37, shuffle_buffer=4, counts=D.SampleCounts(cache))

@@ -1,6 +1,6 @@
 import numpy as np
 
-from cytosyn_data.sampling import allocate_quotas, apportion, select_tiles, stable_hash
+from cytosyn_data.core.quotas import allocate_quotas, apportion, select_tiles, stable_hash
 
 
 def test_apportion_is_exact_capped_and_redistributes():

@@ -11,13 +11,13 @@ import polars as pl
 import pytest
 
 import split_oracle
-from cytosyn_data import split, split_shuffle
+from cytosyn_data.split import stage as split, shuffle as split_shuffle
 from cytosyn_data.cli import main
-from cytosyn_data.key_hash import key_hash, key_hash_one
-from cytosyn_data.shards import write_tar_atomic
-from cytosyn_data.split import SplitConfig, assign_splits, audit, run_split
-from cytosyn_data.synthetic import make_run
-from cytosyn_data.tar_index import stream_members
+from cytosyn_data.core.hashing import key_hash, key_hash_one
+from cytosyn_data.io.tar_write import write_tar_atomic
+from cytosyn_data.split.stage import SplitConfig, assign_splits, audit, run_split
+from cytosyn_data.run.synthetic import make_run
+from cytosyn_data.io.tar_read import stream_members
 
 
 def test_key_hash_matches_its_scalar_definition_and_is_pinned():

@@ -8,10 +8,10 @@ import polars as pl
 import tifffile
 import webdataset as wds
 
-from cytosyn_data.png import decode_png
-from cytosyn_data.slide_table import build_slide_table
-from cytosyn_data.split import SplitConfig, assign_splits, audit, val_in_quotas
-from cytosyn_data.tile_stage import TileConfig, run_tile
+from cytosyn_data.io.png import decode_png
+from cytosyn_data.run.slide_table import build_slide_table
+from cytosyn_data.split.stage import SplitConfig, assign_splits, audit, val_in_quotas
+from cytosyn_data.tile.stage import TileConfig, run_tile
 
 
 def _pink(rng, h, w, disc=True):
@@ -78,7 +78,7 @@ def test_val_in_is_allocated_over_all_training_slides():
 
 
 def test_curation_folds_group_by_patient():
-    from cytosyn_data.curate import fit_probes, patient_of
+    from cytosyn_data.curate.stage import fit_probes, patient_of
 
     rng = np.random.default_rng(0)
     keys, y = [], []
@@ -96,7 +96,7 @@ def test_curation_folds_group_by_patient():
 
 
 def test_tissue_mask_keeps_large_enclosed_glass():
-    from cytosyn_data.tissue import tissue_mask
+    from cytosyn_data.wsi.tissue import tissue_mask
 
     rng = np.random.default_rng(1)
     img = _pink(rng, 200, 200, disc=False)

@@ -15,9 +15,9 @@ import tifffile
 
 from conftest import write_pyramid_tiff
 from cytosyn_data.cli import main
-from cytosyn_data.executors import ClusterSpec, slurm_cluster
-from cytosyn_data.slide_table import build_slide_table
-from cytosyn_data.tile_stage import TileConfig, run_tile
+from cytosyn_data.core.executors import ClusterSpec, slurm_cluster
+from cytosyn_data.run.slide_table import build_slide_table
+from cytosyn_data.tile.stage import TileConfig, run_tile
 
 
 def shard_bytes(out: Path) -> dict[str, bytes]:
@@ -170,7 +170,7 @@ def _unit_pid(x: int) -> tuple[int, int]:
 
 
 def test_local_pool_runs_units_here_and_in_its_processes_each_once():
-    from cytosyn_data.executors import LocalPool
+    from cytosyn_data.core.executors import LocalPool
 
     pool = LocalPool(3)
     try:

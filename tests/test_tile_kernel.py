@@ -10,10 +10,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from cytosyn_data.png import decode_png
-from cytosyn_data.shards import _tarinfo, member_header
-from cytosyn_data.tile_kernel import QC_SCHEMA, tile_qc
-from cytosyn_data.tissue import pen_mask
+from cytosyn_data.io.png import decode_png
+from cytosyn_data.io.tar_write import _tarinfo, member_header
+from cytosyn_data.run.schemas import QC_SCHEMA
+from cytosyn_data.tile.render import tile_qc
+from cytosyn_data.wsi.tissue import pen_mask
 
 IMAGES = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "images"
 
@@ -48,7 +49,7 @@ def test_qc_measures_rank_real_tiles():
 
 def test_tiles_parquet_carries_the_qc_of_each_png(tmp_path, cmu_slide):
     from cytosyn_data.cli import main
-    from cytosyn_data.shards import iter_tar_members
+    from cytosyn_data.io.tar_read import iter_tar_members
 
     assert main(["tile", "--slides", str(cmu_slide), "--out", str(tmp_path), "--tiles", "8"]) == 0
     tiles = pl.read_parquet(tmp_path / "tiles.parquet")
@@ -60,7 +61,7 @@ def test_tiles_parquet_carries_the_qc_of_each_png(tmp_path, cmu_slide):
 
 @pytest.mark.parametrize("side", [224, 222, 37])
 def test_batched_qc_equals_each_tile_alone_and_opencv_per_tile(side):
-    from cytosyn_data.tile_kernel import tiles_qc
+    from cytosyn_data.tile.render import tiles_qc
 
     rng = np.random.default_rng(side)
     smooth = np.stack([cv2.GaussianBlur(t, (0, 0), 2) for t in rng.integers(0, 256, (7, side, side, 3), dtype=np.uint8)])

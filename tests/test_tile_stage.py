@@ -16,15 +16,15 @@ import openslide
 import polars as pl
 import pytest
 
-from cytosyn_data.errors import RunStateError
+from cytosyn_data.core.errors import RunStateError
 import webdataset as wds
 
 from conftest import write_pyramid_tiff
 from cytosyn_data.cli import main
-from cytosyn_data.png import decode_png
-from cytosyn_data.shards import iter_tar_members
-from cytosyn_data.slide_table import build_slide_table
-from cytosyn_data.tile_stage import TileConfig, merge_parts, run_tile
+from cytosyn_data.io.png import decode_png
+from cytosyn_data.io.tar_read import iter_tar_members
+from cytosyn_data.run.slide_table import build_slide_table
+from cytosyn_data.tile.stage import TileConfig, merge_parts, run_tile
 
 
 def shard_members(out: Path) -> dict[str, bytes]:
@@ -239,7 +239,7 @@ def test_two_worker_processes_give_the_same_bytes(tmp_path, cmu_slide, tcga_slid
 
 
 def test_merge_streams_parts_and_refuses_a_slide_in_two_parts(tmp_path):
-    from cytosyn_data.synthetic import synthetic_tables
+    from cytosyn_data.run.synthetic import synthetic_tables
 
     slides, tiles = synthetic_tables(1200, tiles_per_slide=100)
     for i in range(3):

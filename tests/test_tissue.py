@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cytosyn_data.tissue import TissueParams, pen_mask, tile_tissue_fractions, tissue_mask
-from cytosyn_data.tissue import _drop_small
+from cytosyn_data.wsi.tissue import TissueParams, pen_mask, tile_tissue_fractions, tissue_mask
+from cytosyn_data.wsi.tissue import _drop_small
 
 
 def load(images_dir, name):
@@ -66,7 +66,7 @@ def test_tile_fractions_from_integral_image():
 def test_enclosed_background_equals_scipy_binary_fill_holes():
     from scipy import ndimage
 
-    from cytosyn_data.tissue import enclosed_background
+    from cytosyn_data.wsi.tissue import enclosed_background
 
     rng = np.random.default_rng(0)
     for i in range(300):

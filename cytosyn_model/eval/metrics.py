@@ -40,7 +40,7 @@ class RunningMoments:
 
 
 def mean_cov(x: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-    from cytosyn_data.feature_file import read_rows
+    from cytosyn_data.io.feature_file import read_rows
 
     m = RunningMoments(x.shape[1])
     for i in range(0, len(x), chunk):

@@ -32,12 +32,12 @@ import polars as pl
 import torch
 from tqdm.auto import tqdm
 
-from cytosyn_data.feature_file import FeatureFileWriter
+from cytosyn_data.io.feature_file import FeatureFileWriter
 
 from ..distributed import barrier
 from .extractors import REGISTRY, build_extractor, center_crop, jpeg_roundtrip
 from .fld import fld, fld_and_gap, memorisation_scores
-from .metrics import RunningMoments, bootstrap, cosine_similarity_pairs, fd_infinity, frechet_distance, kid, mean_cov, prdc
+from .metrics import bootstrap, cosine_similarity_pairs, fd_infinity, frechet_distance, kid, mean_cov, prdc
 
 METRICS = ("fd", "fd_inf", "fld", "pr", "kid", "cosine")
 
@@ -67,8 +67,8 @@ class EvalConfig:
     @classmethod
     def from_dict(cls, d: dict, where: str = "eval config") -> "EvalConfig":
         """Build and validate; errors name ``where`` (e.g. the YAML file) and the key."""
-        from cytosyn_data.checks import non_negative, one_of, positive
-        from cytosyn_data.errors import UsageError
+        from cytosyn_data.core.checks import non_negative, one_of, positive
+        from cytosyn_data.core.errors import UsageError
 
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
@@ -118,7 +118,7 @@ def preprocessor(name: str):
 def _decode(data: bytes, where: str, to_rgb8) -> np.ndarray:
     from PIL import Image
 
-    from cytosyn_data.errors import DataError
+    from cytosyn_data.core.errors import DataError
 
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -130,7 +130,7 @@ def _decode(data: bytes, where: str, to_rgb8) -> np.ndarray:
 def iter_encoded(source: str | Path, limit: int | None = None):
     """(key, encoded bytes, where) of the images of a folder of shards (.png or .jpg members) or of
     PNG/JPEG files, in order, at most ``limit``; nothing is decoded."""
-    from cytosyn_data.remote import is_url
+    from cytosyn_data.io.remote import is_url
 
     if is_url(source):
         from cytosyn_model.data import shard_urls
@@ -158,7 +158,7 @@ def iter_encoded(source: str | Path, limit: int | None = None):
 def iter_images(source: str | Path, limit: int | None = None):
     """(key, uint8 [H, W, 3]) of :func:`iter_encoded`'s images; grey, 16-bit and RGBA images are
     converted, a corrupt one stops with the file (and key) named."""
-    from cytosyn_data.png import to_rgb8
+    from cytosyn_data.io.png import to_rgb8
 
     for key, data, where in iter_encoded(source, limit):
         yield key, _decode(data, where, to_rgb8)
@@ -167,12 +167,12 @@ def iter_images(source: str | Path, limit: int | None = None):
 def set_identity(source, limit: int | None) -> str:
     """12 hex of a hash of the set's files (name, size, mtime) and the image cap: a changed set
     (other files, rewritten shards, another ``max_images``) gets a new feature cache."""
-    from cytosyn_data.remote import is_url
+    from cytosyn_data.io.remote import is_url
 
     if is_url(source):  # the shards' URLs with their size and ETag
         import hashlib
 
-        from cytosyn_data.run_state import file_identity
+        from cytosyn_data.run.state import file_identity
         from cytosyn_model.data import shard_urls
 
         h = hashlib.sha256(f"limit={limit}".encode())
@@ -181,13 +181,13 @@ def set_identity(source, limit: int | None) -> str:
         return h.hexdigest()[:12]
     src = Path(source)
     if not src.exists():
-        from cytosyn_data.errors import DataError
+        from cytosyn_data.core.errors import DataError
 
         raise DataError(f"{src}: no shards or images here (path not found)")
     files = sorted(src.glob("*.tar")) if src.is_dir() else [src]
     if src.is_dir() and not files:
         files = sorted(q for q in src.iterdir() if q.suffix.lower() in (".png", ".jpg", ".jpeg") and q.stem != "grid")
-    from cytosyn_data.run_state import files_digest
+    from cytosyn_data.run.state import files_digest
 
     return files_digest(files, f"limit={limit}")
 
@@ -222,7 +222,7 @@ def _extract_part(extractor, what: str, source, preprocess: list[str], folder: P
                   limit: int | None, rank: int, world: int) -> int:
     """``part-{rank}.npy`` and ``part-{rank}.keys.parquet``: the features of batches b % world == rank
     (images of the other batches are read, not decoded); returns the set's image count."""
-    from cytosyn_data.png import to_rgb8
+    from cytosyn_data.io.png import to_rgb8
 
     fns = [preprocessor(p) for p in preprocess]
     items = iter_encoded(source, limit)
@@ -251,7 +251,7 @@ def _extract_part(extractor, what: str, source, preprocess: list[str], folder: P
 def _join_parts(folder: Path, batch_size: int, world: int) -> int:
     """features.npy, keys.parquet and moments.npz from the parts, batch b from part b % world, the
     moments added batch by batch as one process adds them; the parts are removed. Returns N."""
-    from cytosyn_data.feature_file import read_rows
+    from cytosyn_data.io.feature_file import read_rows
 
     from .metrics import RunningMoments
 
@@ -282,7 +282,7 @@ def _join_parts(folder: Path, batch_size: int, world: int) -> int:
 
 def subsample(x: np.ndarray, n: int | None, seed: int) -> np.ndarray:
     """At most ``n`` rows of ``x`` (a seeded choice kept in row order), read from its memory map."""
-    from cytosyn_data.feature_file import read_rows, take_rows
+    from cytosyn_data.io.feature_file import read_rows, take_rows
 
     if n is None or len(x) <= n:
         return read_rows(x, 0, len(x))
@@ -321,7 +321,7 @@ def _pair_metrics(cfg: EvalConfig, names: tuple, g: tuple, r: tuple, train, out:
     if "fd_inf" in cfg.metrics:
         lo, pts = int(cfg.fd_inf.get("min_fake", 5000)), int(cfg.fd_inf.get("num_points", 15))
         if len(gf) <= lo:
-            from cytosyn_data.errors import DataError
+            from cytosyn_data.core.errors import DataError
 
             raise DataError(f"fd_inf: generated set {names[1]} has {len(gf)} images; FD-infinity needs more than "
                             f"fd_inf.min_fake = {lo}")
@@ -340,7 +340,7 @@ def _pair_metrics(cfg: EvalConfig, names: tuple, g: tuple, r: tuple, train, out:
     if "cosine" in cfg.metrics:
         ri, gi = reference_pairs(rkeys, gkeys)
         if len(ri):
-            from cytosyn_data.feature_file import take_rows
+            from cytosyn_data.io.feature_file import take_rows
 
             rows.append(("cosine", *names, cosine_similarity_pairs(take_rows(rf, ri), take_rows(gf, gi)), None))
     return rows
@@ -354,7 +354,7 @@ def evaluate(cfg: EvalConfig, rank: int = 0, world: int = 1) -> pl.DataFrame | N
     out = Path(cfg.out)
     cache = out / "cache"
     out.mkdir(parents=True, exist_ok=True)
-    from cytosyn_data.executors import rank_device
+    from cytosyn_data.core.executors import rank_device
 
     dev = torch.device(rank_device(cfg.device))
     rows = []
@@ -392,7 +392,7 @@ def _write_outputs(cfg: EvalConfig, df: pl.DataFrame, out: Path) -> None:
     from ..html_pages import write_eval_page
 
     write_eval_page(out)
-    from cytosyn_data.run_state import record_run
+    from cytosyn_data.run.state import record_run
 
     sets = {**cfg.real, **({"real_train": cfg.real_train} if cfg.real_train else {}),
             **{f"gen_{g}": (v["path"] if isinstance(v, dict) else v) for g, v in cfg.generated.items()}}
@@ -406,7 +406,7 @@ def write_report(cfg: EvalConfig, df: pl.DataFrame, out: Path) -> None:
     """report.md (tables and the choices that change the numbers), fd.png, fd_vs_steps.png, grid.png."""
     import matplotlib
 
-    from cytosyn_data.report import markdown_table
+    from cytosyn_data.reports.markdown import markdown_table
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -1,0 +1,7 @@
+"""Layer 4: the run folder's contract. Every table schema (schemas), run.json and locks (state), slide tables and TCGA barcodes,
+synthetic runs with the exact schemas.
+
+See docs/architecture.md for the layers and what each owns.
+"""
+
+__all__ = ['barcode', 'schemas', 'slide_table', 'state', 'synthetic']

@@ -1,0 +1,280 @@
+"""Open whole-slide images and read regions at an exact target resolution.
+
+Backends: openslide-python first, tiffslide as fallback. Coordinates are level-0
+pixels unless a name says otherwise; resolutions are microns per pixel (MPP).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from cytosyn_data.core.errors import SlideError  # noqa: F401  (raised and caught under this name)
+
+#: The one antialiased downsampling filter (used whenever no level is within tolerance).
+RESAMPLE_FILTERS = {"area": cv2.INTER_AREA}
+RESAMPLE_NAMES = {"area": "cv2.INTER_AREA (area averaging, antialiased)"}
+
+
+class SlideHandle:
+    """A uniform view over an openslide or tiffslide object."""
+
+    def __init__(self, path: Path, backend: str, obj):
+        self.path = Path(path)
+        self.backend = backend
+        self._obj = obj
+        self.dimensions: tuple[int, int] = tuple(obj.dimensions)
+        self.level_dimensions: list[tuple[int, int]] = [tuple(d) for d in obj.level_dimensions]
+        self.level_downsamples: list[float] = [float(d) for d in obj.level_downsamples]
+        self.properties: dict[str, str] = {str(k): str(v) for k, v in obj.properties.items()}
+        self._fast = None
+        if self.dimensions and self.level_count and self.path.is_file():
+            try:
+                from cytosyn_data.wsi.tiff_reader import TiledTiffReader
+
+                self._fast = TiledTiffReader(path, self.level_dimensions)
+            except Exception:  # noqa: BLE001 - not a plain tiled TIFF pyramid: use the backend
+                self._fast = None
+
+    @property
+    def fast_reads(self) -> bool:
+        """True when regions are decoded directly from the TIFF tiles (see tiff_reader)."""
+        return self._fast is not None
+
+    @property
+    def level_count(self) -> int:
+        return len(self.level_dimensions)
+
+    @property
+    def vendor(self) -> str:
+        p = self.properties
+        return p.get("openslide.vendor") or p.get("tiffslide.vendor") or "unknown"
+
+    def read_rgb(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """Read ``size`` (w, h) pixels of ``level`` at level-0 ``location``; RGBA composited on white.
+
+        Returns uint8 [h, w, 3].
+        """
+        if self._fast is not None:
+            lx, ly = level_pixel(location, self.level_downsamples[level])
+            lw, lh = self.level_dimensions[level]
+            if lx + size[0] <= lw and ly + size[1] <= lh:
+                return self._fast.read(level, lx, ly, size[0], size[1])
+        if self.backend == "openslide":
+            rgba = np.asarray(self._obj.read_region(location, level, size))
+        else:
+            rgba = self._obj.read_region(location, level, size, as_array=True)
+        return composite_on_white(rgba)
+
+    def thumbnail(self, size: tuple[int, int], max_pixels: int = 256_000_000) -> np.ndarray:
+        """RGB image of exactly ``size`` (w, h), uint8 [h, w, 3], area-downsampled from the
+        coarsest level that is still at least as fine; the backend's thumbnail when that
+        level is larger than ``max_pixels``."""
+        w, h = size
+        level = 0
+        for i, (lw, lh) in enumerate(self.level_dimensions):
+            if lw >= w and lh >= h:
+                level = i
+        lw, lh = self.level_dimensions[level]
+        if self._fast is not None:
+            tw, th = self._fast.tile_size(level)
+            want = max(1, int(min(lw / w, lh / h)))
+            k = max(f for f in range(1, want + 1) if tw % f == 0 and th % f == 0)
+            full = self._fast.read_reduced(level, k)
+        elif lw * lh <= max_pixels:
+            full = self.read_rgb((0, 0), level, (lw, lh))
+        else:
+            full = composite_on_white(np.asarray(self._obj.get_thumbnail(size)))
+        return cv2.resize(full, (w, h), interpolation=cv2.INTER_AREA)
+
+    def close(self) -> None:
+        if self._fast is not None:
+            self._fast.close()
+        self._obj.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def level_pixel(location: tuple[int, int], downsample: float) -> tuple[int, int]:
+    """Level-0 pixel -> level pixel: the nearest, ``floor(location / downsample + 0.5)``.
+
+    The one mapping from a tile key to its read window: grid keys are ``rint(level px * downsample)``
+    (``ReadPlan.level0_xy``), so this gives back their level pixel exactly, also at non-integer
+    downsamples such as 2.0005, where flooring would start a tile one pixel early."""
+    return int(np.floor(location[0] / downsample + 0.5)), int(np.floor(location[1] / downsample + 0.5))
+
+
+def composite_on_white(pixels: np.ndarray) -> np.ndarray:
+    """RGB(A) uint8 [h, w, 3|4] -> RGB uint8; transparent pixels become white (alpha blend)."""
+    if pixels.ndim == 2:
+        pixels = np.repeat(pixels[..., None], 3, axis=2)
+    if pixels.shape[2] == 3:
+        return np.ascontiguousarray(pixels)
+    rgb = pixels[..., :3]
+    alpha = pixels[..., 3]
+    if alpha.min() == 255:
+        return np.ascontiguousarray(rgb)
+    a = alpha[..., None].astype(np.uint16)
+    out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
+    return out.astype(np.uint8)
+
+
+def dicom_series_file(folder: Path) -> Path:
+    """A file of the DICOM WSI series in ``folder`` (one folder = one series = one slide); openslide
+    finds the series' other instances (levels, label, overview) beside it."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() == ".dcm")
+    if not files:
+        raise SlideError(f"{folder}: a folder is a slide only when it holds a DICOM WSI series (.dcm files); none here")
+    return files[0]
+
+
+def open_slide(path: str | Path) -> SlideHandle:
+    """Open with openslide, fall back to tiffslide; raise SlideError naming the file and both causes.
+
+    ``path`` is a slide file, or a folder holding one DICOM WSI series (read with openslide's DICOM
+    support; the MPP comes from the DICOM pixel spacing)."""
+    path = Path(path)
+    if not path.exists():
+        raise SlideError(f"{path}: file not found")
+    errors = []
+    target = dicom_series_file(path) if path.is_dir() else path
+    try:
+        import openslide
+
+        return SlideHandle(path, "openslide", openslide.OpenSlide(str(target)))
+    except Exception as exc:  # noqa: BLE001 - every backend failure is reported
+        errors.append(f"openslide: {type(exc).__name__}: {exc}")
+    try:
+        import tiffslide
+
+        if path.is_dir():
+            raise SlideError(f"{path}: DICOM series need openslide >= 4 ({errors[0]})")
+        return SlideHandle(path, "tiffslide", tiffslide.TiffSlide(str(path)))
+    except Exception as exc:  # noqa: BLE001
+        errors.append(f"tiffslide: {type(exc).__name__}: {exc}")
+    raise SlideError(f"{path}: cannot open slide ({'; '.join(errors)})")
+
+
+_RES_UNIT_MICRONS = {"centimeter": 1e4, "inch": 25400.0, "3": 1e4, "2": 25400.0}
+
+
+def resolve_mpp(slide: SlideHandle, override: float | None = None) -> tuple[float, str]:
+    """Level-0 microns per pixel and its source, by the chain in DESIGN.md.
+
+    override -> ``openslide.mpp-x`` (or tiffslide's) -> Aperio ``MPP`` -> TIFF resolution tags.
+    Raises SlideError when none is found.
+    """
+    if override is not None and override == override and override > 0:
+        return float(override), "override"
+    p = slide.properties
+    for key in ("openslide.mpp-x", "tiffslide.mpp-x"):
+        v = _positive_float(p.get(key))
+        if v:
+            return v, "openslide" if key.startswith("openslide") else "tiffslide"
+    v = _positive_float(p.get("aperio.MPP"))
+    if v:
+        return v, "aperio"
+    xres = _positive_float(p.get("tiff.XResolution"))
+    unit = str(p.get("tiff.ResolutionUnit", "")).lower()
+    if xres and unit in _RES_UNIT_MICRONS:
+        return _RES_UNIT_MICRONS[unit] / xres, "tiff"
+    raise SlideError(
+        f"{slide.path}: no microns-per-pixel in the metadata (openslide.mpp-x, aperio MPP, TIFF "
+        "resolution); give it with --mpp-override or an 'mpp' column in the slide table"
+    )
+
+
+def _positive_float(value) -> float | None:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return v if v > 0 and np.isfinite(v) else None
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """How tiles of ``tile_size`` px at ``target_mpp`` are read from one slide.
+
+    A tile is ``region`` x ``region`` pixels of ``level`` (native when region == tile_size),
+    downsampled with ``resample`` otherwise. Tiles lie on a grid of ``region`` level pixels;
+    ``footprint`` is that step in level-0 pixels (rounded; exact in level pixels).
+    """
+
+    level: int
+    level_mpp: float
+    downsample: float
+    region: int
+    tile_size: int
+    target_mpp: float
+    native: bool
+    resample: str
+
+    @property
+    def footprint(self) -> float:
+        """Tile side in level-0 pixels (float)."""
+        return self.region * self.downsample
+
+    def grid_shape(self, level_dims: tuple[int, int]) -> tuple[int, int]:
+        """(columns, rows) of whole tiles that fit in the level."""
+        w, h = level_dims
+        return w // self.region, h // self.region
+
+    def level0_xy(self, col: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Level-0 top-left pixel of grid cells (rounded to integers)."""
+        step = self.region * self.downsample
+        return np.rint(col * step).astype(np.int64), np.rint(row * step).astype(np.int64)
+
+
+def make_read_plan(
+    slide: SlideHandle,
+    mpp0: float,
+    target_mpp: float = 0.5,
+    tile_size: int = 224,
+    tolerance: float = 0.02,
+    resample: str = "area",
+) -> ReadPlan:
+    """Pick the coarsest level not coarser than the target (within ``tolerance``).
+
+    Native read when that level's MPP is within ``tolerance`` of the target, else a larger
+    region is read and downsampled with one antialiased filter. Never upsamples.
+    """
+    if resample not in RESAMPLE_FILTERS:
+        raise ValueError(f"unknown resample filter {resample!r}; known: {sorted(RESAMPLE_FILTERS)}")
+    mpps = [mpp0 * d for d in slide.level_downsamples]
+    usable = [i for i, m in enumerate(mpps) if m <= target_mpp * (1 + tolerance)]
+    if not usable:
+        raise SlideError(
+            f"{slide.path}: level-0 resolution {mpp0:.4f} MPP is coarser than the target "
+            f"{target_mpp} MPP; tiles would need upsampling"
+        )
+    level = max(usable, key=lambda i: mpps[i])
+    level_mpp = mpps[level]
+    native = abs(level_mpp / target_mpp - 1) <= tolerance
+    region = tile_size if native else int(round(tile_size * target_mpp / level_mpp))
+    return ReadPlan(
+        level=level,
+        level_mpp=level_mpp,
+        downsample=slide.level_downsamples[level],
+        region=region,
+        tile_size=tile_size,
+        target_mpp=target_mpp,
+        native=native,
+        resample=resample,
+    )
+
+
+def resize_to_tile(pixels: np.ndarray, plan: ReadPlan) -> np.ndarray:
+    """Downsample a region [region, region, 3] to [tile, tile, 3] (identity when native)."""
+    if plan.native:
+        return pixels
+    return cv2.resize(
+        pixels, (plan.tile_size, plan.tile_size), interpolation=RESAMPLE_FILTERS[plan.resample]
+    )
