@@ -7,12 +7,12 @@ layouts of the models trained here.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .vae_keys import diffusers_to_ldm_vae
 from cytosyn_encoders.weights import (  # noqa: F401  (re-exported for the model package)
     file_digest,
     load_into,
@@ -62,40 +62,6 @@ def load_vae(vae: torch.nn.Module, path: str | Path) -> None:
             raise FileNotFoundError(f"vae_init: {path} is a folder without diffusion_pytorch_model.safetensors (or vae/...)")
         path = found[0]
     strict_load(vae, vae_state_from(read_weights_file(path, "vae_init")), "vae_init", path)
-
-
-_DIFFUSERS_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
-                   "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}
-
-
-def _diffusers_key(k: str, levels: int) -> str:
-
-    k = k.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
-    k = re.sub(r"mid_block\.resnets\.(\d)", lambda m: f"mid.block_{int(m.group(1)) + 1}", k)
-    k = re.sub(r"mid_block\.attentions\.0\.", "mid.attn_1.", k)
-    for src, dst in _DIFFUSERS_ATTN.items():
-        k = k.replace(f"mid.attn_1.{src}.", f"mid.attn_1.{dst}.")
-    k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets\.", r"encoder.down.\1.block.", k)
-    k = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", r"encoder.down.\1.downsample.", k)
-    k = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.",
-               lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.block.", k)
-    k = re.sub(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.",
-               lambda m: f"decoder.up.{levels - 1 - int(m.group(1))}.upsample.", k)
-    return k
-
-
-def diffusers_to_ldm_vae(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """diffusers ``AutoencoderKL`` names -> latent-diffusion names (up blocks reversed; the mid
-    attention's linear q/k/v/out become 1x1 convolutions)."""
-    ups = {int(m.group(1)) for k in state if (m := re.match(r"decoder\.up_blocks\.(\d+)\.", k))}
-    levels = max(ups) + 1 if ups else 0
-    out = {}
-    for k, v in state.items():
-        new = _diffusers_key(k, levels)
-        if ".mid.attn_1." in new and new.endswith(".weight") and v.dim() == 2:
-            v = v[:, :, None, None]
-        out[new] = v
-    return out
 
 
 # ------------------------------------------------------------------ the SiT

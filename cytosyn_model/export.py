@@ -16,34 +16,11 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 
-DIFFUSERS_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-
-
-def ldm_to_diffusers_vae(state: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
-    """Our (latent-diffusion) VAE names -> diffusers ``AutoencoderKL`` names: the inverse of
-    :func:`checkpoint.diffusers_to_ldm_vae` (decoder up blocks reversed, mid attention 1x1 convs as linear)."""
-    out = {}
-    for k, v in state.items():
-        new = re.sub(r"encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets.", k)
-        new = re.sub(r"encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0.", new)
-        new = re.sub(r"decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{levels - 1 - int(m.group(1))}.resnets.", new)
-        new = re.sub(r"decoder\.up\.(\d+)\.upsample\.",
-                     lambda m: f"decoder.up_blocks.{levels - 1 - int(m.group(1))}.upsamplers.0.", new)
-        new = re.sub(r"mid\.block_(\d)", lambda m: f"mid_block.resnets.{int(m.group(1)) - 1}", new)
-        m = re.match(r"(.*)mid\.attn_1\.(norm|q|k|v|proj_out)\.(.*)", new)
-        if m:
-            new = f"{m.group(1)}mid_block.attentions.0.{DIFFUSERS_ATTN[m.group(2)]}.{m.group(3)}"
-            if m.group(2) != "norm" and v.dim() == 4:
-                v = v[:, :, 0, 0]
-        new = new.replace("norm_out", "conv_norm_out").replace("nin_shortcut", "conv_shortcut")
-        out[new] = v.contiguous()
-    return out
-
+from .vae_keys import ldm_to_diffusers_vae
 
 def diffusers_vae_config(vcfg, image_size: int) -> dict:
     """The ``AutoencoderKL`` config of our VAE (GroupNorm 32, SiLU, no scaling: see latent_stats)."""

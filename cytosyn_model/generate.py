@@ -55,7 +55,7 @@ class Generator:
         """Load a folder written by `cytosyn-export` (diffusers-style: vae/, transformer/, latent stats)."""
         from safetensors.torch import load_file
 
-        from .checkpoint import diffusers_to_ldm_vae
+        from .vae_keys import diffusers_to_ldm_vae
 
         path = Path(path)
         if not (path / "model_index.json").exists():

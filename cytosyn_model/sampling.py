@@ -12,13 +12,9 @@ from typing import Callable
 
 import torch
 
+from .path import score_from_velocity
+
 ModelFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-
-
-def score_from_velocity(v: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Score of x_t = (1-t) x + t eps from the velocity: -(x_t + (1-t) v) / t."""
-    tt = t.view(-1, *([1] * (x.dim() - 1)))
-    return -(x + (1 - tt) * v) / tt
 
 
 def guidance_active(t: float, y, scale: float, low: float, high: float) -> bool:

@@ -43,11 +43,11 @@ from .distributed import (
     DEFAULT_TIMEOUT_S, GlobalBatchNorm2d, average_gradients, barrier, broadcast_module, gather_objects, gather_rows, launched_world,
     make_accelerator,
 )
+from .discriminator import PatchDiscriminator
 from .latent_norm import LatentNorm
-from .losses import (
-    LPIPS, PatchDiscriminator, VAELossWeights, diffusion_loss, discriminator_loss, interpolate, repa_loss, upcast,
-    vae_generator_losses,
-)
+from .losses import VAELossWeights, diffusion_loss, discriminator_loss, repa_loss, upcast, vae_generator_losses
+from .lpips import LPIPS
+from .path import interpolate
 from .sit import SiT, SiTConfig
 from .vae import AutoencoderKL, VAEConfig
 

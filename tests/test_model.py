@@ -16,7 +16,7 @@ from cytosyn_model.checkpoint import load_into, map_state_dict
 from cytosyn_model.cli import sample_main, train_main
 from cytosyn_model.data import make_loader
 from cytosyn_encoders.h0mini import build_h0_mini, resize_tokens
-from cytosyn_model.losses import LPIPS
+from cytosyn_model.lpips import LPIPS
 from cytosyn_model.train import NaNLossError, TrainConfig, Trainer, train
 from cytosyn_model.vae import AutoencoderKL, VAEConfig
 

@@ -12,7 +12,9 @@ import torch.nn.functional as F
 
 from cytosyn_model.checkpoint import load_latent_stats, load_sit, load_vae
 from cytosyn_model.latent_norm import LatentNorm
-from cytosyn_model.losses import LPIPS, PatchDiscriminator, repa_loss
+from cytosyn_model.discriminator import PatchDiscriminator
+from cytosyn_model.losses import repa_loss
+from cytosyn_model.lpips import LPIPS
 from cytosyn_model.sampling import euler_maruyama, ode_euler, ode_heun, sit_velocity_fn
 from cytosyn_model.sit import SiT, SiTConfig, sincos_pos_embed_2d
 from cytosyn_model.vae import AutoencoderKL, VAEConfig
