@@ -175,7 +175,7 @@ def stage_curate_apply(run: Path, work: Path, naive: bool = False) -> dict:
     import numpy as np
     import polars as pl
 
-    from cytosyn_data.curate import stage as C
+    from cytosyn_data.curate import probes as P, sheets
 
     n = pl.scan_parquet(run / "tiles.parquet").select(pl.len()).collect().item()
     feats = work / "curate_features.npy"
@@ -193,13 +193,13 @@ def stage_curate_apply(run: Path, work: Path, naive: bool = False) -> dict:
         cur = pl.DataFrame({"key": keys, "artifact_prob": p.mean(1)}).with_columns(keep=pl.col("artifact_prob") < 0.5)
         tiles = pl.read_parquet(run / "tiles.parquet", columns=["key", "shard"])
     else:  # as `curate apply`: chunks of rows into curation.parquet, the report and sheets from it lazily
-        C.apply_probes_to_file(work / "curate_keys.parquet", np.load(feats, mmap_mode="r"), probes, 0.5,
+        P.apply_probes_to_file(work / "curate_keys.parquet", np.load(feats, mmap_mode="r"), probes, 0.5,
                                work / "curation.parquet")
         cur = pl.scan_parquet(work / "curation.parquet")
         tiles = pl.scan_parquet(run / "tiles.parquet").select("key", "shard")
-    C.removal_report(cur, pl.read_parquet(run / "slides.parquet"))
+    sheets.removal_report(cur, pl.read_parquet(run / "slides.parquet"))
     top = cur.top_k(64, by="artifact_prob").lazy().collect()
-    got = C.pngs_for(run / "shards", top["key"].to_list(), tiles.lazy().join(top.lazy(), on="key", how="semi").collect())
+    got = sheets.pngs_for(run / "shards", top["key"].to_list(), tiles.lazy().join(top.lazy(), on="key", how="semi").collect())
     assert len(got) == 64
     return {"tiles": n}
 

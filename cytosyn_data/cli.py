@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from cytosyn_data.core.checks import cli_type, fraction, non_negative, positive
-from cytosyn_data.core.errors import DataError, UsageError, run_cli
+from cytosyn_data.core.errors import UsageError, run_cli
 
 
 def _tiles_arg(value: str) -> int | None:
@@ -190,93 +190,23 @@ def _add_curate(sub) -> None:
 
 
 def cmd_curate(args) -> int:
-    import polars as pl
-
     from cytosyn_data.curate import stage as C
 
-    work = args.run / "curate"
-    if not (args.run / "shards").is_dir():
-        raise DataError(f"{args.run}: no shards/ folder; is it a tile run?")
     if args.curate_cmd in ("fit", "apply"):
-        from cytosyn_data.run.state import record_run
-
-        from cytosyn_encoders import weights_identity
-
-        inputs = [f"{k}: {v}" for k, v in vars(args).items() if k in ("annotations", "backbone_weights")]
-        record_run(work, f"curate {args.curate_cmd}", {k: str(v) for k, v in vars(args).items()}, inputs,
-                   recorded={"backbone_weights_sha256_16": weights_identity(args.backbone_weights)})
-        x = C.feature_cache(args.run / "shards", work, args.backbone_weights, args.mean_patch, args.device)
-    if args.curate_cmd == "fit":
-        ann = C.read_annotations(args.annotations)
-        rows_of = pl.scan_parquet(work / "features_keys.parquet").with_row_index("i")
-        pos = ann.lazy().select("key").join(rows_of, on="key", how="left", maintain_order="left").collect()
-        missing = pos.filter(pl.col("i").is_null())["key"].to_list()
-        if missing:
-            raise DataError(f"{args.annotations}: {len(missing)} annotated keys are not in the shards of {args.run}, "
-                            f"e.g. {missing[:3]}")
-        rows = pos["i"].to_numpy()
-        tiles = (pl.read_parquet(args.run / "tiles.parquet", columns=["key", "patient"])
-                 if (args.run / "tiles.parquet").exists() else None)
-        res = C.fit_probes(x[rows], ann["is_artifact"].to_numpy(), C.patient_of(ann["key"], tiles), args.seed)
-        C.save_probes(work / "probes.npz", res["probes"])
-        m = pl.DataFrame(res["metrics"])
-        m.write_csv(work / "cv_metrics.csv")
-        print(m)
-        print(f"mean AUC {m['auc'].mean():.3f}, mean balanced accuracy {m['balanced_accuracy'].mean():.3f}")
-        return 0
-    if args.curate_cmd == "apply":
-        return _curate_apply(args, C, x, work)
-    if args.curate_cmd == "sheet":
-        tiles = pl.read_parquet(args.run / "tiles.parquet", columns=["key", "shard"])
-        tiles = tiles.sample(min(args.n, tiles.height), seed=args.seed, shuffle=True)
-        keys = tiles["key"].to_list()[: args.n]
-        pngs = C.pngs_for(args.run / "shards", keys, tiles)
-        out = C.contact_sheet([pngs[k] for k in keys], keys, work / f"sheet_seed{args.seed}.png")
-        pl.DataFrame({"key": keys, "label": [""] * len(keys)}).write_csv(work / f"sheet_seed{args.seed}.csv")
-        print(f"contact sheet {out} and a label template {work / f'sheet_seed{args.seed}.csv'}")
-        return 0
-    if args.curate_cmd == "weak-labels":
-        import webdataset as wds
-
-        from cytosyn_data.io.png import decode_png
-
-        urls = sorted(str(p) for p in (args.run / "shards").glob("*.tar"))
-        rows = [(s["__key__"], C.weak_label(decode_png(s["png"]))) for s in wds.WebDataset(urls, shardshuffle=False)]
-        pl.DataFrame(rows, schema=["key", "label"], orient="row").write_csv(args.out)
-        print(f"weak labels for {len(rows)} tiles -> {args.out} (a starting point: review before fitting)")
-        return 0
-    return 2
-
-
-def _curate_apply(args, C, x, work: Path) -> int:
-    """Score every tile with the fitted probes, write curation.parquet, the report, the contact
-    sheets (removed: highest scores; kept: highest scores below the threshold) and the HTML page."""
-    import polars as pl
-
-    from cytosyn_data.reports.markdown import markdown_table
-
-    n = C.apply_probes_to_file(work / "features_keys.parquet", x, C.load_probes(work / "probes.npz"), args.threshold,
-                               args.run / "curation.parquet")
-    cur = pl.scan_parquet(args.run / "curation.parquet")
-    tiles = (pl.scan_parquet(args.run / "tiles.parquet").select("key", "shard")
-             if (args.run / "tiles.parquet").exists() else None)
-    rep = C.removal_report(cur, pl.read_parquet(args.run / "slides.parquet") if (args.run / "slides.parquet").exists() else None)
-    removed = int(cur.select((~pl.col("keep")).sum()).collect().item())
-    for name, part in (("top_artifacts", cur), ("kept_highest_scores", cur.filter(pl.col("keep")))):
-        top = part.top_k(64, by="artifact_prob").collect().sort("artifact_prob", "key", descending=[True, False])
-        shards = tiles.join(top.lazy().select("key"), on="key", how="semi").collect() if tiles is not None else None
-        pngs = C.pngs_for(args.run / "shards", top["key"].to_list(), shards)
-        C.contact_sheet([pngs[k] for k in top["key"]], [f"{p:.2f} {k}" for k, p in zip(top["key"], top["artifact_prob"])],
-                        work / f"{name}.png")
-    text = ["# curation report", "", f"- tiles scored: {n}; removed (mean of 5 fold probabilities >= "
-            f"{args.threshold}): {removed}", "",
-            markdown_table(rep.rename({"removed_fraction": "fraction"}), "{:.3f}")]
-    (work / "report.md").write_text("\n".join(text) + "\n")
-    if (args.run / "candidates.parquet").exists():
-        from cytosyn_data.reports.html import write_report
-
-        write_report(args.run)
-    print("\n".join(text))
+        x = C.curate_features(args.run, args.curate_cmd, vars(args), args.backbone_weights, args.mean_patch, args.device,
+                              getattr(args, "annotations", None))
+        if args.curate_cmd == "fit":
+            m = C.curate_fit(args.run, args.annotations, x, args.seed)
+            print(m)
+            print(f"mean AUC {m['auc'].mean():.3f}, mean balanced accuracy {m['balanced_accuracy'].mean():.3f}")
+        else:
+            print("\n".join(C.curate_apply(args.run, x, args.threshold)))
+    elif args.curate_cmd == "sheet":
+        sheet, template = C.curate_sheet(args.run, args.n, args.seed)
+        print(f"contact sheet {sheet} and a label template {template}")
+    else:
+        n = C.curate_weak_labels(args.run, args.out)
+        print(f"weak labels for {n} tiles -> {args.out} (a starting point: review before fitting)")
     return 0
 
 

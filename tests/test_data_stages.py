@@ -200,19 +200,19 @@ def image_run(tmp_path_factory, images_dir):
 
 
 def test_curation_grouped_five_fold_fit_and_fold_averaged_apply(image_run, capsys):
-    from cytosyn_data.curate import stage as C
+    from cytosyn_data.curate import backbone, probes
 
     args = ["--run", str(image_run), "--backbone-weights", "random:small"]
     assert main(["curate", "fit", *args, "--annotations", str(image_run / "labels.csv")]) == 0
     metrics = pl.read_csv(image_run / "curate" / "cv_metrics.csv")
     assert metrics["fold"].to_list() == [0, 1, 2, 3, 4] and metrics["n_test"].sum() == 48
     # folds are grouped by slide (image) and stratified: recompute them and check
-    keys, x = C.compute_features(image_run / "shards", image_run / "curate", "random:small")
+    keys, x = backbone.compute_features(image_run / "shards", image_run / "curate", "random:small")
     assert isinstance(x, np.memmap) and x.shape == (len(keys), x.shape[1])
-    ann = C.read_annotations(image_run / "labels.csv")
+    ann = probes.read_annotations(image_run / "labels.csv")
     pos = {k: i for i, k in enumerate(keys)}
-    res = C.fit_probes(x[[pos[k] for k in ann["key"]]], ann["is_artifact"].to_numpy(), C.slide_of(ann["key"]))
-    folds = pl.DataFrame({"slide": C.slide_of(ann["key"]), "fold": res["fold_of"], "art": ann["is_artifact"]})
+    res = probes.fit_probes(x[[pos[k] for k in ann["key"]]], ann["is_artifact"].to_numpy(), probes.slide_of(ann["key"]))
+    folds = pl.DataFrame({"slide": probes.slide_of(ann["key"]), "fold": res["fold_of"], "art": ann["is_artifact"]})
     assert (folds.group_by("slide").agg(pl.col("fold").n_unique())["fold"] == 1).all()
     assert (folds.group_by("fold").agg(pl.col("art").any())["art"]).all()
     assert main(["curate", "apply", *args, "--threshold", "0.5"]) == 0
@@ -226,22 +226,22 @@ def test_curation_grouped_five_fold_fit_and_fold_averaged_apply(image_run, capsy
 
 
 def test_probes_are_saved_without_pickle_and_reload(tmp_path):
-    from cytosyn_data.curate import stage as C
+    from cytosyn_data.curate import probes
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(60, 5))
     y = (x[:, 0] > 0).astype(int)
     groups = [f"s{i % 10}" for i in range(60)]
-    res = C.fit_probes(x, y, groups)
-    C.save_probes(tmp_path / "p.npz", res["probes"])
-    p1 = C.probe_probabilities(x, res["probes"])
-    p2 = C.probe_probabilities(x, C.load_probes(tmp_path / "p.npz"))
+    res = probes.fit_probes(x, y, groups)
+    probes.save_probes(tmp_path / "p.npz", res["probes"])
+    p1 = probes.probe_probabilities(x, res["probes"])
+    p2 = probes.probe_probabilities(x, probes.load_probes(tmp_path / "p.npz"))
     np.testing.assert_array_equal(p1, p2)
-    np.testing.assert_array_equal(C.probe_probabilities(x, res["probes"], chunk=7), p1)  # row chunks: same numbers
+    np.testing.assert_array_equal(probes.probe_probabilities(x, res["probes"], chunk=7), p1)  # row chunks: same numbers
     keys = pl.Series("key", [f"k{i:03d}" for i in range(60)])
     pl.DataFrame({"key": keys}).write_parquet(tmp_path / "keys.parquet")
-    assert C.apply_probes_to_file(tmp_path / "keys.parquet", x, res["probes"], 0.5, tmp_path / "cur.parquet", chunk=16) == 60
-    assert pl.read_parquet(tmp_path / "cur.parquet").equals(C.apply_probes(keys, x, res["probes"], 0.5))
+    assert probes.apply_probes_to_file(tmp_path / "keys.parquet", x, res["probes"], 0.5, tmp_path / "cur.parquet", chunk=16) == 60
+    assert pl.read_parquet(tmp_path / "cur.parquet").equals(probes.apply_probes(keys, x, res["probes"], 0.5))
     # the feature file is written batch by batch and read back memory-mapped
     from cytosyn_data.io.feature_file import FeatureFileWriter
 

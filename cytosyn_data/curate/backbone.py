@@ -1,0 +1,91 @@
+"""Curation features: CLS (optionally with the mean patch token) of a frozen ViT-S/16 (timm
+``vit_small_patch16_224``, weights from a local iBOT/DINO checkpoint) for every tile, cached in
+``curate/features.npy`` + ``curate/features_keys.parquet`` with the backbone identity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+
+from cytosyn_data.io.png import decode_png
+from cytosyn_data.io.feature_file import FeatureFileWriter
+from cytosyn_data.io.atomic import atomic_write_bytes
+
+
+def build_backbone(weights):
+    """The frozen iBOT ViT-S/16 (384-d CLS) of the encoder registry, with its normalisation; ``weights``
+    is a local iBOT/DINO checkpoint (teacher, backbone prefixes and heads handled) or ``random:small``."""
+    from cytosyn_encoders import build_encoder
+
+    return build_encoder("ibot_vits16", weights)
+
+
+@torch.no_grad()
+def tile_features(encoder, pngs: list[bytes], mean_patch: bool = False, device="cpu", batch_size: int = 128) -> np.ndarray:
+    """float32 [N, D] (or [N, 2D] with the mean patch token) for PNG tiles."""
+    dev = torch.device(device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    outs = []
+    for i in range(0, len(pngs), batch_size):
+        x = torch.from_numpy(np.stack([decode_png(p) for p in pngs[i : i + batch_size]])).to(dev)
+        x = x.permute(0, 3, 1, 2).float() / 255
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            tokens = encoder.tokens(x)
+        f = tokens[:, 0]
+        if mean_patch:
+            f = torch.cat([f, tokens[:, encoder.network.num_prefix_tokens:].mean(1)], dim=-1)
+        outs.append(f.float().cpu().numpy())
+    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+
+def compute_features(shard_dir: Path, out_dir: Path, weights=None, mean_patch=False, device=None,
+                     batch_size: int = 128) -> tuple[pl.Series, np.ndarray]:
+    """Keys and float32 [N, D] features (memory-mapped) of every tile in the shards (see
+    :func:`feature_cache`; the keys are read into memory, ~60 bytes per tile)."""
+    x = feature_cache(shard_dir, out_dir, weights, mean_patch, device, batch_size)
+    return pl.read_parquet(out_dir / "features_keys.parquet")["key"], x
+
+
+def feature_cache(shard_dir: Path, out_dir: Path, weights=None, mean_patch=False, device=None,
+                  batch_size: int = 128) -> np.ndarray:
+    """float32 [N, D] features (memory-mapped) of every tile in the shards, cached in ``out_dir``
+    (reused when the backbone weights and the shard files (name, size, mtime) are the same):
+    ``out_dir/features.npy``, and the keys of its rows in ``out_dir/features_keys.parquet``."""
+    import webdataset as wds
+
+    from cytosyn_encoders import weights_identity
+
+    from cytosyn_data.run.state import files_digest
+
+    urls = sorted(str(p) for p in Path(shard_dir).glob("*.tar"))
+    if not urls:
+        raise FileNotFoundError(f"{shard_dir}: no .tar shards")
+    ident = f"ibot_vits16:{weights_identity(weights)}"
+    ident += ("+meanpatch" if mean_patch else "") + f"+shards:{files_digest(urls)}"
+    meta_path = out_dir / "features.json"
+    if meta_path.exists() and json.loads(meta_path.read_text()).get("backbone") == ident:
+        return np.load(out_dir / "features.npy", mmap_mode="r")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_backbone(weights).to(device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keys, buf_k, buf_p = [], [], []
+    with FeatureFileWriter(out_dir / "features.npy") as fw:
+        for sample in tqdm(wds.WebDataset(urls, shardshuffle=False), desc="curate features", unit="tile"):
+            buf_k.append(sample["__key__"])
+            buf_p.append(sample["png"])
+            if len(buf_p) == batch_size:
+                fw.append(tile_features(model, buf_p, mean_patch, device, batch_size))
+                keys.append(pl.Series(buf_k, dtype=pl.String))
+                buf_k, buf_p = [], []
+        if buf_p:
+            fw.append(tile_features(model, buf_p, mean_patch, device, batch_size))
+            keys.append(pl.Series(buf_k, dtype=pl.String))
+    keys = pl.concat(keys) if keys else pl.Series("key", [], dtype=pl.String)
+    pl.DataFrame({"key": keys}).write_parquet(out_dir / "features_keys.parquet")
+    atomic_write_bytes(meta_path, json.dumps({"backbone": ident, "n": len(keys)}).encode())
+    return np.load(out_dir / "features.npy", mmap_mode="r")
