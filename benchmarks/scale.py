@@ -211,7 +211,8 @@ def stage_eval_features(run: Path, work: Path) -> dict:
     import polars as pl
 
     from cytosyn_model.eval.metrics import mean_cov
-    from cytosyn_model.eval.run import reference_pairs, subsample
+    from cytosyn_model.eval.features import subsample
+    from cytosyn_model.eval.run import reference_pairs
 
     n = pl.scan_parquet(run / "tiles.parquet").select(pl.len()).collect().item()
     path = work / "eval_features.npy"

@@ -215,7 +215,8 @@ def test_end_to_end_on_cmu_tiles_with_jpeg_ablation(tmp_path, cmu_slide):
 
 
 def test_features_are_memory_mapped_and_large_sets_subsampled_for_knn_metrics(tmp_path):
-    from cytosyn_model.eval.run import reference_pairs, subsample
+    from cytosyn_model.eval.features import subsample
+    from cytosyn_model.eval.run import reference_pairs
 
     x = np.lib.format.open_memmap(tmp_path / "f.npy", mode="w+", dtype=np.float32, shape=(1000, 4))
     x[:] = np.arange(4000, dtype=np.float32).reshape(1000, 4)
