@@ -90,7 +90,7 @@ def stage_merge(run: Path, work: Path) -> dict:
     """cytosyn-data merge of 8 part tables (candidates = tiles.parquet's rows, as many)."""
     import polars as pl
 
-    from cytosyn_data.tile.stage import merge_parts
+    from cytosyn_data.tile.merge import merge_parts
 
     out = work / "merge"
     if not (out / "tiles-part0007of0008.parquet").exists():

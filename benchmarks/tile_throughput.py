@@ -98,7 +98,8 @@ def cohort_dir(tmp: str, slide: Path, n: int) -> str:
 
 def child_cytosyn(slide: str, out: str, workers: int) -> dict:
     from cytosyn_data.run.slide_table import build_slide_table
-    from cytosyn_data.tile.stage import TileConfig, run_tile
+    from cytosyn_data.tile.config import TileConfig
+    from cytosyn_data.tile.stage import run_tile
 
     res = run_tile(build_slide_table([slide]), out, TileConfig(tiles=None), workers=workers)
     return {"tiles": res.n_tiles, "seconds": res.seconds, "shards": res.n_shards}

@@ -101,7 +101,8 @@ def _add_tile(sub) -> None:
 def cmd_tile(args) -> int:
     from cytosyn_data.core.config import load_stage_config
     from cytosyn_data.run.slide_table import build_slide_table
-    from cytosyn_data.tile.stage import TileConfig, run_tile
+    from cytosyn_data.tile.config import TileConfig
+    from cytosyn_data.tile.stage import run_tile
 
     conf = load_stage_config(args.config, "tile")
     for name in ("tiles", "seed", "shard_size"):
@@ -159,7 +160,7 @@ def cmd_tile(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from cytosyn_data.tile.stage import merge_parts
+    from cytosyn_data.tile.merge import merge_parts
 
     counts = merge_parts(args.out)
     print(", ".join(f"{k}: {v}" for k, v in counts.items()))

@@ -17,7 +17,8 @@ from conftest import write_pyramid_tiff
 from cytosyn_data.cli import main
 from cytosyn_data.core.executors import ClusterSpec, slurm_cluster
 from cytosyn_data.run.slide_table import build_slide_table
-from cytosyn_data.tile.stage import TileConfig, run_tile
+from cytosyn_data.tile.config import TileConfig
+from cytosyn_data.tile.stage import run_tile
 
 
 def shard_bytes(out: Path) -> dict[str, bytes]:

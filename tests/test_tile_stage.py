@@ -24,7 +24,9 @@ from cytosyn_data.cli import main
 from cytosyn_data.io.png import decode_png
 from cytosyn_data.io.tar_read import iter_tar_members
 from cytosyn_data.run.slide_table import build_slide_table
-from cytosyn_data.tile.stage import TileConfig, merge_parts, run_tile
+from cytosyn_data.tile.config import TileConfig
+from cytosyn_data.tile.merge import merge_parts
+from cytosyn_data.tile.stage import run_tile
 
 
 def shard_members(out: Path) -> dict[str, bytes]:

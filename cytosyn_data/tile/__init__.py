@@ -1,7 +1,7 @@
-"""Stage `cytosyn-data tile`: detection, selection (plan), the per-tile kernel (render), shard writing
-and the stage's orchestration.
+"""Stage `cytosyn-data tile`: settings (config), detection, selection (plan), the per-tile kernel
+(render), shard writing, the stage's orchestration, and the join of part tables (merge).
 
 See docs/architecture.md for the layers and what each owns.
 """
 
-__all__ = ['detect', 'plan', 'render', 'stage', 'write']
+__all__ = ['config', 'detect', 'merge', 'plan', 'render', 'stage', 'write']

@@ -1,19 +1,18 @@
 """`cytosyn-data tile`: slides -> tissue candidates -> stratified selection -> PNG shards.
 
 :func:`run_tile` is a pure function over explicit inputs (slide table, config, output folder).
-Two kinds of work unit run on a backend of :mod:`executors` (this process, a local process
-pool, or a Dask cluster):
+Two kinds of work unit run on a backend of :mod:`cytosyn_data.core.executors` (this process, a
+local process pool, or a Dask cluster):
 
-1. detect, one unit per slide (:mod:`tile_detect`) -> ``work/detect/{slide_id}.*``;
-2. write, one unit per shard (:mod:`tile_plan` cuts the selected tiles into shards,
-   :mod:`tile_write` streams each through the kernel of :mod:`tile_kernel` straight into
-   its tar: each PNG is written once, shards are written in parallel, and a large slide is
-   spread over several units).
+1. detect, one unit per slide (:mod:`.detect`) -> ``work/detect/{slide_id}.*``;
+2. write, one unit per shard (:mod:`.plan` cuts the selected tiles into shards, :mod:`.write`
+   streams each through the kernel of :mod:`.render` straight into its tar: each PNG is written
+   once, shards are written in parallel, and a large slide is spread over several units).
 
 Every output appears by atomic rename; a re-run skips slides and shards that are current and
 rewrites the others; a killed run (or a lost Dask worker) leaves only temporary files. Work
 can also be split across independent jobs with ``shard_index/num_shards`` and joined with
-``cytosyn-data merge``.
+``cytosyn-data merge`` (:mod:`.merge`). The settings are :class:`.config.TileConfig`.
 """
 
 from __future__ import annotations
@@ -22,14 +21,13 @@ import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import polars as pl
 from tqdm.auto import tqdm
 
 from cytosyn_data.reports import qc_pictures as qc
-from cytosyn_data.core.checks import fraction, integer, non_negative, one_of, positive
 from cytosyn_data.core.errors import DataError, UsageError
 from cytosyn_data.core.executors import ClusterSpec, open_executor
 from cytosyn_data.io.coords_h5 import coords_file
@@ -43,68 +41,7 @@ from cytosyn_data.tile.plan import (
     TILES_SCHEMA, select_candidates, shard_cuts, shard_units, slide_digest, slide_plan_rows, slide_quotas,
 )
 from cytosyn_data.tile.write import write_shard
-from cytosyn_data.wsi.tissue import TissueParams
-from cytosyn_data.wsi.slide import RESAMPLE_NAMES
-
-@dataclass(frozen=True)
-class TileConfig:
-    """Settings of the tile stage (``pipelines/tile.yaml``). Sizes in pixels, resolutions in MPP."""
-
-    tile_size: int = 224
-    target_mpp: float = 0.5
-    mpp_tolerance: float = 0.02
-    tissue_mpp: float = 8.0
-    tissue_threshold: float = 0.6
-    tiles: int | None = None  # global budget; None takes every candidate
-    seed: int = 0
-    shard_size: int = 500  # tiles per shard = per write unit (~50-75 MB of PNG)
-    shard_name: str = "tiles"
-    resample: str = "area"
-    png_encoder: str = "fpng"
-    tissue: TissueParams = field(default_factory=TissueParams)
-
-    def fingerprint(self) -> dict:
-        """Everything that changes the output bytes."""
-        return dataclasses.asdict(self)
-
-    def __post_init__(self):
-        self.validate("tile config")
-
-    def validate(self, where: str) -> None:
-        """Every value checked; errors name ``where`` (e.g. the config file) and the key."""
-        positive(self.tile_size, f"{where}: tile_size", int)
-        positive(self.target_mpp, f"{where}: target_mpp")
-        fraction(self.mpp_tolerance, f"{where}: mpp_tolerance")
-        positive(self.tissue_mpp, f"{where}: tissue_mpp")
-        fraction(self.tissue_threshold, f"{where}: tissue_threshold", closed=True)
-        if self.tiles is not None:
-            positive(self.tiles, f"{where}: tiles", int)
-        integer(self.seed, f"{where}: seed")
-        positive(self.shard_size, f"{where}: shard_size", int)
-        one_of(self.resample, f"{where}: resample", RESAMPLE_NAMES)
-        one_of(self.png_encoder, f"{where}: png_encoder", ("fpng", "pillow"))
-        if not isinstance(self.shard_name, str) or not self.shard_name or "/" in self.shard_name:
-            raise UsageError(f"{where}: shard_name must be a non-empty name without '/', got {self.shard_name!r}")
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "tile config") -> "TileConfig":
-        d = dict(d)
-        tissue = d.pop("tissue", {}) or {}
-        if not isinstance(tissue, dict):
-            raise UsageError(f"{where}: tissue must be a mapping, got {tissue!r}")
-        known = {f.name for f in dataclasses.fields(TissueParams)}
-        unknown = (set(d) - {f.name for f in dataclasses.fields(cls)}) | {f"tissue.{k}" for k in set(tissue) - known}
-        if unknown:
-            raise UsageError(f"{where}: unknown key(s) {sorted(unknown)}")
-        for k, v in tissue.items():
-            if k == "value_min":
-                non_negative(v, f"{where}: tissue.{k}")
-            else:
-                positive(v, f"{where}: tissue.{k}")
-        try:
-            return cls(tissue=TissueParams(**tissue), **d)
-        except UsageError as exc:
-            raise UsageError(str(exc).replace("tile config", where, 1)) from None
+from cytosyn_data.tile.config import TileConfig
 
 
 @dataclass
@@ -431,33 +368,3 @@ def _summary_only(out: Path, mine: list[dict], work: Path, seconds: dict) -> Til
         else:
             n_cand += info["n_candidates"]
     return TileResult(out, len(mine), failed, n_cand, 0, 0, seconds, {})
-
-
-def merge_parts(out: str | Path) -> dict[str, int]:
-    """Join the ``*-partXXXXofYYYY.parquet`` tables of a split run into the unified tables.
-
-    Checks that every part is present and that no slide is in two parts (tile keys start with
-    their slide id, so no key can then appear twice). The candidate and tile tables are streamed
-    part after part into the merged file (polars ``sink_parquet``): memory does not grow with them.
-    """
-    out = Path(out)
-    files = {}
-    for table in ("slides", "candidates", "tiles"):
-        files[table] = sorted(out.glob(f"{table}-part*of*.parquet"))
-        if not files[table]:
-            raise RuntimeError(f"{out}: no {table}-part*.parquet files to merge")
-        total = int(files[table][0].stem.split("of")[-1])
-        if len(files[table]) != total:
-            raise RuntimeError(f"{out}: {len(files[table])} of {total} parts of {table} present")
-    slides = pl.concat([pl.read_parquet(f) for f in files["slides"]], how="vertical")
-    dup = slides.filter(pl.col("slide_id").is_duplicated())
-    if dup.height:
-        raise RuntimeError(f"{out}: slides in two parts, e.g. {dup['slide_id'].unique().sort()[:3].to_list()}")
-    write_parquet_atomic(slides.sort("slide_id"), out / "slides.parquet")
-    counts = {"slides": slides.height}
-    for table in ("candidates", "tiles"):
-        tmp = tmp_path(out / f"{table}.parquet")
-        pl.scan_parquet(files[table]).sink_parquet(tmp, statistics=False)
-        os.replace(tmp, out / f"{table}.parquet")
-        counts[table] = pl.scan_parquet(out / f"{table}.parquet").select(pl.len()).collect().item()
-    return counts
