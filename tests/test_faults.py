@@ -313,7 +313,8 @@ def test_rgba_slides_are_composited_on_white_in_every_reader(tmp_path):
     import openslide
     import tifffile
 
-    from cytosyn_data.wsi.slide import composite_on_white, open_slide
+    from cytosyn_data.wsi.pixels import composite_on_white
+    from cytosyn_data.wsi.slide import open_slide
 
     rng = np.random.default_rng(0)
     img = np.zeros((1024, 1024, 4), np.uint8)

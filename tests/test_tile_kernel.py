@@ -79,3 +79,17 @@ def test_batched_qc_equals_each_tile_alone_and_opencv_per_tile(side):
                 hsv[..., 1].mean(), hsv[..., 2].mean(), pen_mask(small).mean()]
         assert got == pytest.approx(want, rel=1e-12, abs=1e-12)
     assert batch[3, 4] > batch[0, 4] + 0.3
+
+
+def test_the_reader_factory_gives_the_same_pixels_through_either_reader(cmu_slide):
+    from cytosyn_data.wsi.slide import load_wsi
+
+    with load_wsi(cmu_slide) as s:  # openslide, with the fast TIFF path inside (the file allows it)
+        dims, ds = s.level_dimensions, s.level_downsamples
+        ref = s.read_rgb((1000, 700), 0, (300, 200))
+        assert s.backend == "openslide" and s.fast_reads
+    with load_wsi(cmu_slide, "tiff", level_dimensions=dims, level_downsamples=ds, band=(0, 300)) as t:
+        assert np.array_equal(t.read_rgb((1000, 700), 0, (300, 200)), ref)  # openslide never opened
+        assert t.decoded > 0
+    with pytest.raises(ValueError, match="unknown reader 'x'"):
+        load_wsi(cmu_slide, "x")

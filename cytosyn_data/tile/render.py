@@ -23,7 +23,7 @@ import numpy as np
 
 from cytosyn_data.io.png import encode_png
 from cytosyn_data.wsi.tissue import pen_mask
-from cytosyn_data.wsi.slide import ReadPlan, level_pixel, open_slide, resize_to_tile
+from cytosyn_data.wsi.slide import ReadPlan, load_wsi, resize_to_tile
 
 def tile_qc(rgb: np.ndarray) -> tuple[float, float, float, float, float]:
     """QC measures of one RGB uint8 tile [h, w, 3], in the order of :data:`QC_SCHEMA`."""
@@ -90,37 +90,14 @@ def _laplacian_variance(grey: np.ndarray) -> np.ndarray:
 _TISSUE_HSV = (np.array((0, 21, 30), np.uint8), np.array((255, 255, 255), np.uint8))
 
 
-class _TiffOnly:
-    """``read_rgb`` of a slide backed by the TIFF reader alone (skips opening openslide)."""
-
-    def __init__(self, info: dict):
-        from cytosyn_data.wsi.tiff_reader import TiledTiffReader
-
-        self._r = TiledTiffReader(info["path"], [tuple(d) for d in info["level_dimensions"]])
-        self._r.hold_band(int(info["read_level"]), int(info["region"]))
-        self._ds = info["level_downsamples"]
-
-    @property
-    def decoded(self) -> int:
-        """TIFF tiles decoded so far (each once per band pass: see TiledTiffReader.hold_band)."""
-        return self._r.decoded
-
-    def read_rgb(self, location, level, size):
-        lx, ly = level_pixel(location, self._ds[level])
-        return self._r.read(level, lx, ly, size[0], size[1])
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._r.close()
-
-
 def open_reader(info: dict):
-    """A context-managed reader with ``read_rgb((x, y), level, (w, h))`` for a detected slide."""
+    """A context-managed reader with ``read_rgb((x, y), level, (w, h))`` for a detected slide: the
+    fast TIFF reader alone when detection found the file readable so (holding one row band of the
+    read level), else openslide / tiffslide."""
     if info.get("fast_reads"):
-        return _TiffOnly(info)
-    return open_slide(info["path"])
+        return load_wsi(info["path"], "tiff", level_dimensions=info["level_dimensions"],
+                        level_downsamples=info["level_downsamples"], band=(int(info["read_level"]), int(info["region"])))
+    return load_wsi(info["path"])
 
 
 def plan_from_info(info: dict, tile_size: int, target_mpp: float, resample: str) -> ReadPlan:

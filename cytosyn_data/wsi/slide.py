@@ -13,6 +13,8 @@ import cv2
 import numpy as np
 
 from cytosyn_data.core.errors import SlideError  # noqa: F401  (raised and caught under this name)
+from cytosyn_data.wsi.pixels import composite_on_white, level_pixel
+from cytosyn_data.wsi.tiff_reader import TiledTiffReader
 
 #: The one antialiased downsampling filter (used whenever no level is within tolerance).
 RESAMPLE_FILTERS = {"area": cv2.INTER_AREA}
@@ -33,8 +35,6 @@ class SlideHandle:
         self._fast = None
         if self.dimensions and self.level_count and self.path.is_file():
             try:
-                from cytosyn_data.wsi.tiff_reader import TiledTiffReader
-
                 self._fast = TiledTiffReader(path, self.level_dimensions)
             except Exception:  # noqa: BLE001 - not a plain tiled TIFF pyramid: use the backend
                 self._fast = None
@@ -102,30 +102,6 @@ class SlideHandle:
         self.close()
 
 
-def level_pixel(location: tuple[int, int], downsample: float) -> tuple[int, int]:
-    """Level-0 pixel -> level pixel: the nearest, ``floor(location / downsample + 0.5)``.
-
-    The one mapping from a tile key to its read window: grid keys are ``rint(level px * downsample)``
-    (``ReadPlan.level0_xy``), so this gives back their level pixel exactly, also at non-integer
-    downsamples such as 2.0005, where flooring would start a tile one pixel early."""
-    return int(np.floor(location[0] / downsample + 0.5)), int(np.floor(location[1] / downsample + 0.5))
-
-
-def composite_on_white(pixels: np.ndarray) -> np.ndarray:
-    """RGB(A) uint8 [h, w, 3|4] -> RGB uint8; transparent pixels become white (alpha blend)."""
-    if pixels.ndim == 2:
-        pixels = np.repeat(pixels[..., None], 3, axis=2)
-    if pixels.shape[2] == 3:
-        return np.ascontiguousarray(pixels)
-    rgb = pixels[..., :3]
-    alpha = pixels[..., 3]
-    if alpha.min() == 255:
-        return np.ascontiguousarray(rgb)
-    a = alpha[..., None].astype(np.uint16)
-    out = (rgb.astype(np.uint16) * a + 255 * (255 - a) + 127) // 255
-    return out.astype(np.uint8)
-
-
 def dicom_series_file(folder: Path) -> Path:
     """A file of the DICOM WSI series in ``folder`` (one folder = one series = one slide); openslide
     finds the series' other instances (levels, label, overview) beside it."""
@@ -133,6 +109,50 @@ def dicom_series_file(folder: Path) -> Path:
     if not files:
         raise SlideError(f"{folder}: a folder is a slide only when it holds a DICOM WSI series (.dcm files); none here")
     return files[0]
+
+
+class TiffHandle:
+    """``read_rgb`` of a plain tiled-TIFF pyramid through the fast reader alone, openslide not opened:
+    for a slide whose geometry (level sizes and downsamples) detection already read, optionally
+    holding one row band of a level (see TiledTiffReader.hold_band)."""
+
+    backend = "tiff"
+
+    def __init__(self, path: str | Path, level_dimensions, level_downsamples, band: tuple[int, int] | None = None):
+        self.path = Path(path)
+        self._r = TiledTiffReader(path, [tuple(d) for d in level_dimensions])
+        if band is not None:
+            self._r.hold_band(*band)
+        self.level_downsamples = [float(d) for d in level_downsamples]
+
+    @property
+    def decoded(self) -> int:
+        """TIFF tiles decoded so far (each once per band pass: see TiledTiffReader.hold_band)."""
+        return self._r.decoded
+
+    def read_rgb(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        lx, ly = level_pixel(location, self.level_downsamples[level])
+        return self._r.read(level, lx, ly, size[0], size[1])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._r.close()
+
+
+def load_wsi(path: str | Path, reader: str = "auto", *, level_dimensions=None, level_downsamples=None,
+             band: tuple[int, int] | None = None):
+    """The one reader factory (as TRIDENT's ``WSIFactory.load_wsi``). ``reader``: ``auto`` (openslide,
+    then tiffslide, with the fast TIFF reader inside when the file allows: :func:`open_slide`) or
+    ``tiff`` (the fast TIFF reader alone, :class:`TiffHandle`, given the pyramid's geometry)."""
+    if reader == "auto":
+        return open_slide(path)
+    if reader == "tiff":
+        if level_dimensions is None or level_downsamples is None:
+            raise ValueError("load_wsi(reader='tiff') needs level_dimensions and level_downsamples")
+        return TiffHandle(path, level_dimensions, level_downsamples, band)
+    raise ValueError(f"unknown reader {reader!r} (auto, tiff)")
 
 
 def open_slide(path: str | Path) -> SlideHandle:

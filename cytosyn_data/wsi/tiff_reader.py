@@ -18,6 +18,8 @@ import imagecodecs
 import numpy as np
 import tifffile
 
+from cytosyn_data.wsi.pixels import composite_on_white
+
 
 class TiledTiffReader:
     """Reads RGB regions from the tiled pages of one TIFF pyramid level by level."""
@@ -90,8 +92,6 @@ class TiledTiffReader:
             tile = np.full((1, page.tilelength, page.tilewidth, page.samplesperpixel), 255, np.uint8)
         tile = tile.reshape(page.tilelength, page.tilewidth, -1)
         if tile.shape[2] >= 4 and self._alpha[level]:  # RGBA slides: transparency onto white, as openslide
-            from cytosyn_data.wsi.slide import composite_on_white
-
             tile = composite_on_white(tile[..., :4])
         else:
             tile = tile[..., :3]
