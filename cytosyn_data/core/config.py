@@ -6,12 +6,13 @@ from pathlib import Path
 
 import yaml
 
+from cytosyn_data.core.errors import UsageError
+
 
 def load_stage_config(path: str | Path | None, stage: str) -> dict:
     """The ``stage:`` section of a YAML config (or the whole mapping if it has no such section)."""
     if path is None:
         return {}
-    from cytosyn_data.core.errors import UsageError
 
     path = Path(path)
     if not path.exists():

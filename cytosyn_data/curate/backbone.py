@@ -15,12 +15,14 @@ from tqdm.auto import tqdm
 from cytosyn_data.io.png import decode_png
 from cytosyn_data.io.feature_file import FeatureFileWriter
 from cytosyn_data.io.atomic import atomic_write_bytes
+from cytosyn_data.run.state import files_digest
+from cytosyn_encoders import build_encoder
+from cytosyn_encoders import weights_identity
 
 
 def build_backbone(weights):
     """The frozen iBOT ViT-S/16 (384-d CLS) of the encoder registry, with its normalisation; ``weights``
     is a local iBOT/DINO checkpoint (teacher, backbone prefixes and heads handled) or ``random:small``."""
-    from cytosyn_encoders import build_encoder
 
     return build_encoder("ibot_vits16", weights)
 
@@ -57,10 +59,6 @@ def feature_cache(shard_dir: Path, out_dir: Path, weights=None, mean_patch=False
     (reused when the backbone weights and the shard files (name, size, mtime) are the same):
     ``out_dir/features.npy``, and the keys of its rows in ``out_dir/features_keys.parquet``."""
     import webdataset as wds
-
-    from cytosyn_encoders import weights_identity
-
-    from cytosyn_data.run.state import files_digest
 
     urls = sorted(str(p) for p in Path(shard_dir).glob("*.tar"))
     if not urls:

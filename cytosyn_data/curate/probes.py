@@ -13,6 +13,8 @@ import polars as pl
 
 from cytosyn_data.io.feature_file import read_rows
 from cytosyn_data.io.atomic import atomic_write_bytes
+from cytosyn_data.io.atomic import tmp_path
+from cytosyn_data.run.barcode import parse_slide_name
 
 
 N_FOLDS = 5
@@ -35,7 +37,6 @@ def patient_of(keys, tiles: pl.DataFrame | None = None) -> list[str]:
     """The cross-validation group of each key: its patient (from ``tiles.parquet`` when given, else
     from a TCGA barcode in the slide id), or its slide when no patient is known. A patient's
     slides then never straddle a training and a held-out fold."""
-    from cytosyn_data.run.barcode import parse_slide_name
 
     known = {}
     if tiles is not None and "patient" in tiles.columns:
@@ -117,8 +118,6 @@ def apply_probes_to_file(keys_path: Path, x: np.ndarray, probes: list, threshold
     :func:`apply_probes`; keys read from ``keys_path``, features in row chunks): memory is one chunk.
     Returns the row count."""
     import pyarrow.parquet as pq
-
-    from cytosyn_data.io.atomic import tmp_path
 
     keys = pl.scan_parquet(keys_path)
     n = keys.select(pl.len()).collect().item()

@@ -12,6 +12,9 @@ import polars as pl
 from cytosyn_data.io.png import decode_png, encode_png
 from cytosyn_data.io.atomic import atomic_write_bytes
 from cytosyn_data.run.schemas import NULL_STRATUM
+from cytosyn_data.io.tar_read import split_member, stream_members
+from cytosyn_data.run.barcode import parse_slide_name
+from cytosyn_data.wsi.tissue import pen_mask
 
 
 def contact_sheet(pngs: list[bytes], labels: list[str], path: Path, cols: int = 8, thumb: int = 160) -> Path:
@@ -33,7 +36,6 @@ def contact_sheet(pngs: list[bytes], labels: list[str], path: Path, cols: int = 
 def pngs_for(shard_dir: Path, keys: list[str], tiles: pl.DataFrame | None = None) -> dict[str, bytes]:
     """PNG bytes of ``keys``: only the shards that hold them are read (tiles.parquet's ``shard``
     column; without it every shard, sequentially, until all are found)."""
-    from cytosyn_data.io.tar_read import split_member, stream_members
 
     want, got = set(keys), {}
     shards = sorted(Path(shard_dir).glob("*.tar"))
@@ -54,7 +56,6 @@ def removal_report(cur: pl.DataFrame | pl.LazyFrame, slides: pl.DataFrame | None
     """Removed fraction per TSS and slide type. A tile's slide is its key's prefix; TSS and slide type
     come from ``slides`` (slides.parquet) or else from the TCGA barcode of the slide id: a join on the
     slides, aggregated streaming (no per-tile table is built)."""
-    from cytosyn_data.run.barcode import parse_slide_name
 
     lf = cur.lazy().with_columns(slide_id=pl.col("key").str.split("__").list.first())
     if slides is None or not {"tss", "slide_type"} <= set(slides.columns):
@@ -82,7 +83,6 @@ def weak_label(rgb: np.ndarray, blur_threshold: float = 40.0) -> str:
     the Laplacian of the grey image below ``blur_threshold``. A starting point for a person to
     correct, not ground truth.
     """
-    from cytosyn_data.wsi.tissue import pen_mask
 
     if pen_mask(rgb).mean() > 0.15:
         return "pen"

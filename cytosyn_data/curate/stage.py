@@ -25,8 +25,11 @@ from cytosyn_data.curate.probes import (
     apply_probes_to_file, fit_probes, load_probes, patient_of, read_annotations, save_probes,
 )
 from cytosyn_data.curate.sheets import contact_sheet, pngs_for, removal_report, weak_label
+from cytosyn_data.reports.html import write_report
 from cytosyn_data.reports.markdown import markdown_table
 from cytosyn_data.run.state import record_run
+from cytosyn_data.io.png import decode_png
+from cytosyn_encoders import weights_identity
 
 
 def _tile_run(run: Path) -> Path:
@@ -39,7 +42,6 @@ def curate_features(run: Path, command: str, settings: dict, weights, mean_patch
                     annotations: Path | None = None):
     """The backbone features of every tile of ``run`` (memory-mapped, cached in ``RUN/curate``), after
     recording what made this command's outputs in ``RUN/curate/run.json``."""
-    from cytosyn_encoders import weights_identity
 
     work = _tile_run(run)
     inputs = [f"backbone_weights: {weights}"] + ([f"annotations: {annotations}"] if annotations else [])
@@ -88,8 +90,6 @@ def curate_apply(run: Path, x, threshold: float) -> list[str]:
             f"{threshold}): {removed}", "", markdown_table(rep.rename({"removed_fraction": "fraction"}), "{:.3f}")]
     (work / "report.md").write_text("\n".join(text) + "\n")
     if (run / "candidates.parquet").exists():
-        from cytosyn_data.reports.html import write_report  # the HTML page: heavy (OpenCV drawing), only here
-
         write_report(run)
     return text
 
@@ -110,8 +110,6 @@ def curate_sheet(run: Path, n: int = 64, seed: int = 0) -> tuple[Path, Path]:
 def curate_weak_labels(run: Path, out: Path) -> int:
     """Weak labels from pixel checks for every tile of the run's shards -> ``out`` (CSV key, label)."""
     import webdataset as wds
-
-    from cytosyn_data.io.png import decode_png
 
     _tile_run(run)
     urls = sorted(str(p) for p in (run / "shards").glob("*.tar"))

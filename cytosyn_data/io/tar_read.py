@@ -9,6 +9,8 @@ import tarfile
 from pathlib import Path
 from typing import Iterable
 
+from cytosyn_data.io.remote import filesystem, is_url
+
 
 def split_member(name: str) -> tuple[str, str]:
     """``{key}.{ext}`` -> (key, ext); keys hold no dots (DESIGN.md), extensions may (``cls.npy``)."""
@@ -92,7 +94,6 @@ def _ustar_name(head: bytes) -> str:
 def count_samples(path: str | Path) -> int:
     """WebDataset samples (runs of consecutive members sharing a key) in a tar, reading only the
     headers of a local file (one seek per member); URLs are streamed through fsspec."""
-    from cytosyn_data.io.remote import filesystem, is_url
 
     if is_url(str(path)):
         fs, p = filesystem(str(path))

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 
 from cytosyn_data.core.errors import RunStateError
+from cytosyn_data.io.atomic import atomic_write_bytes
+from cytosyn_data.io.remote import is_url, remote_identity
 
 RUN_FILE = "run.json"
 
@@ -31,7 +33,6 @@ def code_version() -> str:
 def file_identity(path: str | Path) -> dict:
     """Size (bytes) and mtime (ns) of a local file, or size and ETag of an object at an fsspec URL:
     how a stage notices a file changed in place."""
-    from cytosyn_data.io.remote import is_url, remote_identity
 
     if is_url(path):
         return remote_identity(str(path))
@@ -127,7 +128,6 @@ def record_run(out: Path, stage: str, settings: dict, inputs: list[str], recorde
 
 
 def _write(path: Path, obj: dict) -> None:
-    from cytosyn_data.io.atomic import atomic_write_bytes
 
     atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
 

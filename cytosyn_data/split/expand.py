@@ -10,15 +10,15 @@ from typing import Iterator
 
 import polars as pl
 
+from cytosyn_data.io.png import encode_png
+from cytosyn_data.wsi.slide import RESAMPLE_FILTERS, open_slide
+
 
 def expanded_pngs(slide: dict, tiles: pl.DataFrame, expand_px: int, tile_size: int = 224) -> Iterator[tuple[str, bytes]]:
     """(key, PNG bytes) of ``(tile_size + 2 * expand_px)`` px tiles around the tiles ``key, x, y``
     (level-0 px) of one slide, in key order. ``slide``: a slides.parquet row (path, read_level,
     footprint = tile side in level-0 px)."""
     import cv2
-
-    from cytosyn_data.io.png import encode_png
-    from cytosyn_data.wsi.slide import RESAMPLE_FILTERS, open_slide
 
     with open_slide(slide["path"]) as s:
         level = int(slide["read_level"])

@@ -40,6 +40,7 @@ from cytosyn_data.io.png import jpeg_from_png
 from cytosyn_data.io.tar_write import member_header
 from cytosyn_data.io.atomic import remove_stale_tmp, tmp_path, write_json_atomic
 from cytosyn_data.io.tar_read import split_member, stream_members
+from cytosyn_data.split.expand import expanded_pngs
 
 GROUPS = ("train", "val_in", "val_out", "guidance")
 MAX_BUCKETS = 256  # buckets per split run: a scatter unit keeps at most this many piece files open
@@ -173,7 +174,6 @@ def _scatter_shards(unit: ScatterUnit, pw: PieceWriter) -> dict:
 
 
 def _scatter_slide(unit: ScatterUnit, pw: PieceWriter) -> dict:
-    from cytosyn_data.split.expand import expanded_pngs
 
     routes, rows = unit_routes(unit, pl.col("slide_id") == unit.slide["slide_id"], ("x", "y"))
     expanded: dict[str, int] = {}

@@ -36,6 +36,8 @@ from tqdm.auto import tqdm
 from cytosyn_data.core.hashing import key_hash
 from cytosyn_data.core.quotas import NULL_STRATUM, apportion, stable_hash
 from cytosyn_data.io.atomic import atomic_write_bytes, tmp_path
+from cytosyn_data.reports.html import write_report
+from cytosyn_data.split.shuffle import shuffle_to_shards
 
 SPLITS_SCHEMA = {"key": pl.String, "slide_id": pl.String, "patient": pl.String, "tss": pl.String,
                  "split": pl.String, "guidance": pl.Boolean}
@@ -356,8 +358,6 @@ def write_splits_table(a: Assigned, path: Path) -> None:
 def _run_split(run: Path, out: Path, cfg: SplitConfig, cur_path: Path | None, cluster: ClusterSpec) -> dict:
     import time
 
-    from cytosyn_data.split.shuffle import shuffle_to_shards
-
     t0 = time.perf_counter()
     a = assign_run(run, out / ".assign", cfg, cur_path)
     t1 = time.perf_counter()
@@ -375,7 +375,6 @@ def _run_split(run: Path, out: Path, cfg: SplitConfig, cur_path: Path | None, cl
     result.update(counts=shuffled["counts"], removed_by_qc=a.n_tiles - a.n_qc_kept, tiles=a.n_tiles,
                   seconds={"assign": t1 - t0, "audit": t2 - t1, **shuffled["seconds"]})
     if out == run / "splits":  # the run's page shows the splits
-        from cytosyn_data.reports.html import write_report
 
         write_report(run)
     return result

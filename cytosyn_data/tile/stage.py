@@ -42,6 +42,8 @@ from cytosyn_data.tile.plan import (
 )
 from cytosyn_data.tile.write import write_shard
 from cytosyn_data.tile.config import TileConfig
+from cytosyn_data.reports.html import write_report
+from cytosyn_data.reports.markdown import write_tile_report
 
 
 @dataclass
@@ -209,12 +211,10 @@ def _run_tile(slides: pl.DataFrame, out: Path, cfg: TileConfig, ex: "_Runner", s
 
 def _write_reports(out: Path, result: TileResult, cfg: TileConfig, shard_index: int, num_shards: int) -> None:
     """``report{suffix}.md`` (the summary) and, for an unsplit run, the HTML report."""
-    from cytosyn_data.reports.markdown import write_tile_report
 
     suffix = _part_suffix(shard_index, num_shards)
     write_tile_report(out / f"report{suffix}.md", result, pl.read_parquet(out / f"slides{suffix}.parquet"), cfg)
     if num_shards == 1:  # a split run gets its page after `merge` (cytosyn-data report)
-        from cytosyn_data.reports.html import write_report
 
         write_report(out)
 
