@@ -21,6 +21,7 @@ import polars as pl
 from cytosyn_data.core.errors import DataError
 from cytosyn_data.io.png import decode_png
 from cytosyn_data.io.atomic import atomic_write_bytes
+from cytosyn_data.run.paths import DetectFiles
 from cytosyn_data.run.schemas import WINDOW_COLUMNS, read_windows
 
 #: QuPath classification colours (RGB)
@@ -108,7 +109,7 @@ def export_geojson(run: str | Path) -> list[Path]:
     for slide, part in fates_by_slide(run, pl.read_parquet(run / "slides.parquet")):
         sid = slide["slide_id"]
         feats = []
-        mask_path = run / "work" / "detect" / f"{sid}.mask.png"
+        mask_path = DetectFiles.of_run(run, sid).mask
         if mask_path.exists():
             mask = decode_png(mask_path.read_bytes())[..., 0] > 127
             feats += [_feature(r, "annotation", "tissue", "tissue") for r in tissue_polygons(mask, int(slide["width"]))]

@@ -24,6 +24,7 @@ from cytosyn_data.reports.geojson import COLOURS, fates_by_slide, tissue_polygon
 from cytosyn_data.io.png import decode_png
 from cytosyn_data.reports.qc_pictures import draw_boxes
 from cytosyn_data.io.atomic import atomic_write_bytes
+from cytosyn_data.run.paths import DetectFiles
 from cytosyn_data.run.schemas import NULL_STRATUM, VIEW_SIDE
 from cytosyn_data.wsi.tissue import pen_mask
 
@@ -33,15 +34,14 @@ FATES = ("train", "val_in", "val_out", "guidance", "removed", "tile", "candidate
 def slide_picture(run: Path, slide: dict, fates: pl.DataFrame) -> np.ndarray:
     """RGB picture of one slide: the view image, non-tissue dimmed, pen ink tinted, tissue contour and
     tile boxes by fate. Coordinates are level-0 pixels scaled to the picture."""
-    d = run / "work" / "detect"
     sid, w0 = slide["slide_id"], int(slide["width"])
-    view_path = d / f"{sid}.view.jpg"
-    img = cv2.cvtColor(cv2.imread(str(view_path)), cv2.COLOR_BGR2RGB) if view_path.exists() else decode_png(
-        (d / f"{sid}.thumb.png").read_bytes())
+    files = DetectFiles.of_run(run, sid)
+    img = cv2.cvtColor(cv2.imread(str(files.view)), cv2.COLOR_BGR2RGB) if files.view.exists() else decode_png(
+        files.thumb.read_bytes())
     if max(img.shape[:2]) < VIEW_SIDE:  # a run made before view pictures: enlarge the thumbnail
         f = VIEW_SIDE / max(img.shape[:2])
         img = cv2.resize(img, (round(img.shape[1] * f), round(img.shape[0] * f)), interpolation=cv2.INTER_CUBIC)
-    mask = decode_png((d / f"{sid}.mask.png").read_bytes())[..., 0] > 127
+    mask = decode_png(files.mask.read_bytes())[..., 0] > 127
     big = cv2.resize(mask.astype(np.uint8), img.shape[1::-1], interpolation=cv2.INTER_NEAREST) > 0
     out = img.astype(np.float32)
     out[~big] = out[~big] * 0.55 + 100

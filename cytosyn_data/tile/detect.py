@@ -18,6 +18,7 @@ import polars as pl
 
 from cytosyn_data.io.png import encode_png
 from cytosyn_data.core.errors import DataError
+from cytosyn_data.run.paths import DetectFiles, detect_dir
 from cytosyn_data.run.schemas import CANDIDATE_SCHEMA, VIEW_SIDE
 from cytosyn_data.run.state import file_identity
 from cytosyn_data.io.atomic import atomic_write_bytes, write_json_atomic, write_parquet_atomic
@@ -49,7 +50,7 @@ def detect_slide(slide: dict, cfg, work: Path) -> dict:
     (status ``ok`` or ``failed`` with the error naming the file and the cause).
     """
     sid = slide["slide_id"]
-    d = work / "detect"
+    files = DetectFiles(detect_dir(work), sid)
     info: dict = {"slide_id": sid, "path": slide["path"], "status": "failed", "error": None}
     t0 = time.perf_counter()
     src = slide.get("local_path") or slide["path"]  # a remote slide is read from its cached copy
@@ -77,11 +78,11 @@ def detect_slide(slide: dict, cfg, work: Path) -> dict:
             info["coords"] = slide["coords"]
         else:
             cand = grid_candidates(sid, mask, plan, level_dims, (w0, h0), cfg.tissue_threshold)
-        _write_png(thumb, d / f"{sid}.thumb.png")
+        _write_png(thumb, files.thumb)
         ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(view, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-        atomic_write_bytes(d / f"{sid}.view.jpg", jpg.tobytes(), durable=False)
-        _write_png(np.repeat((mask * 255).astype(np.uint8)[..., None], 3, 2), d / f"{sid}.mask.png")
-        write_parquet_atomic(cand, d / f"{sid}.parquet")
+        atomic_write_bytes(files.view, jpg.tobytes(), durable=False)
+        _write_png(np.repeat((mask * 255).astype(np.uint8)[..., None], 3, 2), files.mask)
+        write_parquet_atomic(cand, files.candidates)
         info.update(
             status="ok",
             read_level=plan.level,
@@ -99,7 +100,7 @@ def detect_slide(slide: dict, cfg, work: Path) -> dict:
     except Exception as exc:  # noqa: BLE001 - any failure of one slide is recorded, the run goes on
         info["error"] = f"{slide['path']}: {type(exc).__name__}: {str(exc).replace(str(src), slide['path'])}"
     info["detect_seconds"] = time.perf_counter() - t0
-    write_json_atomic(info, d / f"{sid}.json")
+    write_json_atomic(info, files.facts)
     return info
 
 
@@ -147,10 +148,10 @@ def coords_candidates(sid: str, xy: np.ndarray, mask: np.ndarray, plan, level0_s
 def detect_ok(work: Path, slide: dict, identity: dict | str | None = None) -> bool:
     """Detection of this slide finished and was made from the file as it is now (size and mtime,
     or size and ETag of a remote object; ``identity`` when already known)."""
-    p = work / "detect" / f"{slide['slide_id']}.json"
-    if not p.exists() or not (work / "detect" / f"{slide['slide_id']}.parquet").exists():
+    files = DetectFiles(detect_dir(work), slide["slide_id"])
+    if not files.facts.exists() or not files.candidates.exists():
         return False
-    info = json.loads(p.read_text())
+    info = json.loads(files.facts.read_text())
     try:
         same_file = info.get("file") == (identity if identity is not None else file_identity(slide["path"]))
     except (OSError, DataError):

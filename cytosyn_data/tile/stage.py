@@ -36,6 +36,7 @@ from cytosyn_data.io.remote import SlideCache, is_url, localized
 from cytosyn_data.run.state import RunLock, check_run_file, file_identity
 from cytosyn_data.io.atomic import remove_stale_tmp, tmp_path, write_parquet_atomic
 from cytosyn_data.tile.detect import detect_ok, detect_slide
+from cytosyn_data.run.paths import DetectFiles, detect_dir
 from cytosyn_data.run.schemas import CANDIDATE_SCHEMA, SLIDES_SCHEMA
 from cytosyn_data.tile.plan import (
     TILES_SCHEMA, select_candidates, shard_cuts, shard_units, slide_digest, slide_plan_rows, slide_quotas,
@@ -180,7 +181,7 @@ def clear_tile_outputs(out: Path) -> None:
 def _run_tile(slides: pl.DataFrame, out: Path, cfg: TileConfig, ex: "_Runner", shard_index: int, num_shards: int,
               stage: str) -> TileResult:
     work = out / "work"
-    remove_stale_tmp(work / "detect")
+    remove_stale_tmp(detect_dir(work))
     all_rows = slides.to_dicts()
     mine = [r for i, r in enumerate(all_rows) if i % num_shards == shard_index]
     suffix = _part_suffix(shard_index, num_shards)
@@ -243,7 +244,7 @@ def _detect_unit(args: tuple) -> dict:
 def _load_infos(all_rows: list[dict], work: Path) -> dict[str, dict]:
     infos, missing = {}, []
     for r in all_rows:
-        p = work / "detect" / f"{r['slide_id']}.json"
+        p = DetectFiles(detect_dir(work), r["slide_id"]).facts
         if p.exists():
             infos[r["slide_id"]] = json.loads(p.read_text())
         else:
@@ -268,12 +269,12 @@ def _select_phase(mine: list[dict], infos: dict, quota_of: dict, cfg: TileConfig
         sid = r["slide_id"]
         if infos[sid]["status"] != "ok":
             continue
-        cand = select_candidates(pl.read_parquet(work / "detect" / f"{sid}.parquet"), sid, quota_of[sid], cfg.seed)
+        cand = select_candidates(pl.read_parquet(DetectFiles(detect_dir(work), sid).candidates), sid, quota_of[sid], cfg.seed)
         rows = slide_plan_rows(cand, r, infos[sid], cfg.target_mpp, cfg.resample)
         write_parquet_atomic(cand.drop("col", "row"), sel_dir / f"{sid}.parquet")
         write_parquet_atomic(rows, sel_dir / f"{sid}.plan.parquet")
         counts[sid], digests[sid], n_cand = rows.height, slide_digest(rows), n_cand + cand.height
-        qc.write_slide_qc(work / "detect", sid, cand, infos[sid], out / "qc" / f"{sid}.png")
+        qc.write_slide_qc(DetectFiles(detect_dir(work), sid), cand, infos[sid], out / "qc" / f"{sid}.png")
     return counts, digests, n_cand
 
 
@@ -362,7 +363,7 @@ def _summary_only(out: Path, mine: list[dict], work: Path, seconds: dict) -> Til
     failed = []
     n_cand = 0
     for r in mine:
-        info = json.loads((work / "detect" / f"{r['slide_id']}.json").read_text())
+        info = json.loads(DetectFiles(detect_dir(work), r["slide_id"]).facts.read_text())
         if info["status"] != "ok":
             failed.append(r["slide_id"])
         else:
