@@ -263,11 +263,10 @@ def _add_features(sub) -> None:
 
 
 def cmd_features(args) -> int:
-    import os
-
+    from cytosyn_data.core.executors import launched_rank
     from cytosyn_data.features.stage import add_features
 
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = launched_rank()
     spec = cluster_spec(args)
     cluster = None if spec.kind == "local" else spec
     if cluster is not None and (world > 1 or (args.device or "").startswith("cuda")):

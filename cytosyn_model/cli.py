@@ -74,9 +74,7 @@ def _sample_parser() -> argparse.ArgumentParser:
 
 
 def _sample(argv: list[str] | None) -> int:
-    import os
-
-    from cytosyn_data.core.executors import rank_device
+    from cytosyn_data.core.executors import launched_rank, rank_device
     from cytosyn_data.run.state import check_run_file, files_digest
 
     from .generate import Generator, SampleSettings, conditions_for_mode, generate_units, load_reference_features
@@ -89,7 +87,7 @@ def _sample(argv: list[str] | None) -> int:
         raise UsageError("--steps must be >= 2 for the SDE sampler (the last step is the noise-free one)")
     if args.mode != "uncond" and not args.ref_shards:
         p.error(f"--mode {args.mode} needs --ref-shards")
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = launched_rank()
     device = rank_device(args.device)
     gen = Generator.from_model_dir(args.model, device) if args.model else Generator.from_checkpoint(args.checkpoint, device)
     ref_keys, ref = [], None

@@ -27,13 +27,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from cytosyn_data.core.executors import launched_rank
+
 #: seconds a collective waits for the other ranks before the job fails (a lost rank never hangs it)
 DEFAULT_TIMEOUT_S = 600
 
 
 def launched_world() -> int:
     """WORLD_SIZE as set by torchrun / accelerate launch / srun wrappers (1 when not launched)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return launched_rank()[1]
 
 
 def make_accelerator(mixed_precision: str = "no", timeout_s: float = DEFAULT_TIMEOUT_S):

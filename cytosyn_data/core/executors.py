@@ -176,6 +176,14 @@ def slurm_cluster(spec: ClusterSpec):
     )
 
 
+def launched_rank() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) as torchrun / accelerate launch / srun wrappers set them; (0, 1) when not
+    launched."""
+    import os
+
+    return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
 def rank_device(requested: str | None = None) -> str:
     """The torch device of this process: ``requested``, else CUDA when present, else the CPU. Under
     torchrun / accelerate launch (``LOCAL_RANK`` set) a bare ``cuda`` with several visible GPUs

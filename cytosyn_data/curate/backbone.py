@@ -16,14 +16,12 @@ from cytosyn_data.io.png import decode_png
 from cytosyn_data.io.feature_file import FeatureFileWriter
 from cytosyn_data.io.atomic import atomic_write_bytes
 from cytosyn_data.run.state import files_digest
-from cytosyn_encoders import build_encoder
-from cytosyn_encoders import weights_identity
+from cytosyn_encoders import build_encoder, weights_identity
 
 
 def build_backbone(weights):
     """The frozen iBOT ViT-S/16 (384-d CLS) of the encoder registry, with its normalisation; ``weights``
     is a local iBOT/DINO checkpoint (teacher, backbone prefixes and heads handled) or ``random:small``."""
-
     return build_encoder("ibot_vits16", weights)
 
 

@@ -12,8 +12,7 @@ import numpy as np
 import polars as pl
 
 from cytosyn_data.io.feature_file import read_rows
-from cytosyn_data.io.atomic import atomic_write_bytes
-from cytosyn_data.io.atomic import tmp_path
+from cytosyn_data.io.atomic import atomic_write_bytes, tmp_path
 from cytosyn_data.run.barcode import parse_slide_name
 
 
@@ -37,7 +36,6 @@ def patient_of(keys, tiles: pl.DataFrame | None = None) -> list[str]:
     """The cross-validation group of each key: its patient (from ``tiles.parquet`` when given, else
     from a TCGA barcode in the slide id), or its slide when no patient is known. A patient's
     slides then never straddle a training and a held-out fold."""
-
     known = {}
     if tiles is not None and "patient" in tiles.columns:
         sub = tiles.filter(pl.col("key").is_in(pl.Series(list(keys), dtype=pl.String).implode()))

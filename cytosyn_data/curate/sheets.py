@@ -36,7 +36,6 @@ def contact_sheet(pngs: list[bytes], labels: list[str], path: Path, cols: int = 
 def pngs_for(shard_dir: Path, keys: list[str], tiles: pl.DataFrame | None = None) -> dict[str, bytes]:
     """PNG bytes of ``keys``: only the shards that hold them are read (tiles.parquet's ``shard``
     column; without it every shard, sequentially, until all are found)."""
-
     want, got = set(keys), {}
     shards = sorted(Path(shard_dir).glob("*.tar"))
     if tiles is not None and "shard" in tiles.columns:
@@ -56,7 +55,6 @@ def removal_report(cur: pl.DataFrame | pl.LazyFrame, slides: pl.DataFrame | None
     """Removed fraction per TSS and slide type. A tile's slide is its key's prefix; TSS and slide type
     come from ``slides`` (slides.parquet) or else from the TCGA barcode of the slide id: a join on the
     slides, aggregated streaming (no per-tile table is built)."""
-
     lf = cur.lazy().with_columns(slide_id=pl.col("key").str.split("__").list.first())
     if slides is None or not {"tss", "slide_type"} <= set(slides.columns):
         sids = lf.select(pl.col("slide_id").unique()).collect()["slide_id"].to_list()
@@ -83,7 +81,6 @@ def weak_label(rgb: np.ndarray, blur_threshold: float = 40.0) -> str:
     the Laplacian of the grey image below ``blur_threshold``. A starting point for a person to
     correct, not ground truth.
     """
-
     if pen_mask(rgb).mean() > 0.15:
         return "pen"
     hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)

@@ -42,7 +42,6 @@ def curate_features(run: Path, command: str, settings: dict, weights, mean_patch
                     annotations: Path | None = None):
     """The backbone features of every tile of ``run`` (memory-mapped, cached in ``RUN/curate``), after
     recording what made this command's outputs in ``RUN/curate/run.json``."""
-
     work = _tile_run(run)
     inputs = [f"backbone_weights: {weights}"] + ([f"annotations: {annotations}"] if annotations else [])
     record_run(work, f"curate {command}", {k: str(v) for k, v in settings.items()}, inputs,

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cytosyn_encoders import weights_identity
+from cytosyn_encoders.h0mini import build_h0_mini, h0_mini_features
 from cytosyn_encoders.weights import file_sha256
 
 from cytosyn_data.io.png import decode_tile
@@ -32,11 +34,7 @@ from cytosyn_data.io.remote import filesystem, is_url, list_remote, remote_ident
 from cytosyn_data.io.tar_write import TarAppender
 from cytosyn_data.io.atomic import atomic_write_bytes, remove_stale_tmp
 from cytosyn_data.io.tar_read import stream_members
-from cytosyn_data.core.executors import ClusterSpec, open_executor
-from cytosyn_data.core.executors import rank_device
-from cytosyn_encoders import weights_identity
-from cytosyn_encoders.h0mini import build_h0_mini
-from cytosyn_encoders.h0mini import h0_mini_features
+from cytosyn_data.core.executors import ClusterSpec, open_executor, rank_device
 
 FEATURE_EXTS = ("cls.npy", "tok.npy")
 
@@ -56,7 +54,6 @@ class FeatureResult:
 
 
 def _model_identity(weights) -> str:
-
     return f"h0-mini:{weights_identity(weights)}"
 
 
@@ -118,7 +115,6 @@ def add_features(
 ) -> FeatureResult:
     """Add H0-mini features to every shard under ``shard_dir`` (this process's share ``i % world ==
     rank``, or every shard as units on ``cluster``, a :class:`executors.ClusterSpec` for CPU workers)."""
-
     if is_url(shard_dir):  # s3://bucket/run/splits/train/: each shard fetched, rewritten, put back
         shards = list_remote(str(shard_dir), {".tar"})
     else:
@@ -142,7 +138,6 @@ def add_features(
 @lru_cache(maxsize=2)
 def _frozen_h0_mini(weights: str, device: str):
     """The frozen encoder, built once per process (a Dask worker keeps it between its shards)."""
-
     return build_h0_mini(weights).to(torch.device(device)).eval()
 
 
@@ -193,7 +188,6 @@ def _rewrite_with_features(shard: Path, unit: FeatureUnit) -> int:
     """Rewrite the local tar ``shard`` with the feature members, one batch of ``batch_size`` tiles at
     a time (memory: one batch's members and tokens, not the shard's); returns the tiles encoded
     (0: no PNG, the shard is left as it is)."""
-
     device = torch.device(rank_device(unit.device))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     n, pending, n_png = 0, [], 0

@@ -72,7 +72,6 @@ def decode_tile(data: bytes, where: str, size: int | None = None) -> np.ndarray:
     """A shard's PNG member as RGB uint8 [size, size, 3]; grey, palette, 16-bit and RGBA members are
     converted; a corrupt member or one of another size is a :class:`DataError` naming ``where``
     (the shard and the key)."""
-
     head = png_header(data)
     if head is None:
         raise DataError(f"{where}: not a PNG image")

@@ -94,7 +94,6 @@ def _ustar_name(head: bytes) -> str:
 def count_samples(path: str | Path) -> int:
     """WebDataset samples (runs of consecutive members sharing a key) in a tar, reading only the
     headers of a local file (one seek per member); URLs are streamed through fsspec."""
-
     if is_url(str(path)):
         fs, p = filesystem(str(path))
         import tempfile

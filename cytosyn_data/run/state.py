@@ -33,7 +33,6 @@ def code_version() -> str:
 def file_identity(path: str | Path) -> dict:
     """Size (bytes) and mtime (ns) of a local file, or size and ETag of an object at an fsspec URL:
     how a stage notices a file changed in place."""
-
     if is_url(path):
         return remote_identity(str(path))
     if Path(path).is_dir():  # a DICOM series: its files together
@@ -128,7 +127,6 @@ def record_run(out: Path, stage: str, settings: dict, inputs: list[str], recorde
 
 
 def _write(path: Path, obj: dict) -> None:
-
     atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
 
 

@@ -174,7 +174,6 @@ def _scatter_shards(unit: ScatterUnit, pw: PieceWriter) -> dict:
 
 
 def _scatter_slide(unit: ScatterUnit, pw: PieceWriter) -> dict:
-
     routes, rows = unit_routes(unit, pl.col("slide_id") == unit.slide["slide_id"], ("x", "y"))
     expanded: dict[str, int] = {}
     for key, png in expanded_pngs(unit.slide, rows, unit.expand_px):

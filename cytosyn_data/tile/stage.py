@@ -212,7 +212,6 @@ def _run_tile(slides: pl.DataFrame, out: Path, cfg: TileConfig, ex: "_Runner", s
 
 def _write_reports(out: Path, result: TileResult, cfg: TileConfig, shard_index: int, num_shards: int) -> None:
     """``report{suffix}.md`` (the summary) and, for an unsplit run, the HTML report."""
-
     suffix = _part_suffix(shard_index, num_shards)
     write_tile_report(out / f"report{suffix}.md", result, pl.read_parquet(out / f"slides{suffix}.parquet"), cfg)
     if num_shards == 1:  # a split run gets its page after `merge` (cytosyn-data report)

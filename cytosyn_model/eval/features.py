@@ -6,8 +6,10 @@ over the processes of a job and joined in batch order, and seeded subsamples."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
+import os
 import json
 import re
 from pathlib import Path
@@ -171,7 +173,8 @@ def _extract_part(extractor, what: str, source, preprocess: list[str], folder: P
 
 def _join_parts(folder: Path, batch_size: int, world: int) -> int:
     """features.npy, keys.parquet and moments.npz from the parts, batch b from part b % world, the
-    moments added batch by batch as one process adds them; the parts are removed. Returns N."""
+    moments added batch by batch as one process adds them; the parts are removed. One process's
+    part is the feature file already: it is renamed, not copied. Returns N."""
     from cytosyn_data.io.feature_file import read_rows
 
     from .metrics import RunningMoments
@@ -180,7 +183,8 @@ def _join_parts(folder: Path, batch_size: int, world: int) -> int:
     part_keys = [pl.read_parquet(folder / f"part-{r}.keys.parquet")["key"] for r in range(world)]
     n = sum(len(k) for k in part_keys)
     offsets, keys, moments = [0] * world, [], None
-    with FeatureFileWriter(folder / "features.npy") as fw:
+    with contextlib.ExitStack() as stack:
+        fw = stack.enter_context(FeatureFileWriter(folder / "features.npy")) if world > 1 else None
         for b in range(-(-n // batch_size)):
             r = b % world
             lo = offsets[r]
@@ -188,15 +192,18 @@ def _join_parts(folder: Path, batch_size: int, world: int) -> int:
             f = read_rows(parts[r], lo, hi)
             moments = moments or RunningMoments(f.shape[1])
             moments.add(f)
-            fw.append(f)
+            if fw is not None:
+                fw.append(f)
             keys.append(part_keys[r][lo:hi])
+    if world == 1:
+        os.replace(folder / "part-0.npy", folder / "features.npy")
     if n:
         mu, cov = moments.mean_cov()
         np.savez(folder / "moments.npz", mean=mu, cov=cov)
         pl.concat(keys).to_frame("key").write_parquet(folder / "keys.parquet")
     del parts
     for r in range(world):
-        (folder / f"part-{r}.npy").unlink()
+        (folder / f"part-{r}.npy").unlink(missing_ok=True)
         (folder / f"part-{r}.keys.parquet").unlink()
     return n
 
