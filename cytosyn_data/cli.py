@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from cytosyn_data.core.checks import cli_type, fraction, non_negative, positive
+from cytosyn_data.core.config import load_stage_config
 from cytosyn_data.core.errors import UsageError, run_cli
+from cytosyn_data.core.executors import ClusterSpec, launched_rank
+from cytosyn_data.io.coords_h5 import export_h5
+from cytosyn_data.io.remote import is_url, publish
+from cytosyn_data.reports.geojson import export_geojson
+from cytosyn_data.reports.html import write_report
+from cytosyn_data.run.slide_table import build_slide_table
+from cytosyn_data.split.stage import SplitConfig, run_split
+from cytosyn_data.tile.config import TileConfig
+from cytosyn_data.tile.merge import merge_parts
+from cytosyn_data.tile.stage import run_tile
 
 
 def _tiles_arg(value: str) -> int | None:
@@ -36,10 +48,6 @@ def add_cluster_options(p) -> None:
 
 def cluster_spec(args):
     """The :class:`ClusterSpec` of the parsed options."""
-    import re
-
-    from cytosyn_data.core.executors import ClusterSpec
-
     if args.scheduler and args.cluster:
         raise UsageError("give --scheduler (an existing cluster) or --cluster (start one), not both")
     if args.scheduler:
@@ -60,8 +68,6 @@ def cluster_spec(args):
 
 def _size_arg(value: str) -> int:
     """'50GiB', '200 GB', '512MiB' or a byte count -> bytes."""
-    import re
-
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", value, re.IGNORECASE)
     if not m or float(m.group(1)) <= 0:
         raise argparse.ArgumentTypeError(f"expected a size like 50GiB or 200GB, got {value!r}")
@@ -99,11 +105,6 @@ def _add_tile(sub) -> None:
 
 
 def cmd_tile(args) -> int:
-    from cytosyn_data.core.config import load_stage_config
-    from cytosyn_data.run.slide_table import build_slide_table
-    from cytosyn_data.tile.config import TileConfig
-    from cytosyn_data.tile.stage import run_tile
-
     conf = load_stage_config(args.config, "tile")
     for name in ("tiles", "seed", "shard_size"):
         if hasattr(args, name):
@@ -113,8 +114,6 @@ def cmd_tile(args) -> int:
     cfg = TileConfig.from_dict(conf, f"{args.config} (section tile)" if args.config else "tile options")
     if not 0 <= args.shard_index < args.num_shards:
         raise UsageError(f"--shard-index must be in [0, {args.num_shards}), got {args.shard_index}")
-    from cytosyn_data.io.remote import is_url, publish
-
     if is_url(args.out) and not args.work_dir:
         raise UsageError(f"--out {args.out} is a URL: give a local --work-dir to make the run in")
     local_out = args.work_dir if is_url(args.out) else Path(args.out)
@@ -160,8 +159,6 @@ def cmd_tile(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from cytosyn_data.tile.merge import merge_parts
-
     counts = merge_parts(args.out)
     print(", ".join(f"{k}: {v}" for k, v in counts.items()))
     return 0
@@ -191,7 +188,7 @@ def _add_curate(sub) -> None:
 
 
 def cmd_curate(args) -> int:
-    from cytosyn_data.curate import stage as C
+    from cytosyn_data.curate import stage as C  # lazy: torch + timm, 2 s
 
     if args.curate_cmd in ("fit", "apply"):
         x = C.curate_features(args.run, args.curate_cmd, vars(args), args.backbone_weights, args.mean_patch, args.device,
@@ -235,8 +232,6 @@ def _add_split(sub) -> None:
 
 
 def cmd_split(args) -> int:
-    from cytosyn_data.split.stage import SplitConfig, run_split
-
     cfg = SplitConfig(args.val_out_fraction, args.val_in_fraction, args.guidance_tiles, args.seed, args.shard_size,
                       args.jpeg_quality, args.expand_px, args.min_blur, args.max_pen, args.min_qc_tissue)
     if args.jpeg_quality is not None and args.jpeg_quality > 100:
@@ -263,8 +258,7 @@ def _add_features(sub) -> None:
 
 
 def cmd_features(args) -> int:
-    from cytosyn_data.core.executors import launched_rank
-    from cytosyn_data.features.stage import add_features
+    from cytosyn_data.features.stage import add_features  # lazy: torch + timm
 
     rank, world = launched_rank()
     spec = cluster_spec(args)
@@ -278,24 +272,18 @@ def cmd_features(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from cytosyn_data.reports.html import write_report
-
     path = write_report(args.run)
     print(f"report: {path} (open it in a browser; it works from disk)")
     return 0
 
 
 def cmd_export_h5(args) -> int:
-    from cytosyn_data.io.coords_h5 import export_h5
-
     paths = export_h5(args.run)
     print(f"export-h5: {len(paths)} slide(s) -> {args.run / 'h5'} (TRIDENT/CLAM 'coords' with read attributes)")
     return 0
 
 
 def cmd_export_geojson(args) -> int:
-    from cytosyn_data.reports.geojson import export_geojson
-
     paths = export_geojson(args.run)
     print(f"export-geojson: {len(paths)} slide(s) -> {args.run / 'geojson'} (QuPath: File > Import objects)")
     return 0

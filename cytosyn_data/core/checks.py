@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import re
 
@@ -66,8 +67,6 @@ def safe_slide_id(name: str, where: str) -> str:
 def cli_type(check, *args):
     """An argparse ``type`` that parses a number and applies ``check`` (argparse turns the error into
     ``error: argument --x: ...`` and exit code 2)."""
-    import argparse
-
     kind = args[0] if args and args[0] in (int, float) else float
 
     def parse(text: str):

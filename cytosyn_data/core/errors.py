@@ -7,6 +7,7 @@ file (and row or key) and the cause; a traceback is printed only with ``--debug`
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable
 
@@ -41,8 +42,6 @@ def run_cli(prog: str, fn: Callable[[list[str] | None], int], argv: list[str] | 
 
     ``--debug`` anywhere in ``argv`` re-raises instead, for the full traceback. In a job of several
     processes (torchrun / accelerate launch: ``WORLD_SIZE`` > 1) the line names the process's rank."""
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         prog = f"{prog} [rank {os.environ.get('RANK', '?')}/{os.environ['WORLD_SIZE']}]"
     args = list(sys.argv[1:] if argv is None else argv)

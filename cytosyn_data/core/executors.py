@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import importlib
 import multiprocessing
+import os
 import pickle
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
@@ -101,8 +103,6 @@ def _run_on_a_copy(fn, item):
 
 
 def _import_modules(names: tuple[str, ...]) -> None:
-    import importlib
-
     for n in names:
         importlib.import_module(n)
 
@@ -115,7 +115,7 @@ class DaskCluster:
         self.name = name
 
     def map(self, fn, items: list, desc: str):
-        from distributed import as_completed as dask_completed
+        from distributed import as_completed as dask_completed  # optional: the 'dask' extra
 
         if not items:
             return
@@ -139,7 +139,7 @@ def open_executor(spec: ClusterSpec, warm: tuple[str, ...] = ()):
             pool.close()
         return
     try:
-        from distributed import Client, LocalCluster
+        from distributed import Client, LocalCluster  # optional: the 'dask' extra
     except ImportError:
         raise UsageError("--scheduler/--cluster need dask distributed: pip install 'cytosyn[dask]'") from None
     if spec.kind == "scheduler":
@@ -161,7 +161,7 @@ def open_executor(spec: ClusterSpec, warm: tuple[str, ...] = ()):
 def slurm_cluster(spec: ClusterSpec):
     """A dask-jobqueue ``SLURMCluster`` (one Dask worker process per core, one thread each)."""
     try:
-        from dask_jobqueue import SLURMCluster
+        from dask_jobqueue import SLURMCluster  # optional: the 'dask' extra
     except ImportError:
         raise UsageError("--cluster slurm needs dask-jobqueue: pip install 'cytosyn[dask]'") from None
     return SLURMCluster(
@@ -179,8 +179,6 @@ def slurm_cluster(spec: ClusterSpec):
 def launched_rank() -> tuple[int, int]:
     """(RANK, WORLD_SIZE) as torchrun / accelerate launch / srun wrappers set them; (0, 1) when not
     launched."""
-    import os
-
     return int(os.environ.get("RANK", "0") or 0), int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
@@ -188,9 +186,7 @@ def rank_device(requested: str | None = None) -> str:
     """The torch device of this process: ``requested``, else CUDA when present, else the CPU. Under
     torchrun / accelerate launch (``LOCAL_RANK`` set) a bare ``cuda`` with several visible GPUs
     becomes ``cuda:{LOCAL_RANK mod count}``, so the ranks of a node do not share GPU 0."""
-    import os
-
-    import torch
+    import torch  # heavy: only the GPU stages call this
 
     device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
     local = os.environ.get("LOCAL_RANK")

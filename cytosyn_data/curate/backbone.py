@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
+import webdataset as wds
 from tqdm.auto import tqdm
 
-from cytosyn_data.io.png import decode_png
-from cytosyn_data.io.feature_file import FeatureFileWriter
 from cytosyn_data.io.atomic import atomic_write_bytes
+from cytosyn_data.io.feature_file import FeatureFileWriter
+from cytosyn_data.io.png import decode_png
 from cytosyn_data.run.state import files_digest
 from cytosyn_encoders import build_encoder, weights_identity
 
@@ -56,8 +57,6 @@ def feature_cache(shard_dir: Path, out_dir: Path, weights=None, mean_patch=False
     """float32 [N, D] features (memory-mapped) of every tile in the shards, cached in ``out_dir``
     (reused when the backbone weights and the shard files (name, size, mtime) are the same):
     ``out_dir/features.npy``, and the keys of its rows in ``out_dir/features_keys.parquet``."""
-    import webdataset as wds
-
     urls = sorted(str(p) for p in Path(shard_dir).glob("*.tar"))
     if not urls:
         raise FileNotFoundError(f"{shard_dir}: no .tar shards")

@@ -10,11 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.preprocessing import StandardScaler
 
-from cytosyn_data.io.feature_file import read_rows
 from cytosyn_data.io.atomic import atomic_write_bytes, tmp_path
+from cytosyn_data.io.feature_file import read_rows
 from cytosyn_data.run.barcode import parse_slide_name
-
 
 N_FOLDS = 5
 
@@ -52,11 +56,6 @@ def fit_probes(x: np.ndarray, y: np.ndarray, groups: list[str], seed: int = 0, c
     Returns fold assignments, per-fold AUC / balanced accuracy on the held-out fold, and the
     5 probes as arrays (mean, scale, coef, intercept).
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-    from sklearn.model_selection import StratifiedGroupKFold
-    from sklearn.preprocessing import StandardScaler
-
     cv = StratifiedGroupKFold(n_splits=N_FOLDS, shuffle=True, random_state=seed)
     fold_of = np.full(len(y), -1)
     probes, metrics = [], []
@@ -115,8 +114,6 @@ def apply_probes_to_file(keys_path: Path, x: np.ndarray, probes: list, threshold
     """The curation table of every tile written chunk by chunk to ``out`` (same rows as
     :func:`apply_probes`; keys read from ``keys_path``, features in row chunks): memory is one chunk.
     Returns the row count."""
-    import pyarrow.parquet as pq
-
     keys = pl.scan_parquet(keys_path)
     n = keys.select(pl.len()).collect().item()
     tmp = tmp_path(Path(out))

@@ -18,17 +18,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import polars as pl
+import webdataset as wds
 
 from cytosyn_data.core.errors import DataError
 from cytosyn_data.curate.backbone import feature_cache
 from cytosyn_data.curate.probes import (
-    apply_probes_to_file, fit_probes, load_probes, patient_of, read_annotations, save_probes,
+    apply_probes_to_file,
+    fit_probes,
+    load_probes,
+    patient_of,
+    read_annotations,
+    save_probes,
 )
 from cytosyn_data.curate.sheets import contact_sheet, pngs_for, removal_report, weak_label
+from cytosyn_data.io.png import decode_png
 from cytosyn_data.reports.html import write_report
 from cytosyn_data.reports.markdown import markdown_table
 from cytosyn_data.run.state import record_run
-from cytosyn_data.io.png import decode_png
 from cytosyn_encoders import weights_identity
 
 
@@ -108,8 +114,6 @@ def curate_sheet(run: Path, n: int = 64, seed: int = 0) -> tuple[Path, Path]:
 
 def curate_weak_labels(run: Path, out: Path) -> int:
     """Weak labels from pixel checks for every tile of the run's shards -> ``out`` (CSV key, label)."""
-    import webdataset as wds
-
     _tile_run(run)
     urls = sorted(str(p) for p in (run / "shards").glob("*.tar"))
     rows = [(s["__key__"], weak_label(decode_png(s["png"]))) for s in wds.WebDataset(urls, shardshuffle=False)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -24,17 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cytosyn_data.core.executors import ClusterSpec, open_executor, rank_device
+from cytosyn_data.io.atomic import atomic_write_bytes, remove_stale_tmp
+from cytosyn_data.io.png import decode_tile
+from cytosyn_data.io.remote import filesystem, is_url, list_remote, remote_identity
+from cytosyn_data.io.tar_read import stream_members
+from cytosyn_data.io.tar_write import TarAppender
+from cytosyn_data.run.state import code_version, file_identity
 from cytosyn_encoders import weights_identity
 from cytosyn_encoders.h0mini import build_h0_mini, h0_mini_features
 from cytosyn_encoders.weights import file_sha256
-
-from cytosyn_data.io.png import decode_tile
-from cytosyn_data.run.state import code_version, file_identity
-from cytosyn_data.io.remote import filesystem, is_url, list_remote, remote_identity
-from cytosyn_data.io.tar_write import TarAppender
-from cytosyn_data.io.atomic import atomic_write_bytes, remove_stale_tmp
-from cytosyn_data.io.tar_read import stream_members
-from cytosyn_data.core.executors import ClusterSpec, open_executor, rank_device
 
 FEATURE_EXTS = ("cls.npy", "tok.npy")
 
@@ -164,8 +164,6 @@ def _feature_remote_shard(unit: FeatureUnit) -> dict:
     """The same for a shard at a URL: fetched to a temporary folder, rewritten, put back (one PUT:
     readers see the old or the new object); the marker ``{prefix}/.features/{name}.json`` keeps the
     object's size and ETag after the upload."""
-    import tempfile
-
     fs, path = filesystem(unit.shard)
     prefix, name = path.rsplit("/", 1)
     mark = f"{prefix}/.features/{name}.json"

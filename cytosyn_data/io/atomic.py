@@ -3,6 +3,7 @@ folder, then rename), and the clearing of temporaries left by a killed writer.""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from pathlib import Path
@@ -45,8 +46,6 @@ def write_json_atomic(obj: dict, path: Path, durable: bool = False) -> None:
 def remove_stale_tmp(folder: Path, name: str | None = None) -> int:
     """Delete temporary files left by a killed writer in ``folder`` (only those of the file ``name``
     when given: a writer that owns one file never touches another writer's); returns how many."""
-    import glob
-
     n = 0
     if folder.exists():
         for p in folder.glob(f".{glob.escape(name)}.tmp-*" if name else ".*.tmp-*"):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import h5py
 import numpy as np
 import polars as pl
 
@@ -33,8 +34,6 @@ def coords_file(source: str | Path | None, slide_id: str) -> str | None:
 
 def read_coords(path: str | Path, footprint: float, level0_size: tuple[int, int]) -> np.ndarray:
     """int64 [N, 2] level-0 (x, y) of ``path``'s ``coords``, checked against the slide and the tile side."""
-    import h5py
-
     path = Path(path)
     if not path.exists():
         raise SlideError(f"{path}: no coordinates file for this slide (--coords needs one per slide)")
@@ -66,8 +65,6 @@ def read_coords(path: str | Path, footprint: float, level0_size: tuple[int, int]
 
 def export_h5(run: str | Path) -> list[Path]:
     """Write ``RUN/h5/{slide_id}.h5`` for every slide with written tiles; returns the paths."""
-    import h5py
-
     run = Path(run)
     for need in ("slides.parquet", "tiles.parquet"):
         if not (run / need).exists():

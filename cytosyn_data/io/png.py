@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 
+import fpng
 import numpy as np
+from PIL import Image
 
 from cytosyn_data.core.errors import DataError
 
@@ -21,12 +23,8 @@ def encode_png(rgb: np.ndarray, encoder: str = "fpng") -> bytes:
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected uint8 [h, w, 3], got {rgb.dtype} {rgb.shape}")
     if encoder == "fpng":
-        import fpng
-
         return bytes(fpng.from_ndarray(np.ascontiguousarray(rgb)))
     if encoder == "pillow":
-        from PIL import Image
-
         buf = io.BytesIO()
         Image.fromarray(rgb).save(buf, format="PNG")
         return buf.getvalue()
@@ -35,8 +33,6 @@ def encode_png(rgb: np.ndarray, encoder: str = "fpng") -> bytes:
 
 def decode_png(data: bytes) -> np.ndarray:
     """Decode PNG bytes to RGB uint8 [h, w, 3] (any mode: see :func:`to_rgb8`)."""
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as img:
         return to_rgb8(img)
 
@@ -44,8 +40,6 @@ def decode_png(data: bytes) -> np.ndarray:
 def to_rgb8(img) -> np.ndarray:
     """A PIL image as RGB uint8 [h, w, 3]: grey and palette expanded, 16-bit scaled to 8 bits,
     transparency composited onto white (as openslide does for slides)."""
-    from PIL import Image
-
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(img, dtype=np.uint32)
         top = 65535 if img.mode.startswith("I;16") or arr.max() > 255 else 255
@@ -85,8 +79,6 @@ def decode_tile(data: bytes, where: str, size: int | None = None) -> np.ndarray:
 
 def jpeg_from_png(png: bytes, quality: int) -> bytes:
     """Re-encode PNG bytes as a baseline JPEG (4:2:0, ``quality`` 1-100) for compression ablations."""
-    from PIL import Image
-
     buf = io.BytesIO()
     with Image.open(io.BytesIO(png)) as im:
         im.convert("RGB").save(buf, format="JPEG", quality=quality, subsampling=2, optimize=False)

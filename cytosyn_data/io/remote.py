@@ -21,6 +21,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from webdataset.gopen import gopen_schemes
+
 from cytosyn_data.core.errors import DataError, UsageError
 
 
@@ -33,7 +35,7 @@ def is_url(path) -> bool:
 def filesystem(url: str):
     """(fsspec filesystem, path inside it) for ``url``; S3 endpoint from AWS_ENDPOINT_URL[_S3]."""
     try:
-        import fsspec
+        import fsspec  # optional: the 'remote' extra
     except ImportError:
         raise UsageError(f"{url}: remote paths need fsspec: pip install 'cytosyn[remote]'") from None
     options = {}
@@ -213,8 +215,6 @@ def open_for_webdataset(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
 
 def register_with_webdataset(urls: list[str]) -> None:
     """Let webdataset open the schemes of ``urls`` through fsspec (s3 has no handler of its own)."""
-    from webdataset.gopen import gopen_schemes
-
     for u in urls:
         scheme = u.split("://", 1)[0]
         if is_url(u) and scheme not in ("http", "https", "pipe"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -96,8 +97,6 @@ def count_samples(path: str | Path) -> int:
     headers of a local file (one seek per member); URLs are streamed through fsspec."""
     if is_url(str(path)):
         fs, p = filesystem(str(path))
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / "shard.tar"
             fs.get_file(p, str(local))

@@ -6,14 +6,16 @@ tss, patient, sample_type and slide_type; other names leave them null.
 
 from __future__ import annotations
 
+import io
+import math
 from pathlib import Path
 
 import polars as pl
 
-from cytosyn_data.run.barcode import parse_slide_name, slide_id_from_path
 from cytosyn_data.core.checks import safe_slide_id
 from cytosyn_data.core.errors import DataError, UsageError
 from cytosyn_data.io.remote import filesystem, is_url, list_remote, remote_is_dir
+from cytosyn_data.run.barcode import parse_slide_name, slide_id_from_path
 
 SLIDE_EXTENSIONS = {".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".svslide", ".bif", ".vms", ".dcm"}
 
@@ -40,8 +42,6 @@ def _read_table(path: Path | str) -> pl.DataFrame:
         fs, inner = filesystem(str(path))
         with fs.open(inner, "rb") as fh:
             data = fh.read()
-        import io
-
         df = pl.read_csv(io.BytesIO(data), infer_schema_length=0) if csv else pl.read_parquet(io.BytesIO(data))
     else:
         df = pl.read_csv(path, infer_schema_length=0) if csv else pl.read_parquet(path)  # csv: all strings
@@ -97,8 +97,6 @@ def _table_mpp(value, where: str) -> float | None:
     """The ``mpp`` cell: empty, or a finite number > 0 (microns per level-0 pixel)."""
     if value in (None, ""):
         return None
-    import math
-
     try:
         mpp = float(value)
     except (TypeError, ValueError):

@@ -9,8 +9,10 @@ Inputs whose content changed in place (same path, other size or mtime) are redon
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
+from importlib.metadata import version
 from pathlib import Path
 
 from cytosyn_data.core.errors import RunStateError
@@ -23,8 +25,6 @@ RUN_FILE = "run.json"
 def code_version() -> str:
     """The installed cytosyn version (recorded, not compared: a code change alone does not refuse)."""
     try:
-        from importlib.metadata import version
-
         return version("cytosyn")
     except Exception:  # noqa: BLE001 - not installed as a distribution
         return "unknown"
@@ -46,8 +46,6 @@ def file_identity(path: str | Path) -> dict:
 def files_digest(files, extra: str = "") -> str:
     """12 hex of a hash of ``extra`` and every file's resolved path, size and mtime: the key of a
     cache derived from those files (a changed, added or removed file gives a new key)."""
-    import hashlib
-
     h = hashlib.sha256(extra.encode())
     for f in sorted(Path(p) for p in files):
         ident = file_identity(f)

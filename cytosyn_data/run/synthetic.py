@@ -10,15 +10,16 @@ No slide files exist (``path`` points nowhere): stages that re-read slides canno
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from cytosyn_data.io.atomic import write_parquet_atomic
 from cytosyn_data.io.png import encode_png
 from cytosyn_data.io.tar_write import TarAppender
-from cytosyn_data.io.atomic import write_parquet_atomic
 from cytosyn_data.run.schemas import SLIDES_SCHEMA, TILES_SCHEMA
 
 FOOTPRINT = 448  # level-0 px of a 224-px tile at 0.5 um/px over 0.25 um/px
@@ -68,8 +69,6 @@ def synthetic_tables(n_tiles: int, tiles_per_slide: int, shard_size: int = 500, 
 
 def make_run(folder: str | Path, n_tiles: int, tiles_per_slide: int = 4000, shard_size: int = 500, seed: int = 0) -> Path:
     """Write a synthetic tile run (tables and shards) into ``folder``; returns it."""
-    import hashlib
-
     out = Path(folder)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     slides, tiles = synthetic_tables(n_tiles, tiles_per_slide, shard_size, seed)

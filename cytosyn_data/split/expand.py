@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import cv2
 import polars as pl
 
 from cytosyn_data.io.png import encode_png
@@ -18,8 +19,6 @@ def expanded_pngs(slide: dict, tiles: pl.DataFrame, expand_px: int, tile_size: i
     """(key, PNG bytes) of ``(tile_size + 2 * expand_px)`` px tiles around the tiles ``key, x, y``
     (level-0 px) of one slide, in key order. ``slide``: a slides.parquet row (path, read_level,
     footprint = tile side in level-0 px)."""
-    import cv2
-
     with open_slide(slide["path"]) as s:
         level = int(slide["read_level"])
         ds = s.level_downsamples[level]

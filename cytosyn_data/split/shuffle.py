@@ -28,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +37,10 @@ import polars as pl
 
 from cytosyn_data.core.errors import DataError
 from cytosyn_data.core.hashing import key_hash
-from cytosyn_data.io.png import jpeg_from_png
-from cytosyn_data.io.tar_write import member_header
 from cytosyn_data.io.atomic import remove_stale_tmp, tmp_path, write_json_atomic
+from cytosyn_data.io.png import jpeg_from_png
 from cytosyn_data.io.tar_read import split_member, stream_members
+from cytosyn_data.io.tar_write import member_header
 from cytosyn_data.split.expand import expanded_pngs
 
 GROUPS = ("train", "val_in", "val_out", "guidance")
@@ -352,8 +353,6 @@ def shuffle_to_shards(parts: list[Path], guidance: pl.Series, slides: pl.DataFra
     """Write ``out/{group}{suffix}/{group}{suffix}-{i:06d}.tar`` for every group and variant from the
     assignment's tables ``parts`` and the guidance keys; returns counts per folder and the seconds
     of each pass."""
-    import time
-
     work = out / ".shuffle"
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

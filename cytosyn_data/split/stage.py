@@ -20,23 +20,23 @@ import json
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
+from tqdm.auto import tqdm
 
 from cytosyn_data.core.errors import DataError
 from cytosyn_data.core.executors import ClusterSpec, open_executor
-from cytosyn_data.reports.markdown import markdown_table
-from cytosyn_data.run.schemas import WINDOW_COLUMNS, read_windows
-from cytosyn_data.run.state import RunLock, check_run_file, file_identity
-from tqdm.auto import tqdm
-
 from cytosyn_data.core.hashing import key_hash
 from cytosyn_data.core.quotas import NULL_STRATUM, apportion, stable_hash
 from cytosyn_data.io.atomic import atomic_write_bytes, tmp_path
 from cytosyn_data.reports.html import write_report
+from cytosyn_data.reports.markdown import markdown_table
+from cytosyn_data.run.schemas import WINDOW_COLUMNS, read_windows
+from cytosyn_data.run.state import RunLock, check_run_file, file_identity
 from cytosyn_data.split.shuffle import shuffle_to_shards
 
 SPLITS_SCHEMA = {"key": pl.String, "slide_id": pl.String, "patient": pl.String, "tss": pl.String,
@@ -356,8 +356,6 @@ def write_splits_table(a: Assigned, path: Path) -> None:
 
 
 def _run_split(run: Path, out: Path, cfg: SplitConfig, cur_path: Path | None, cluster: ClusterSpec) -> dict:
-    import time
-
     t0 = time.perf_counter()
     a = assign_run(run, out / ".assign", cfg, cur_path)
     t1 = time.perf_counter()

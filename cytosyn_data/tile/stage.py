@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,24 +28,30 @@ from pathlib import Path
 import polars as pl
 from tqdm.auto import tqdm
 
-from cytosyn_data.reports import qc_pictures as qc
 from cytosyn_data.core.errors import DataError, UsageError
 from cytosyn_data.core.executors import ClusterSpec, open_executor
-from cytosyn_data.io.coords_h5 import coords_file
-from cytosyn_data.wsi.regions import region_file
-from cytosyn_data.io.remote import SlideCache, is_url, localized
-from cytosyn_data.run.state import RunLock, check_run_file, file_identity
 from cytosyn_data.io.atomic import remove_stale_tmp, tmp_path, write_parquet_atomic
-from cytosyn_data.tile.detect import detect_ok, detect_slide
-from cytosyn_data.run.paths import DetectFiles, detect_dir
-from cytosyn_data.run.schemas import CANDIDATE_SCHEMA, SLIDES_SCHEMA
-from cytosyn_data.tile.plan import (
-    TILES_SCHEMA, select_candidates, shard_cuts, shard_units, slide_digest, slide_plan_rows, slide_quotas,
-)
-from cytosyn_data.tile.write import write_shard
-from cytosyn_data.tile.config import TileConfig
+from cytosyn_data.io.coords_h5 import coords_file
+from cytosyn_data.io.remote import SlideCache, is_url, localized
+from cytosyn_data.reports import qc_pictures as qc
 from cytosyn_data.reports.html import write_report
 from cytosyn_data.reports.markdown import write_tile_report
+from cytosyn_data.run.paths import DetectFiles, detect_dir
+from cytosyn_data.run.schemas import CANDIDATE_SCHEMA, SLIDES_SCHEMA
+from cytosyn_data.run.state import RunLock, check_run_file, file_identity
+from cytosyn_data.tile.config import TileConfig
+from cytosyn_data.tile.detect import detect_ok, detect_slide
+from cytosyn_data.tile.plan import (
+    TILES_SCHEMA,
+    select_candidates,
+    shard_cuts,
+    shard_units,
+    slide_digest,
+    slide_plan_rows,
+    slide_quotas,
+)
+from cytosyn_data.tile.write import write_shard
+from cytosyn_data.wsi.regions import region_file
 
 
 @dataclass
@@ -169,8 +176,6 @@ class _Runner:
 def clear_tile_outputs(out: Path) -> None:
     """Remove everything a tile run wrote into ``out`` (shards, tables, QC, work files, run.json), and
     the HTML report and exports (GeoJSON, h5) made from it."""
-    import shutil
-
     for sub in ("shards", "work", "qc", "report", "geojson", "h5"):
         shutil.rmtree(out / sub, ignore_errors=True)
     for pattern in ("slides*.parquet", "candidates*.parquet", "tiles*.parquet", "report*.md", "run.json"):

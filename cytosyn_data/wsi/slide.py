@@ -166,13 +166,13 @@ def open_slide(path: str | Path) -> SlideHandle:
     errors = []
     target = dicom_series_file(path) if path.is_dir() else path
     try:
-        import openslide
+        import openslide  # here: its native library may be missing
 
         return SlideHandle(path, "openslide", openslide.OpenSlide(str(target)))
     except Exception as exc:  # noqa: BLE001 - every backend failure is reported
         errors.append(f"openslide: {type(exc).__name__}: {exc}")
     try:
-        import tiffslide
+        import tiffslide  # here: the fallback backend, imported only when openslide fails
 
         if path.is_dir():
             raise SlideError(f"{path}: DICOM series need openslide >= 4 ({errors[0]})")

@@ -14,6 +14,7 @@ import os
 from collections import OrderedDict
 from pathlib import Path
 
+import cv2
 import imagecodecs
 import numpy as np
 import tifffile
@@ -122,8 +123,6 @@ class TiledTiffReader:
         ``factor`` must divide the TIFF tile size; each decoded tile is reduced on its own, so
         the whole level is never held at full resolution.
         """
-        import cv2
-
         page = self.pages[level]
         tw, th = page.tilewidth, page.tilelength
         if tw % factor or th % factor:
@@ -159,8 +158,6 @@ class TiledTiffReader:
         About 5x faster than a full decode; equal to an area reduction within 1 grey level.
         An Adobe APP14 marker tells libjpeg when the tile holds RGB rather than YCbCr.
         """
-        import cv2
-
         count = page.databytecounts[index]
         if count == 0:
             return None
