@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .registry import build_network
+
 #: Normalisation of H0-mini's model card (RGB in [0, 1]).
 H0_MINI_MEAN = (0.707223, 0.578729, 0.703617)
 H0_MINI_STD = (0.211883, 0.230117, 0.177517)
@@ -22,8 +24,6 @@ NUM_PREFIX_TOKENS = 5  # CLS + 4 registers
 def build_h0_mini(weights) -> nn.Module:
     """The frozen H0-mini network from a weight spec: a local file (timm layout, strict) or
     ``random:small`` (2 blocks, 64 wide, same token layout: tests and demos). See the registry."""
-    from .registry import build_network
-
     return build_network("h0_mini", weights)
 
 

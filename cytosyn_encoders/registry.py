@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
+import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import SwiGLUPacked, resample_abs_pos_embed
 from torch import nn
+from torchvision.models import inception_v3
 
 from .weights import RandomWeights, load_state_dict, parse_weights, strict_load, weights_identity
 
@@ -46,8 +51,6 @@ class EncoderSpec:
 
 
 def _swiglu() -> dict:
-    from timm.layers import SwiGLUPacked
-
     return dict(mlp_layer=SwiGLUPacked, act_layer=nn.SiLU)
 
 
@@ -89,13 +92,9 @@ def _network(spec: EncoderSpec, small: bool) -> nn.Module:
     if spec.timm_name is None:
         if small:
             return nn.Sequential(nn.Conv2d(3, 8, 7, 4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        from torchvision.models import inception_v3
-
         m = inception_v3(weights=None, aux_logits=False, init_weights=False)
         m.fc = nn.Identity()
         return m
-    import timm
-
     kw = dict(spec.timm_kwargs)
     if kw.pop("swiglu", False):
         kw.update(_swiglu())
@@ -127,8 +126,6 @@ def build_network(name: str, weights) -> nn.Module:
 
 def _torchscript(name: str, path) -> nn.Module:
     """A network published as TorchScript: ``torch.jit.load`` of a local file."""
-    from pathlib import Path
-
     if not Path(path).exists():
         raise FileNotFoundError(f"{name}: weights file not found at {path}. Weights are never downloaded; give the "
                                 "local path of the file in the config")
@@ -149,8 +146,6 @@ def hf_dinov2_to_timm(state: dict) -> dict:
     """Hugging Face ``Dinov2Model`` names -> timm ViT names: separate q/k/v projections concatenated
     into ``qkv`` (both the ``attention.attention.query`` and the ``attention.q_proj`` spellings),
     layer scales to ``ls*.gamma``, embeddings and the final layer norm renamed, the mask token dropped."""
-    import re
-
     out, qkv = {}, {}
     names = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings": "pos_embed",
              "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
@@ -204,8 +199,6 @@ def convert_layout(spec: EncoderSpec, state: dict, model: nn.Module) -> dict:
 def _resample_pos_embed(pos: torch.Tensor, own: torch.Tensor, model: nn.Module) -> torch.Tensor:
     """A square grid of position embeddings (after ``num_prefix_tokens`` class/register positions)
     resampled bicubically to the model's grid (timm's ``resample_abs_pos_embed``)."""
-    from timm.layers import resample_abs_pos_embed
-
     prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
     grid = int(round((own.shape[1] - prefix) ** 0.5))
     old = int(round((pos.shape[1] - prefix) ** 0.5))

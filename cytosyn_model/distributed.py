@@ -25,6 +25,8 @@ from typing import Iterable
 
 import torch
 import torch.distributed as dist
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs
 from torch import nn
 
 from cytosyn_data.core.executors import launched_rank
@@ -42,9 +44,6 @@ def make_accelerator(mixed_precision: str = "no", timeout_s: float = DEFAULT_TIM
     """The job's ``Accelerator``: one process per GPU with NCCL, or, without CUDA, one CPU process per
     rank with gloo (accelerate alone would see world 1 on a CPU machine and run N duplicate jobs).
     Collectives time out after ``timeout_s`` seconds."""
-    from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
-
     cpu = not torch.cuda.is_available()
     kwargs = {"timeout": timedelta(seconds=timeout_s)}
     if cpu and (launched_world() > 1 or "LOCAL_RANK" in os.environ):  # what accelerate takes for a CPU job

@@ -15,20 +15,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
+import polars as pl
 import torch
+from safetensors.torch import save_file
 
+from cytosyn_data.core.errors import UsageError
+
+from .generate import Generator
 from .vae_keys import ldm_to_diffusers_vae
+
 
 def diffusers_vae_config(vcfg, image_size: int) -> dict:
     """The ``AutoencoderKL`` config of our VAE (GroupNorm 32, SiLU, no scaling: see latent_stats)."""
     levels = len(vcfg.ch_mult)
     chans = [vcfg.ch * m for m in vcfg.ch_mult]
     if any(c % 32 for c in chans):
-        from cytosyn_data.core.errors import UsageError
-
         raise UsageError(f"diffusers' AutoencoderKL uses 32 GroupNorm groups everywhere; this VAE's channels {chans} "
                          "are not all multiples of 32 (its norms use 8 groups): it cannot be exported")
     return {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3,
@@ -39,8 +44,6 @@ def diffusers_vae_config(vcfg, image_size: int) -> dict:
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
 
@@ -49,10 +52,6 @@ def export_model(checkpoint: str | Path, out: str | Path, sampler: dict | None =
                  tile_run: str | Path | None = None) -> Path:
     """Write the model folder of a `cytosyn-train` checkpoint (EMA weights) into ``out``; returns it.
     ``tile_run``: the tile run the training shards came from, for the model card's data provenance."""
-    import dataclasses
-
-    from .generate import Generator
-
     checkpoint, out = Path(checkpoint), Path(out)
     gen = Generator.from_checkpoint(checkpoint, "cpu")
     state = json.loads((checkpoint / "state.json").read_text())
@@ -81,8 +80,6 @@ def provenance(tile_run: str | Path | None) -> dict:
     """Slides, tiles per TSS and split, and the feature encoders' weight digests of a tile run."""
     if tile_run is None:
         return {}
-    import polars as pl
-
     run = Path(tile_run)
     out: dict = {"tile_run": str(run)}
     if (run / "slides.parquet").exists():

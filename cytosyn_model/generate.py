@@ -16,12 +16,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import webdataset as wds
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
 
+from cytosyn_data.io.atomic import atomic_write_bytes
+from cytosyn_data.io.png import decode_png, encode_png
+from cytosyn_data.io.tar_write import write_tar_atomic
+from cytosyn_encoders.h0mini import build_h0_mini, h0_mini_features
+
+from .data import every_shard, shard_urls
 from .grid import save_grid, to_uint8
+from .latent_norm import LatentNorm
 from .sampling import SAMPLERS, sit_velocity_fn
 from .sit import SiT, SiTConfig
-from .latent_norm import LatentNorm
 from .vae import AutoencoderKL, VAEConfig
+from .vae_keys import diffusers_to_ldm_vae
 
 
 @dataclass
@@ -34,8 +44,6 @@ class Generator:
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | None = None) -> "Generator":
         """Load the EMA models of a `cytosyn-train` checkpoint folder (safetensors)."""
-        from safetensors.torch import load_file
-
         path = Path(path)
         if not (path / "models.safetensors").exists():
             raise FileNotFoundError(f"{path}: not a cytosyn-train checkpoint (no models.safetensors)")
@@ -53,10 +61,6 @@ class Generator:
     @classmethod
     def from_model_dir(cls, path: str | Path, device: str | None = None) -> "Generator":
         """Load a folder written by `cytosyn-export` (diffusers-style: vae/, transformer/, latent stats)."""
-        from safetensors.torch import load_file
-
-        from .vae_keys import diffusers_to_ldm_vae
-
         path = Path(path)
         if not (path / "model_index.json").exists():
             raise FileNotFoundError(f"{path}: not a cytosyn-export model folder (no model_index.json)")
@@ -167,10 +171,6 @@ def unit_done(out: Path, fmt: str, j: int, keys: list[str]) -> bool:
 def write_unit(images: np.ndarray, keys: list[str], out: Path, fmt: str, j: int) -> None:
     """PNG files ``{key}.png``, or the shard ``generated-{j:06d}.tar`` ({key}.png, {key}.json), each by
     temporary name and rename."""
-    from cytosyn_data.io.png import encode_png
-    from cytosyn_data.io.atomic import atomic_write_bytes
-    from cytosyn_data.io.tar_write import write_tar_atomic
-
     out.mkdir(parents=True, exist_ok=True)
     if fmt == "png":
         for key, img in zip(keys, images):
@@ -190,8 +190,6 @@ def generate_units(gen: Generator, cond: torch.Tensor | None, keys: list[str], o
     """Sample ``len(keys)`` tiles (sample i conditioned on ``cond[i]``, or unconditional) into ``out``:
     this process's units (:func:`sample_units`), skipping those already written; unit 0 also writes
     ``grid.png`` of its first 64 tiles. Returns {"written": tiles, "skipped": tiles}."""
-    from tqdm.auto import tqdm
-
     written = skipped = 0
     units = sample_units(len(keys), shard_size, rank, world)
     for j, idx in tqdm(units, desc="sample", unit="unit", disable=rank != 0 or len(units) < 2):
@@ -215,11 +213,6 @@ def generate_units(gen: Generator, cond: torch.Tensor | None, keys: list[str], o
 def load_reference_features(shards, keys: list[str] | None, h0_weights: str | None = None,
                             limit: int | None = None) -> tuple[list[str], torch.Tensor]:
     """CLS features of reference tiles: the shards' ``cls.npy``, else computed with H0-mini."""
-    import webdataset as wds
-
-    from .data import every_shard, shard_urls
-    from cytosyn_encoders.h0mini import build_h0_mini, h0_mini_features
-
     model = None
     names, feats = [], []
     for sample in wds.WebDataset(shard_urls(shards), shardshuffle=False, nodesplitter=every_shard):
@@ -232,8 +225,6 @@ def load_reference_features(shards, keys: list[str] | None, h0_weights: str | No
                 if not h0_weights:
                     raise FileNotFoundError("reference shards have no cls.npy and no --h0-mini-weights was given")
                 model = build_h0_mini(h0_weights)
-            from cytosyn_data.io.png import decode_png
-
             img = torch.from_numpy(decode_png(sample["png"]).copy()).permute(2, 0, 1)[None].float() / 255
             f = h0_mini_features(model, img)[0][0]
         names.append(sample["__key__"])

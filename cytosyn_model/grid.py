@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -29,8 +30,6 @@ def grid_image(tiles: np.ndarray, cols: int | None = None, pad: int = 2) -> np.n
 
 def save_grid(images: torch.Tensor | np.ndarray, path: str | Path, cols: int | None = None) -> Path:
     """Save images ([B, 3, H, W] in [-1, 1] or uint8 [B, H, W, 3]) as a PNG grid."""
-    from PIL import Image
-
     tiles = to_uint8(images) if isinstance(images, torch.Tensor) else images
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

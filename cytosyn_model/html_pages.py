@@ -25,10 +25,10 @@ LOSS_KEYS = ("denoise", "proj_sit", "proj_vae", "l1", "lpips", "kl", "gan_g", "d
 
 def loss_curves(log: Path, path: Path) -> list[str]:
     """Plot the loss terms of ``log.jsonl`` against the step into ``path``; returns the terms drawn."""
-    import matplotlib
+    import matplotlib  # here: the headless backend is chosen before pyplot loads
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg")
 
     rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
     keys = [k for k in LOSS_KEYS if any(isinstance(r.get(k), (int, float)) for r in rows)]

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torchvision.models import vgg16
+
+from cytosyn_encoders.weights import RandomWeights, load_state_dict, parse_weights
 
 __all__ = ["LPIPS"]
 
@@ -24,9 +27,6 @@ class LPIPS(nn.Module):
 
     def __init__(self, vgg_weights=None, lin_weights=None):
         super().__init__()
-        from torchvision.models import vgg16
-
-        from cytosyn_encoders.weights import RandomWeights, load_state_dict, parse_weights
 
         vgg_spec, lin_spec = parse_weights(vgg_weights), parse_weights(lin_weights)
         if vgg_spec is None or lin_spec is None:

@@ -34,21 +34,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate.utils import set_seed
+from safetensors.torch import load_file, save_file
 from torch import nn
+from tqdm.auto import tqdm
 
+from cytosyn_data.core.checks import fraction, non_negative, one_of, positive
 from cytosyn_data.core.errors import RunStateError, UsageError
-
+from cytosyn_data.run.state import code_version
+from cytosyn_encoders import weights_identity
 from cytosyn_encoders.h0mini import build_h0_mini, h0_mini_features
+
+from . import checkpoint
+from .data import make_loader
+from .discriminator import PatchDiscriminator
 from .distributed import (
-    DEFAULT_TIMEOUT_S, GlobalBatchNorm2d, average_gradients, barrier, broadcast_module, gather_objects, gather_rows, launched_world,
+    DEFAULT_TIMEOUT_S,
+    GlobalBatchNorm2d,
+    average_gradients,
+    barrier,
+    broadcast_module,
+    gather_objects,
+    gather_rows,
+    launched_world,
     make_accelerator,
 )
-from .discriminator import PatchDiscriminator
+from .grid import save_grid
+from .html_pages import write_train_page
 from .latent_norm import LatentNorm
 from .losses import VAELossWeights, diffusion_loss, discriminator_loss, repa_loss, upcast, vae_generator_losses
 from .lpips import LPIPS
 from .path import interpolate
-from .sit import SiT, SiTConfig
+from .sampling import ode_heun, sit_velocity_fn
+from .sit import SIZES, SiT, SiTConfig
 from .vae import AutoencoderKL, VAEConfig
 
 __all__ = ["LatentNorm", "NaNLossError", "StepNoise", "TrainConfig", "Trainer", "ema_update", "train"]
@@ -117,8 +135,6 @@ class TrainConfig:
         return cfg
 
     def validate(self, where: str) -> None:
-        from cytosyn_data.core.checks import fraction, non_negative, one_of, positive
-
         for k in ("batch_size", "max_steps", "disc_channels", "log_every", "sample_every", "sample_steps",
                   "ckpt_every", "keep_checkpoints"):
             positive(getattr(self, k), f"{where}: {k}", int)
@@ -140,8 +156,6 @@ class TrainConfig:
             fraction(b, f"{where}: betas")
         one_of(self.mixed_precision, f"{where}: mixed_precision", ("no", "bf16", "fp16"))
         fraction(self.sit.get("class_dropout", 0.1), f"{where}: sit.class_dropout")
-        from .sit import SIZES
-
         one_of(self.sit.get("size", "XL"), f"{where}: sit.size", SIZES)
         for k in ("input_size", "patch_size", "in_channels", "cond_dim", "encoder_depth", "projector_dim", "z_dim",
                   "depth", "hidden", "heads"):
@@ -213,8 +227,6 @@ class NaNLossError(FloatingPointError):
 def build_models(cfg: TrainConfig) -> dict[str, nn.Module]:
     """VAE, SiT, latent norm and discriminator of a run, initialised from ``vae_init`` / ``sit_init`` /
     ``latent_stats`` when given (see checkpoint.py; what is skipped is printed)."""
-    from . import checkpoint
-
     vae_cfg = VAEConfig(**{**cfg.vae, "ch_mult": tuple(cfg.vae.get("ch_mult", (1, 2, 4, 4)))})
     vae, sit = AutoencoderKL(vae_cfg), SiT(SiTConfig(**cfg.sit))
     bn = LatentNorm(vae_cfg.z_channels, cfg.bn_momentum, cfg.bn_eps)
@@ -235,8 +247,6 @@ class Trainer:
     """Holds the models, optimisers and state of one REPA-E run (one process of it)."""
 
     def __init__(self, cfg: TrainConfig, accelerator=None):
-        from accelerate.utils import set_seed
-
         self.cfg = cfg
         self.acc = accelerator or make_accelerator(cfg.mixed_precision, cfg.dist_timeout_s)
         set_seed(cfg.seed)  # the same initial weights on every rank (and rank 0's are broadcast)
@@ -435,10 +445,6 @@ class Trainer:
         return rng
 
     def _write_checkpoint(self, folder: Path, rng_states: list[dict]) -> None:
-        from safetensors.torch import save_file
-
-        from cytosyn_data.run.state import code_version
-        from cytosyn_encoders import weights_identity
 
         tensors = {f"{name}.{k}": v.detach().cpu().contiguous()
                    for name, m in self.modules().items() for k, v in m.state_dict().items()}
@@ -462,8 +468,6 @@ class Trainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore models, EMA, BN statistics, optimisers, step and RNG (weights_only loads)."""
-        from safetensors.torch import load_file
-
         path = Path(path)
         tensors = load_file(str(path / "models.safetensors"))
         for name, m in self.modules().items():
@@ -492,9 +496,6 @@ class Trainer:
     @torch.no_grad()
     def sample_grid(self, cls: torch.Tensor, path: Path, steps: int | None = None) -> Path:
         """EMA samples conditioned on ``cls`` [n, D] (ODE Heun), written as a grid PNG."""
-        from .sampling import ode_heun, sit_velocity_fn
-        from .grid import save_grid
-
         n = cls.shape[0]
         g = torch.Generator(device="cpu").manual_seed(self.cfg.seed)
         size = self.sit_cfg.input_size
@@ -531,10 +532,6 @@ def train(cfg: TrainConfig, shards, resume: str | Path | None = "auto", stop_aft
     ``resume='auto'`` picks the newest checkpoint under ``{out}/checkpoints``; its saved config must
     equal ``cfg`` (see :func:`check_resume_config`).
     """
-    from tqdm.auto import tqdm
-
-    from .data import make_loader
-
     out = Path(cfg.out)
     ckpts = out / "checkpoints"
     if resume == "auto":
@@ -556,8 +553,6 @@ def train(cfg: TrainConfig, shards, resume: str | Path | None = "auto", stop_aft
     with tqdm(total=end, initial=trainer.step, desc="train", unit="step", disable=not trainer.acc.is_main_process) as bar:
         _run_steps(trainer, iter(loader), end, out, bar)
     if trainer.acc.is_main_process:  # loss curves and sample grids as a page (report/index.html)
-        from .html_pages import write_train_page
-
         write_train_page(out)
     return trainer
 

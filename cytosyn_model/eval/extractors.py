@@ -4,7 +4,11 @@ and the preprocessing ablations (JPEG round trip, centre crop)."""
 
 from __future__ import annotations
 
+import io
 from typing import Callable
+
+import numpy as np
+from PIL import Image
 
 from cytosyn_encoders import REGISTRY, Encoder, build_encoder  # noqa: F401  (the one registry)
 
@@ -18,11 +22,6 @@ def build_extractor(name: str, weights) -> Encoder:
 # ------------------------------------------------------------ preprocessing
 def jpeg_roundtrip(quality: int) -> Callable:
     """uint8 [H, W, 3] -> the same tile after JPEG encoding at ``quality`` (Pillow, 4:2:0)."""
-    import io
-
-    import numpy as np
-    from PIL import Image
-
     def f(img):
         buf = io.BytesIO()
         Image.fromarray(img).save(buf, format="JPEG", quality=quality, subsampling=2)
@@ -34,7 +33,6 @@ def jpeg_roundtrip(quality: int) -> Callable:
 
 def center_crop(size: int) -> Callable:
     """uint8 [H, W, 3] -> its central size x size pixels (e.g. 256 -> 224)."""
-
     def f(img):
         h, w = img.shape[:2]
         y, x = (h - size) // 2, (w - size) // 2

@@ -7,22 +7,31 @@ over the processes of a job and joined in batch order, and seeded subsamples."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import itertools
-import os
 import json
+import os
 import re
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import torch
+import webdataset as wds
+from PIL import Image
 from tqdm.auto import tqdm
 
-from cytosyn_data.io.feature_file import FeatureFileWriter
+from cytosyn_data.core.errors import DataError
+from cytosyn_data.io.feature_file import FeatureFileWriter, read_rows, take_rows
+from cytosyn_data.io.png import to_rgb8
+from cytosyn_data.io.remote import is_url
+from cytosyn_data.run.state import file_identity, files_digest
+from cytosyn_model.data import every_shard, shard_urls
 
 from ..distributed import barrier
 from .extractors import center_crop, jpeg_roundtrip
+from .metrics import RunningMoments
 
 
 def preprocessor(name: str):
@@ -39,9 +48,6 @@ def preprocessor(name: str):
 
 
 def _decode(data: bytes, where: str, to_rgb8) -> np.ndarray:
-    from PIL import Image
-
-    from cytosyn_data.core.errors import DataError
 
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -53,19 +59,12 @@ def _decode(data: bytes, where: str, to_rgb8) -> np.ndarray:
 def iter_encoded(source: str | Path, limit: int | None = None):
     """(key, encoded bytes, where) of the images of a folder of shards (.png or .jpg members) or of
     PNG/JPEG files, in order, at most ``limit``; nothing is decoded."""
-    from cytosyn_data.io.remote import is_url
-
     if is_url(source):
-        from cytosyn_model.data import shard_urls
-
         tars, src = shard_urls(str(source)), None
     else:
         src = Path(source)
         tars = sorted(src.glob("*.tar")) if src.is_dir() else ([src] if src.suffix == ".tar" else [])
     if tars:
-        import webdataset as wds
-
-        from cytosyn_model.data import every_shard
 
         items = ((s["__key__"], s.get("png") or s.get("jpg"), f"{s['__url__']}: {s['__key__']}")
                  for s in wds.WebDataset([str(t) for t in tars], shardshuffle=False, nodesplitter=every_shard))
@@ -81,8 +80,6 @@ def iter_encoded(source: str | Path, limit: int | None = None):
 def iter_images(source: str | Path, limit: int | None = None):
     """(key, uint8 [H, W, 3]) of :func:`iter_encoded`'s images; grey, 16-bit and RGBA images are
     converted, a corrupt one stops with the file (and key) named."""
-    from cytosyn_data.io.png import to_rgb8
-
     for key, data, where in iter_encoded(source, limit):
         yield key, _decode(data, where, to_rgb8)
 
@@ -90,13 +87,7 @@ def iter_images(source: str | Path, limit: int | None = None):
 def set_identity(source, limit: int | None) -> str:
     """12 hex of a hash of the set's files (name, size, mtime) and the image cap: a changed set
     (other files, rewritten shards, another ``max_images``) gets a new feature cache."""
-    from cytosyn_data.io.remote import is_url
-
     if is_url(source):  # the shards' URLs with their size and ETag
-        import hashlib
-
-        from cytosyn_data.run.state import file_identity
-        from cytosyn_model.data import shard_urls
 
         h = hashlib.sha256(f"limit={limit}".encode())
         for u in shard_urls(str(source)):
@@ -104,14 +95,10 @@ def set_identity(source, limit: int | None) -> str:
         return h.hexdigest()[:12]
     src = Path(source)
     if not src.exists():
-        from cytosyn_data.core.errors import DataError
-
         raise DataError(f"{src}: no shards or images here (path not found)")
     files = sorted(src.glob("*.tar")) if src.is_dir() else [src]
     if src.is_dir() and not files:
         files = sorted(q for q in src.iterdir() if q.suffix.lower() in (".png", ".jpg", ".jpeg") and q.stem != "grid")
-    from cytosyn_data.run.state import files_digest
-
     return files_digest(files, f"limit={limit}")
 
 
@@ -145,8 +132,6 @@ def _extract_part(extractor, what: str, source, preprocess: list[str], folder: P
                   limit: int | None, rank: int, world: int) -> int:
     """``part-{rank}.npy`` and ``part-{rank}.keys.parquet``: the features of batches b % world == rank
     (images of the other batches are read, not decoded); returns the set's image count."""
-    from cytosyn_data.io.png import to_rgb8
-
     fns = [preprocessor(p) for p in preprocess]
     items = iter_encoded(source, limit)
     keys, total = [], 0
@@ -175,10 +160,6 @@ def _join_parts(folder: Path, batch_size: int, world: int) -> int:
     """features.npy, keys.parquet and moments.npz from the parts, batch b from part b % world, the
     moments added batch by batch as one process adds them; the parts are removed. One process's
     part is the feature file already: it is renamed, not copied. Returns N."""
-    from cytosyn_data.io.feature_file import read_rows
-
-    from .metrics import RunningMoments
-
     parts = [np.load(folder / f"part-{r}.npy", mmap_mode="r") for r in range(world)]
     part_keys = [pl.read_parquet(folder / f"part-{r}.keys.parquet")["key"] for r in range(world)]
     n = sum(len(k) for k in part_keys)
@@ -210,8 +191,6 @@ def _join_parts(folder: Path, batch_size: int, world: int) -> int:
 
 def subsample(x: np.ndarray, n: int | None, seed: int) -> np.ndarray:
     """At most ``n`` rows of ``x`` (a seeded choice kept in row order), read from its memory map."""
-    from cytosyn_data.io.feature_file import read_rows, take_rows
-
     if n is None or len(x) <= n:
         return read_rows(x, 0, len(x))
     return take_rows(x, np.sort(np.random.default_rng(seed).choice(len(x), n, replace=False)))

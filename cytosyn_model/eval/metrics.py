@@ -14,6 +14,10 @@ from typing import Callable
 
 import numpy as np
 import torch
+from scipy import linalg
+from scipy.spatial.distance import cdist
+
+from cytosyn_data.io.feature_file import read_rows
 
 
 # ------------------------------------------------------------------ moments
@@ -40,8 +44,6 @@ class RunningMoments:
 
 
 def mean_cov(x: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
-    from cytosyn_data.io.feature_file import read_rows
-
     m = RunningMoments(x.shape[1])
     for i in range(0, len(x), chunk):
         m.add(read_rows(x, i, i + chunk))
@@ -67,8 +69,6 @@ def frechet_distance(mu1, s1, mu2, s2) -> float:
 
 def frechet_distance_scipy(mu1, s1, mu2, s2) -> float:
     """The usual reference (pytorch-fid): scipy.linalg.sqrtm of s1 @ s2."""
-    from scipy import linalg
-
     covmean = linalg.sqrtm(s1 @ s2).real
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
@@ -161,8 +161,6 @@ def precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 5, device=None
 
 def precision_recall_bruteforce(real: np.ndarray, fake: np.ndarray, k: int = 5) -> tuple[float, float]:
     """scipy ``cdist`` brute force with the same rules (small sets only; a naive baseline)."""
-    from scipy.spatial.distance import cdist
-
     def radii(x):
         return np.sort(cdist(x, x), axis=1)[:, k]
 

@@ -9,7 +9,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
+from PIL import Image
 
+from cytosyn_data.reports.markdown import markdown_table
+from cytosyn_data.run.state import record_run
+from cytosyn_encoders import weights_identity
+
+from ..grid import save_grid
+from ..html_pages import write_eval_page
 from .extractors import REGISTRY
 from .features import iter_images, set_identity
 
@@ -19,27 +26,19 @@ if TYPE_CHECKING:
 
 def write_outputs(cfg: EvalConfig, df: pl.DataFrame, out: Path) -> None:
     write_report(cfg, df, out)
-    from ..html_pages import write_eval_page
-
     write_eval_page(out)
-    from cytosyn_data.run.state import record_run
-
     sets = {**cfg.real, **({"real_train": cfg.real_train} if cfg.real_train else {}),
             **{f"gen_{g}": (v["path"] if isinstance(v, dict) else v) for g, v in cfg.generated.items()}}
-    from cytosyn_encoders import weights_identity
-
     record_run(out, "eval", dataclasses.asdict(cfg), [f"{n}: {p} files={set_identity(p, cfg.max_images)}" for n, p in sets.items()],
                recorded={"extractor_weights": {e: weights_identity(w) for e, w in cfg.extractors.items()}})
 
 
 def write_report(cfg: EvalConfig, df: pl.DataFrame, out: Path) -> None:
     """report.md (tables and the choices that change the numbers), fd.png, fd_vs_steps.png, grid.png."""
-    import matplotlib
-
-    from cytosyn_data.reports.markdown import markdown_table
+    import matplotlib  # here: the headless backend is chosen before pyplot loads
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg")
 
     lines = ["# cytosyn-eval report", "",
              f"- real sets: {', '.join(f'{k} = {v}' for k, v in cfg.real.items())}",
@@ -47,8 +46,6 @@ def write_report(cfg: EvalConfig, df: pl.DataFrame, out: Path) -> None:
              f"- preprocessing: real {cfg.preprocess.get('real') or ['png']}, generated {cfg.preprocess.get('generated') or ['png']}",
              f"- bootstrap: {cfg.bootstrap}; seed {cfg.seed}", "", "## Extractors", "",
              "| extractor | input | resize | normalisation | feature | weights (sha256/16) |", "|---|---|---|---|---|---|"]
-    from cytosyn_encoders import weights_identity
-
     for e, w in cfg.extractors.items():
         s = REGISTRY[e]
         lines.append(f"| {e} | {s.input_size} | {s.resize} (antialias) | mean {s.mean} std {s.std} | {s.output} | "
@@ -83,10 +80,6 @@ def write_report(cfg: EvalConfig, df: pl.DataFrame, out: Path) -> None:
 
 def _side_by_side(cfg: EvalConfig, out: Path, n: int = 8) -> None:
     """grid.png: real tiles (top row) above generated tiles (bottom row), first of each set."""
-    from PIL import Image
-
-    from ..grid import save_grid
-
     if not cfg.real or not cfg.generated:
         return
     real = [img for _, (_, img) in zip(range(n), iter_images(next(iter(cfg.real.values()))))]

@@ -29,11 +29,16 @@ import numpy as np
 import polars as pl
 import torch
 
-from .features import preprocessor, set_features, subsample
-from .report import write_outputs
+from cytosyn_data.core.checks import non_negative, one_of, positive
+from cytosyn_data.core.errors import DataError, UsageError
+from cytosyn_data.core.executors import rank_device
+from cytosyn_data.io.feature_file import take_rows
+
 from .extractors import REGISTRY, build_extractor
+from .features import preprocessor, set_features, subsample
 from .fld import fld, fld_and_gap, memorisation_scores
 from .metrics import bootstrap, cosine_similarity_pairs, fd_infinity, frechet_distance, kid, mean_cov, prdc
+from .report import write_outputs
 
 METRICS = ("fd", "fd_inf", "fld", "pr", "kid", "cosine")
 
@@ -63,9 +68,6 @@ class EvalConfig:
     @classmethod
     def from_dict(cls, d: dict, where: str = "eval config") -> "EvalConfig":
         """Build and validate; errors name ``where`` (e.g. the YAML file) and the key."""
-        from cytosyn_data.core.checks import non_negative, one_of, positive
-        from cytosyn_data.core.errors import UsageError
-
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise UsageError(f"{where}: unknown key(s) {sorted(unknown)}")
@@ -130,8 +132,6 @@ def _pair_metrics(cfg: EvalConfig, names: tuple, g: tuple, r: tuple, train, out:
     if "fd_inf" in cfg.metrics:
         lo, pts = int(cfg.fd_inf.get("min_fake", 5000)), int(cfg.fd_inf.get("num_points", 15))
         if len(gf) <= lo:
-            from cytosyn_data.core.errors import DataError
-
             raise DataError(f"fd_inf: generated set {names[1]} has {len(gf)} images; FD-infinity needs more than "
                             f"fd_inf.min_fake = {lo}")
         rows.append(("fd_inf", *names, fd_infinity(gf, rmu, rcov, lo, pts, cfg.seed), None))
@@ -149,8 +149,6 @@ def _pair_metrics(cfg: EvalConfig, names: tuple, g: tuple, r: tuple, train, out:
     if "cosine" in cfg.metrics:
         ri, gi = reference_pairs(rkeys, gkeys)
         if len(ri):
-            from cytosyn_data.io.feature_file import take_rows
-
             rows.append(("cosine", *names, cosine_similarity_pairs(take_rows(rf, ri), take_rows(gf, gi)), None))
     return rows
 
@@ -163,8 +161,6 @@ def evaluate(cfg: EvalConfig, rank: int = 0, world: int = 1) -> pl.DataFrame | N
     out = Path(cfg.out)
     cache = out / "cache"
     out.mkdir(parents=True, exist_ok=True)
-    from cytosyn_data.core.executors import rank_device
-
     dev = torch.device(rank_device(cfg.device))
     rows = []
     pre_r, pre_g = cfg.preprocess.get("real", []), cfg.preprocess.get("generated", [])
