@@ -39,7 +39,10 @@ def stage_assign(run: Path, work: Path) -> dict:
     splits table streamed, the audit by aggregations."""
     import polars as pl
 
-    from cytosyn_data.split.stage import SplitConfig, assign_run, audit_parts, write_splits_table
+    from cytosyn_data.split.assign import assign_run
+    from cytosyn_data.split.audit import audit_parts
+    from cytosyn_data.split.config import SplitConfig
+    from cytosyn_data.split.stage import write_splits_table
 
     a = assign_run(run, work / "assign", SplitConfig(), None)
     write_splits_table(a, work / "splits.parquet")
@@ -53,7 +56,7 @@ def stage_assign_naive(run: Path, work: Path) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     import split_oracle
 
-    from cytosyn_data.split.stage import SplitConfig
+    from cytosyn_data.split.config import SplitConfig
 
     tiles = pl.read_parquet(run / "tiles.parquet")
     split_oracle.assign_splits(pl.read_parquet(run / "slides.parquet"), tiles, None, SplitConfig())
@@ -75,7 +78,7 @@ def stage_split_naive(run: Path, work: Path) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     import split_oracle
 
-    from cytosyn_data.split.stage import SplitConfig
+    from cytosyn_data.split.config import SplitConfig
 
     out = work / "split_naive"
     shutil.rmtree(out, ignore_errors=True)

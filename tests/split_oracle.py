@@ -13,12 +13,14 @@ import numpy as np
 import polars as pl
 
 from cytosyn_data.core.hashing import key_hash_one
+from cytosyn_data.core.hashing import stable_hash
+from cytosyn_data.core.quotas import NULL_STRATUM, apportion
 from cytosyn_data.io.png import jpeg_from_png
-from cytosyn_data.core.quotas import NULL_STRATUM, apportion, stable_hash
-from cytosyn_data.io.tar_write import write_tar_atomic
-from cytosyn_data.split.stage import SPLITS_SCHEMA, choose_val_out, qc_keep, val_in_quotas
 from cytosyn_data.io.tar_read import split_member
-
+from cytosyn_data.io.tar_write import write_tar_atomic
+from cytosyn_data.run.schemas import SPLITS_SCHEMA
+from cytosyn_data.split.assign import choose_val_out, val_in_quotas
+from cytosyn_data.split.config import qc_keep
 
 # The member index and random reader the split used before its shuffle went out of core.
 INDEX_SCHEMA = {"key": pl.String, "ext": pl.String, "shard": pl.String, "offset": pl.Int64, "size": pl.Int64}

@@ -116,7 +116,7 @@ def test_split_expand_and_jpeg_variants_equal_the_reference_path(run, tmp_path):
     """Two workers, expanded tiles re-read from the real slides, JPEG copies: the bucket shuffle's
     bytes equal the direct path of tests/split_oracle.py fed the same expanded PNGs."""
     import split_oracle
-    from cytosyn_data.split.stage import SplitConfig
+    from cytosyn_data.split.config import SplitConfig
     from cytosyn_data.split.expand import expanded_pngs
 
     assert _split(run, tmp_path / "s", "--expand-px", "16", "--jpeg-quality", "80", "--workers", "2") == 0

@@ -20,11 +20,14 @@ sys.path.insert(0, str(HERE))
 
 import dist_train_steps as steps  # noqa: E402  (its STEPS; the script itself runs under torchrun)
 
+#: the console scripts of this environment first on PATH, as an activated venv has them
+SCRIPTS_PATH = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+
 
 def torchrun(args: list[str], nproc: int = 2, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node N ARGS`` (console scripts with --no-python)."""
     # CPU processes (gloo) even on a machine with a GPU: ranks of one node cannot share one GPU
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "CUDA_VISIBLE_DEVICES": "", "PATH": SCRIPTS_PATH}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, **kw)
 
@@ -139,7 +142,7 @@ def test_a_killed_rank_ends_the_job_within_seconds_naming_the_rank(tmp_path, til
     import psutil
 
     cfg = _tiny_config(tmp_path / "c.yaml", max_steps=500, ckpt_every=500, sample_every=500)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PATH": SCRIPTS_PATH}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--no-python",
            "cytosyn-train", "--shards", str(tiles), "--config", str(cfg), "--out", str(tmp_path / "run")]
     job = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -1,6 +1,7 @@
 import numpy as np
 
-from cytosyn_data.core.quotas import allocate_quotas, apportion, select_tiles, stable_hash
+from cytosyn_data.core.hashing import stable_hash
+from cytosyn_data.core.quotas import allocate_quotas, apportion, select_tiles
 
 
 def test_apportion_is_exact_capped_and_redistributes():

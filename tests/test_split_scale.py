@@ -9,15 +9,19 @@ import tarfile
 import numpy as np
 import polars as pl
 import pytest
-
 import split_oracle
-from cytosyn_data.split import stage as split, shuffle as split_shuffle
+
 from cytosyn_data.cli import main
 from cytosyn_data.core.hashing import key_hash, key_hash_one
-from cytosyn_data.io.tar_write import write_tar_atomic
-from cytosyn_data.split.stage import SplitConfig, assign_splits, audit, run_split
-from cytosyn_data.run.synthetic import make_run
 from cytosyn_data.io.tar_read import stream_members
+from cytosyn_data.io.tar_write import write_tar_atomic
+from cytosyn_data.run.synthetic import make_run
+from cytosyn_data.split import assign as split_assign
+from cytosyn_data.split import shuffle as split_shuffle
+from cytosyn_data.split.assign import assign_splits
+from cytosyn_data.split.audit import audit
+from cytosyn_data.split.config import SplitConfig
+from cytosyn_data.split.stage import run_split
 
 
 def test_key_hash_matches_its_scalar_definition_and_is_pinned():
@@ -98,7 +102,7 @@ def test_bucket_shuffle_gives_the_reference_bytes(syn, reference, tmp_path, monk
         monkeypatch.setattr(split_shuffle, "MAX_BUCKETS", 3)
     if buckets == "tiny":  # buckets of ~38 tiles: each 97-tile shard spans three or four of them
         monkeypatch.setattr(split_shuffle, "bucket_layout", lambda sizes, size: layout(sizes, size // 5))
-    monkeypatch.setattr(split, "CHUNK_TILES", 700)  # the assignment in chunks of whole slides
+    monkeypatch.setattr(split_assign, "CHUNK_TILES", 700)  # the assignment in chunks of whole slides
     if backend:
         pytest.importorskip("distributed")
     args = ["split", "--run", str(syn), "--out", str(tmp_path / "s"), "--val-out-fraction", "0.2",

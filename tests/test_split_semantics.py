@@ -10,7 +10,9 @@ import webdataset as wds
 
 from cytosyn_data.io.png import decode_png
 from cytosyn_data.run.slide_table import build_slide_table
-from cytosyn_data.split.stage import SplitConfig, assign_splits, audit, val_in_quotas
+from cytosyn_data.split.assign import assign_splits, val_in_quotas
+from cytosyn_data.split.audit import audit
+from cytosyn_data.split.config import SplitConfig
 from cytosyn_data.tile.config import TileConfig
 from cytosyn_data.tile.stage import run_tile
 

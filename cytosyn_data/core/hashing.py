@@ -6,9 +6,12 @@ The function is defined here, not by a library, so that it never changes with a 
 (polars' ``hash`` may): FNV-1a over the UTF-8 bytes of ``f"{domain}/{key}"``, the length mixed in,
 then the splitmix64 finaliser for avalanche, shifted to 63 bits. :func:`key_hash_one` is the
 same function for one string in plain Python (the reference the vectorised one is tested against).
+:func:`stable_hash`: a blake2b hash of one string (per-slide and per-stratum orders).
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 import polars as pl
@@ -78,3 +81,8 @@ def key_hash(keys: pl.Series | list[str], domain: str) -> np.ndarray:
     for lo in range(0, len(s), CHUNK):
         out[lo : lo + CHUNK] = _hash_chunk(s.slice(lo, CHUNK).to_arrow(), state, prefix_len)
     return out
+
+
+def stable_hash(text: str) -> int:
+    """A 63-bit hash of ``text`` that is the same on every machine and Python run."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1

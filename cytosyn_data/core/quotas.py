@@ -10,16 +10,11 @@ tiles another slide would pick for a given quota.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 
+from cytosyn_data.core.hashing import stable_hash
+
 NULL_STRATUM = "(none)"
-
-
-def stable_hash(text: str) -> int:
-    """A 63-bit hash of ``text`` that is the same on every machine and Python run."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
 
 
 def apportion(total: int, weights: np.ndarray, caps: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:

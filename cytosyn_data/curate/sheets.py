@@ -9,11 +9,11 @@ import cv2
 import numpy as np
 import polars as pl
 
-from cytosyn_data.io.png import decode_png, encode_png
 from cytosyn_data.io.atomic import atomic_write_bytes
-from cytosyn_data.run.schemas import NULL_STRATUM
+from cytosyn_data.io.png import decode_png, encode_png
 from cytosyn_data.io.tar_read import split_member, stream_members
 from cytosyn_data.run.barcode import parse_slide_name
+from cytosyn_data.run.schemas import NULL_STRATUM
 from cytosyn_data.wsi.tissue import pen_mask
 
 

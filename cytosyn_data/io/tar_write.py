@@ -14,7 +14,6 @@ from typing import Iterable
 
 from cytosyn_data.io.atomic import tmp_path
 
-
 #: mtime of every member (2000-01-01T00:00:00Z); shard bytes never depend on the clock.
 FIXED_MTIME = 946684800
 

@@ -19,8 +19,8 @@ import numpy as np
 import polars as pl
 
 from cytosyn_data.core.errors import DataError
-from cytosyn_data.io.png import decode_png
 from cytosyn_data.io.atomic import atomic_write_bytes
+from cytosyn_data.io.png import decode_png
 from cytosyn_data.run.paths import DetectFiles
 from cytosyn_data.run.schemas import WINDOW_COLUMNS, read_windows
 

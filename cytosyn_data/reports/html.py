@@ -20,10 +20,10 @@ import numpy as np
 import polars as pl
 
 from cytosyn_data.core.errors import DataError
-from cytosyn_data.reports.geojson import COLOURS, fates_by_slide, tissue_polygons
-from cytosyn_data.io.png import decode_png
-from cytosyn_data.reports.qc_pictures import draw_boxes
 from cytosyn_data.io.atomic import atomic_write_bytes
+from cytosyn_data.io.png import decode_png
+from cytosyn_data.reports.geojson import COLOURS, fates_by_slide, tissue_polygons
+from cytosyn_data.reports.qc_pictures import draw_boxes
 from cytosyn_data.run.paths import DetectFiles
 from cytosyn_data.run.schemas import NULL_STRATUM, VIEW_SIDE
 from cytosyn_data.wsi.tissue import pen_mask

@@ -8,9 +8,10 @@ import cv2
 import numpy as np
 import polars as pl
 
-from cytosyn_data.io.png import decode_png, encode_png
 from cytosyn_data.io.atomic import atomic_write_bytes
+from cytosyn_data.io.png import decode_png, encode_png
 from cytosyn_data.run.paths import DetectFiles
+from cytosyn_data.run.records import SlideFacts
 
 
 def overlay_tiles(
@@ -46,9 +47,9 @@ def draw_boxes(img: np.ndarray, x0, y0, x1, y1, color: tuple, width: int) -> Non
         cv2.polylines(img, list(corners), True, color, width)
 
 
-def write_slide_qc(files: DetectFiles, cand: pl.DataFrame, info: dict, path: Path) -> None:
+def write_slide_qc(files: DetectFiles, cand: pl.DataFrame, facts: SlideFacts, path: Path) -> None:
     """Write ``qc/{slide_id}.png`` from the cached thumbnail and mask of the detect phase."""
     thumb = decode_png(files.thumb.read_bytes())
     mask = decode_png(files.mask.read_bytes())[..., 0] > 127
-    pic = overlay_tiles(thumb, mask, cand, float(info["footprint"]), int(info["width"]))
+    pic = overlay_tiles(thumb, mask, cand, float(facts.footprint), int(facts.width))
     atomic_write_bytes(path, encode_png(pic), durable=False)

@@ -4,4 +4,4 @@ synthetic runs with the exact schemas.
 See docs/architecture.md for the layers and what each owns.
 """
 
-__all__ = ['barcode', 'paths', 'schemas', 'slide_table', 'state', 'synthetic']
+__all__ = ['barcode', 'paths', 'records', 'schemas', 'slide_table', 'state', 'synthetic']

@@ -14,7 +14,7 @@ import polars as pl
 from cytosyn_data.core.quotas import NULL_STRATUM
 
 __all__ = ["CANDIDATE_SCHEMA", "NULL_STRATUM", "QC_SCHEMA", "SLIDES_SCHEMA", "TILES_SCHEMA", "VIEW_SIDE",
-           "WINDOW_COLUMNS", "WRITTEN_SCHEMA", "read_windows"]
+           "SPLITS_SCHEMA", "WINDOW_COLUMNS", "WRITTEN_SCHEMA", "read_windows"]
 
 
 #: long side (pixels) of the picture of each slide kept for the HTML report (``{slide_id}.view.jpg``)
@@ -101,3 +101,7 @@ def read_windows(df: pl.DataFrame) -> pl.LazyFrame:
         x0=pl.col("level_x") * ds, y0=pl.col("level_y") * ds,
         x1=(pl.col("level_x") + pl.col("region")) * ds, y1=(pl.col("level_y") + pl.col("region")) * ds,
     )
+
+#: splits.parquet: one row per kept tile, its split and guidance flag
+SPLITS_SCHEMA = {"key": pl.String, "slide_id": pl.String, "patient": pl.String, "tss": pl.String,
+                 "split": pl.String, "guidance": pl.Boolean}

@@ -1,6 +1,7 @@
-"""Stage `cytosyn-data split`: assignment of tiles to splits, the shard shuffle, JPEG/expanded variants.
+"""Stage `cytosyn-data split`: settings (config), assignment of tiles to splits (assign), the leakage audit
+(audit), the shard shuffle (shuffle), JPEG/expanded variants (expand), orchestration (stage).
 
 See docs/architecture.md for the layers and what each owns.
 """
 
-__all__ = ['expand', 'shuffle', 'stage']
+__all__ = ['assign', 'audit', 'config', 'expand', 'shuffle', 'stage']

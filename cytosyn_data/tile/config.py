@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from cytosyn_data.core.checks import fraction, integer, non_negative, one_of, positive
 from cytosyn_data.core.errors import UsageError
-from cytosyn_data.wsi.tissue import TissueParams
 from cytosyn_data.wsi.slide import RESAMPLE_NAMES
+from cytosyn_data.wsi.tissue import TissueParams
 
 
 @dataclass(frozen=True)

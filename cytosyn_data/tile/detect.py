@@ -8,24 +8,25 @@ least 1024 px on its long side, for the HTML report).
 
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
 import numpy as np
 import polars as pl
 
-from cytosyn_data.io.png import encode_png
 from cytosyn_data.core.errors import DataError
+from cytosyn_data.io.atomic import atomic_write_bytes, write_parquet_atomic
+from cytosyn_data.io.coords_h5 import read_coords
+from cytosyn_data.io.png import encode_png
 from cytosyn_data.run.paths import DetectFiles, detect_dir
+from cytosyn_data.run.records import SlideFacts, load_facts
 from cytosyn_data.run.schemas import CANDIDATE_SCHEMA, VIEW_SIDE
 from cytosyn_data.run.state import file_identity
-from cytosyn_data.io.atomic import atomic_write_bytes, write_json_atomic, write_parquet_atomic
-from cytosyn_data.io.coords_h5 import read_coords
 from cytosyn_data.wsi.regions import apply_regions
-from cytosyn_data.wsi.tissue import tile_tissue_fractions, tissue_mask
 from cytosyn_data.wsi.slide import SlideError, make_read_plan, open_slide, resolve_mpp
+from cytosyn_data.wsi.tissue import tile_tissue_fractions, tissue_mask
 
 
 def tile_key(slide_id: str, x: int, y: int) -> str:
@@ -43,65 +44,72 @@ def _write_png(rgb: np.ndarray, path: Path) -> None:
     atomic_write_bytes(path, encode_png(rgb), durable=False)
 
 
-def detect_slide(slide: dict, cfg, work: Path) -> dict:
+def detect_slide(slide: dict, cfg, work: Path) -> SlideFacts:
     """Open one slide, resolve its MPP and read plan, find tissue and candidate tiles.
 
-    Writes ``work/detect/{slide_id}.{json,parquet,thumb.png,mask.png}``; returns the json dict
-    (status ``ok`` or ``failed`` with the error naming the file and the cause).
+    Writes ``work/detect/{slide_id}.{json,parquet,thumb.png,mask.png,view.jpg}``; returns the
+    :class:`SlideFacts` saved as the json (status ``ok``, or ``failed`` with the error naming the
+    file and the cause).
     """
-    sid = slide["slide_id"]
-    files = DetectFiles(detect_dir(work), sid)
-    info: dict = {"slide_id": sid, "path": slide["path"], "status": "failed", "error": None}
+    files = DetectFiles(detect_dir(work), slide["slide_id"])
+    facts = SlideFacts(slide["slide_id"], slide["path"])
     t0 = time.perf_counter()
     src = slide.get("local_path") or slide["path"]  # a remote slide is read from its cached copy
     try:
         if slide.get("fetch_error"):
             raise SlideError(slide["fetch_error"])
-        info["file"] = slide["file"] if isinstance(slide.get("file"), dict) else file_identity(slide["path"])
-        with open_slide(src) as s:
-            mpp0, source = resolve_mpp(s, slide.get("mpp_override"))
-            plan = make_read_plan(s, mpp0, cfg.target_mpp, cfg.tile_size, cfg.mpp_tolerance, cfg.resample)
-            w0, h0 = s.dimensions
-            tw = max(1, int(round(w0 * mpp0 / cfg.tissue_mpp)))
-            th = max(1, int(round(h0 * mpp0 / cfg.tissue_mpp)))
-            thumb = s.thumbnail((tw, th))
-            view = thumb if max(thumb.shape[:2]) >= VIEW_SIDE else s.thumbnail(_view_size(w0, h0))
-            info.update(backend=s.backend, vendor=s.vendor, width=w0, height=h0, levels=s.level_count, mpp=mpp0,
-                        mpp_source=source, fast_reads=s.fast_reads, level_dimensions=s.level_dimensions,
-                        level_downsamples=s.level_downsamples)
-            level_dims = s.level_dimensions[plan.level]
-        mask = tissue_mask(thumb, mpp0 * w0 / thumb.shape[1], cfg.tissue)
-        mask = apply_regions(mask, w0, slide.get("include_regions"), slide.get("exclude_regions"))
-        info["regions"] = {k: slide.get(f"{k}_regions") for k in ("include", "exclude")}
-        if slide.get("coords"):  # exactly the tiles of a TRIDENT/CLAM coordinates file
-            cand = coords_candidates(sid, read_coords(slide["coords"], plan.footprint, (w0, h0)), mask, plan, (w0, h0))
-            info["coords"] = slide["coords"]
-        else:
-            cand = grid_candidates(sid, mask, plan, level_dims, (w0, h0), cfg.tissue_threshold)
-        _write_png(thumb, files.thumb)
-        ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(view, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-        atomic_write_bytes(files.view, jpg.tobytes(), durable=False)
-        _write_png(np.repeat((mask * 255).astype(np.uint8)[..., None], 3, 2), files.mask)
-        write_parquet_atomic(cand, files.candidates)
-        info.update(
-            status="ok",
-            read_level=plan.level,
-            level_mpp=plan.level_mpp,
-            downsample=plan.downsample,
-            region=plan.region,
-            native=plan.native,
-            footprint=plan.footprint,
-            n_grid=int(np.prod(plan.grid_shape(level_dims))),
-            n_candidates=cand.height,
-            tissue_area_fraction=float(mask.mean()),
-        )
+        facts = replace(facts, file=slide["file"] if isinstance(slide.get("file"), dict) else file_identity(slide["path"]))
+        facts, thumb, view, plan, level_dims = _open(slide, src, cfg, facts)
+        facts = _find_tiles(slide, cfg, files, facts, (thumb, view), plan, level_dims)
     except SlideError as exc:
-        info["error"] = str(exc).replace(str(src), slide["path"])
+        facts = facts.failed(str(exc).replace(str(src), slide["path"]))
     except Exception as exc:  # noqa: BLE001 - any failure of one slide is recorded, the run goes on
-        info["error"] = f"{slide['path']}: {type(exc).__name__}: {str(exc).replace(str(src), slide['path'])}"
-    info["detect_seconds"] = time.perf_counter() - t0
-    write_json_atomic(info, files.facts)
-    return info
+        facts = facts.failed(f"{slide['path']}: {type(exc).__name__}: {str(exc).replace(str(src), slide['path'])}")
+    facts = replace(facts, detect_seconds=time.perf_counter() - t0)
+    facts.save(files.facts)
+    return facts
+
+
+def _open(slide: dict, src: str, cfg, facts: SlideFacts) -> tuple:
+    """Open ``src``: the record with the slide's facts, the thumbnail at ``tissue_mpp``, the view
+    picture, the read plan and the read level's (w, h)."""
+    with open_slide(src) as s:
+        mpp0, source = resolve_mpp(s, slide.get("mpp_override"))
+        plan = make_read_plan(s, mpp0, cfg.target_mpp, cfg.tile_size, cfg.mpp_tolerance, cfg.resample)
+        w0, h0 = s.dimensions
+        tw = max(1, int(round(w0 * mpp0 / cfg.tissue_mpp)))
+        th = max(1, int(round(h0 * mpp0 / cfg.tissue_mpp)))
+        thumb = s.thumbnail((tw, th))
+        view = thumb if max(thumb.shape[:2]) >= VIEW_SIDE else s.thumbnail(_view_size(w0, h0))
+        facts = replace(facts, backend=s.backend, vendor=s.vendor, width=w0, height=h0, levels=s.level_count,
+                        mpp=mpp0, mpp_source=source, fast_reads=s.fast_reads, level_dimensions=s.level_dimensions,
+                        level_downsamples=s.level_downsamples)
+        return facts, thumb, view, plan, s.level_dimensions[plan.level]
+
+
+def _find_tiles(slide: dict, cfg, files: DetectFiles, facts: SlideFacts, pictures: tuple, plan, level_dims) -> SlideFacts:
+    """Tissue mask and candidate tiles of an opened slide; writes the detection files and returns
+    the ``ok`` record."""
+    thumb, view = pictures
+    w0, h0, mpp0 = facts.width, facts.height, facts.mpp
+    mask = tissue_mask(thumb, mpp0 * w0 / thumb.shape[1], cfg.tissue)
+    mask = apply_regions(mask, w0, slide.get("include_regions"), slide.get("exclude_regions"))
+    facts = replace(facts, regions={k: slide.get(f"{k}_regions") for k in ("include", "exclude")})
+    sid = facts.slide_id
+    if slide.get("coords"):  # exactly the tiles of a TRIDENT/CLAM coordinates file
+        cand = coords_candidates(sid, read_coords(slide["coords"], plan.footprint, (w0, h0)), mask, plan, (w0, h0))
+        facts = replace(facts, coords=slide["coords"])
+    else:
+        cand = grid_candidates(sid, mask, plan, level_dims, (w0, h0), cfg.tissue_threshold)
+    _write_png(thumb, files.thumb)
+    ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(view, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    atomic_write_bytes(files.view, jpg.tobytes(), durable=False)
+    _write_png(np.repeat((mask * 255).astype(np.uint8)[..., None], 3, 2), files.mask)
+    write_parquet_atomic(cand, files.candidates)
+    return replace(facts, status="ok", read_level=plan.level, level_mpp=plan.level_mpp, downsample=plan.downsample,
+                   region=plan.region, native=plan.native, footprint=plan.footprint,
+                   n_grid=int(np.prod(plan.grid_shape(level_dims))), n_candidates=cand.height,
+                   tissue_area_fraction=float(mask.mean()))
 
 
 def grid_candidates(sid: str, mask: np.ndarray, plan, level_dims, level0_size: tuple[int, int],
@@ -151,9 +159,9 @@ def detect_ok(work: Path, slide: dict, identity: dict | str | None = None) -> bo
     files = DetectFiles(detect_dir(work), slide["slide_id"])
     if not files.facts.exists() or not files.candidates.exists():
         return False
-    info = json.loads(files.facts.read_text())
     try:
-        same_file = info.get("file") == (identity if identity is not None else file_identity(slide["path"]))
+        facts = load_facts(files.facts)
+        same_file = facts.file == (identity if identity is not None else file_identity(slide["path"]))
     except (OSError, DataError):
         return False
-    return info.get("status") == "ok" and same_file
+    return facts.ok and same_file

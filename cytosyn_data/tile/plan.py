@@ -18,15 +18,11 @@ import numpy as np
 import polars as pl
 
 from cytosyn_data.core.quotas import NULL_STRATUM, allocate_quotas, select_tiles, shard_order
+from cytosyn_data.run.records import SlideFacts, SlideRead
 from cytosyn_data.run.schemas import TILES_SCHEMA, WRITTEN_SCHEMA
 from cytosyn_data.wsi.slide import RESAMPLE_NAMES
 
 PLAN_COLUMNS = [c for c in TILES_SCHEMA if c not in WRITTEN_SCHEMA or c == "key"]
-
-#: the slide facts a worker needs to read tiles (from ``work/detect/{slide_id}.json``)
-READ_FIELDS = ("path", "file", "fast_reads", "level_dimensions", "level_downsamples", "read_level",
-               "level_mpp", "downsample", "region", "native", "footprint")
-
 
 @dataclass(frozen=True)
 class ShardUnit:
@@ -39,7 +35,7 @@ class ShardUnit:
     plans_dir: str
     select_dir: str
     segments: tuple[tuple[str, int, int], ...]
-    slides: dict[str, dict]
+    slides: dict[str, SlideRead]
     settings: dict = field(default_factory=dict)  # tile_size, target_mpp, resample, png_encoder
     digest: str = ""
     complete: bool = True  # False: rows of failed slides were cut; the digest is then not recorded
@@ -58,10 +54,10 @@ class ShardUnit:
         return rows.select(PLAN_COLUMNS).cast({c: TILES_SCHEMA[c] for c in PLAN_COLUMNS})
 
 
-def slide_quotas(ok_rows: list[dict], infos: dict, budget: int | None, seed: int) -> tuple[dict[str, int], dict]:
+def slide_quotas(ok_rows: list[dict], facts: dict[str, SlideFacts], budget: int | None, seed: int) -> tuple[dict[str, int], dict]:
     """Per-slide quotas (global over all jobs) and per-stratum totals, stratified by TSS."""
     strata = [r["tss"] or NULL_STRATUM for r in ok_rows]
-    n_cand = np.array([infos[r["slide_id"]]["n_candidates"] for r in ok_rows], dtype=np.int64)
+    n_cand = np.array([facts[r["slide_id"]].n_candidates for r in ok_rows], dtype=np.int64)
     quotas, totals = allocate_quotas(strata, n_cand, [r["slide_id"] for r in ok_rows], budget, seed)
     return {r["slide_id"]: int(q) for r, q in zip(ok_rows, quotas)}, totals
 
@@ -72,9 +68,9 @@ def select_candidates(cand: pl.DataFrame, slide_id: str, quota: int, seed: int) 
     return cand.with_columns(pl.Series("selected", np.isin(np.arange(cand.height), pick)))
 
 
-def slide_plan_rows(cand: pl.DataFrame, slide: dict, info: dict, target_mpp: float, resample: str) -> pl.DataFrame:
+def slide_plan_rows(cand: pl.DataFrame, slide: dict, facts: SlideFacts, target_mpp: float, resample: str) -> pl.DataFrame:
     """Plan rows of one slide's selected tiles, row-major, with the slide-level columns."""
-    ds = float(info["downsample"])
+    ds = float(facts.downsample)
     return (
         cand.filter(pl.col("selected"))
         .sort(["row", "col"])
@@ -85,14 +81,14 @@ def slide_plan_rows(cand: pl.DataFrame, slide: dict, info: dict, target_mpp: flo
             project=pl.lit(slide["project"], pl.String),
             patient=pl.lit(slide["patient"], pl.String),
             slide_type=pl.lit(slide["slide_type"], pl.String),
-            footprint=pl.lit(float(info["footprint"])),
+            footprint=pl.lit(float(facts.footprint)),
             level_x=((pl.col("x") / ds) + 0.5).floor().cast(pl.Int64),
             level_y=((pl.col("y") / ds) + 0.5).floor().cast(pl.Int64),
-            region=pl.lit(int(info["region"]), pl.Int32),
+            region=pl.lit(int(facts.region), pl.Int32),
             downsample=pl.lit(ds),
             mpp=pl.lit(target_mpp),
-            read_level=pl.lit(int(info["read_level"]), pl.Int32),
-            resample=pl.lit("native" if info["native"] else RESAMPLE_NAMES[resample]),
+            read_level=pl.lit(int(facts.read_level), pl.Int32),
+            resample=pl.lit("native" if facts.native else RESAMPLE_NAMES[resample]),
         )
     )
 
@@ -121,13 +117,13 @@ def slide_digest(rows: pl.DataFrame) -> str:
     return hashlib.sha256(rows.write_ipc(None, compression="uncompressed").getvalue()).hexdigest()
 
 
-def shard_units(cuts: list, infos: dict, settings: dict, digests: dict[str, str], dirs: dict[str, Path]) -> list[ShardUnit]:
+def shard_units(cuts: list, facts: dict[str, SlideFacts], settings: dict, digests: dict[str, str], dirs: dict[str, Path]) -> list[ShardUnit]:
     """One :class:`ShardUnit` per cut, each with the digest of what makes its bytes. ``dirs``:
     shard_dir, plans_dir, select_dir."""
     units = []
     for name, segs in cuts:
-        slides = {sid: {k: infos[sid][k] for k in READ_FIELDS} for sid in dict.fromkeys(s for s, _, _ in segs)}
-        ident = {sid: {k: v for k, v in i.items() if k != "path"} for sid, i in slides.items()}  # not where it lies
+        slides = {sid: facts[sid].read() for sid in dict.fromkeys(s for s, _, _ in segs)}
+        ident = {sid: i.identity() for sid, i in slides.items()}  # not where it lies
         plan = [(sid, a, b, digests[sid]) for sid, a, b in segs]
         h = hashlib.sha256(json.dumps({"name": name, "settings": settings, "slides": ident, "plan": plan},
                                       sort_keys=True).encode())

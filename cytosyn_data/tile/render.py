@@ -22,8 +22,10 @@ import cv2
 import numpy as np
 
 from cytosyn_data.io.png import encode_png
-from cytosyn_data.wsi.tissue import pen_mask
+from cytosyn_data.run.records import SlideRead
 from cytosyn_data.wsi.slide import ReadPlan, load_wsi, resize_to_tile
+from cytosyn_data.wsi.tissue import pen_mask
+
 
 def tile_qc(rgb: np.ndarray) -> tuple[float, float, float, float, float]:
     """QC measures of one RGB uint8 tile [h, w, 3], in the order of :data:`QC_SCHEMA`."""
@@ -90,26 +92,26 @@ def _laplacian_variance(grey: np.ndarray) -> np.ndarray:
 _TISSUE_HSV = (np.array((0, 21, 30), np.uint8), np.array((255, 255, 255), np.uint8))
 
 
-def open_reader(info: dict):
+def open_reader(info: SlideRead):
     """A context-managed reader with ``read_rgb((x, y), level, (w, h))`` for a detected slide: the
     fast TIFF reader alone when detection found the file readable so (holding one row band of the
     read level), else openslide / tiffslide."""
-    if info.get("fast_reads"):
-        return load_wsi(info["path"], "tiff", level_dimensions=info["level_dimensions"],
-                        level_downsamples=info["level_downsamples"], band=(int(info["read_level"]), int(info["region"])))
-    return load_wsi(info["path"])
+    if info.fast_reads:
+        return load_wsi(info.path, "tiff", level_dimensions=info.level_dimensions,
+                        level_downsamples=info.level_downsamples, band=(int(info.read_level), int(info.region)))
+    return load_wsi(info.path)
 
 
-def plan_from_info(info: dict, tile_size: int, target_mpp: float, resample: str) -> ReadPlan:
+def plan_from_info(info: SlideRead, tile_size: int, target_mpp: float, resample: str) -> ReadPlan:
     """The read plan detection chose for a slide (``work/detect/{slide_id}.json``)."""
     return ReadPlan(
-        level=int(info["read_level"]),
-        level_mpp=float(info["level_mpp"]),
-        downsample=float(info["downsample"]),
-        region=int(info["region"]),
+        level=int(info.read_level),
+        level_mpp=float(info.level_mpp),
+        downsample=float(info.downsample),
+        region=int(info.region),
         tile_size=tile_size,
         target_mpp=target_mpp,
-        native=bool(info["native"]),
+        native=bool(info.native),
         resample=resample,
     )
 

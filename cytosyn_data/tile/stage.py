@@ -18,7 +18,6 @@ can also be split across independent jobs with ``shard_index/num_shards`` and jo
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import time
@@ -37,6 +36,7 @@ from cytosyn_data.reports import qc_pictures as qc
 from cytosyn_data.reports.html import write_report
 from cytosyn_data.reports.markdown import write_tile_report
 from cytosyn_data.run.paths import DetectFiles, detect_dir
+from cytosyn_data.run.records import SlideFacts, load_facts
 from cytosyn_data.run.schemas import CANDIDATE_SCHEMA, SLIDES_SCHEMA
 from cytosyn_data.run.state import RunLock, check_run_file, file_identity
 from cytosyn_data.tile.config import TileConfig
@@ -193,18 +193,18 @@ def _run_tile(slides: pl.DataFrame, out: Path, cfg: TileConfig, ex: "_Runner", s
     seconds = {"detect": _detect_phase(mine, cfg, work, ex)}
     if stage == "detect":
         return _summary_only(out, mine, work, seconds)
-    infos = _load_infos(all_rows, work)
-    ok_rows = [r for r in all_rows if infos[r["slide_id"]]["status"] == "ok"]
-    quota_of, stratum_totals = slide_quotas(ok_rows, infos, cfg.tiles, cfg.seed)
+    facts = _load_facts(all_rows, work)
+    ok_rows = [r for r in all_rows if facts[r["slide_id"]].ok]
+    quota_of, stratum_totals = slide_quotas(ok_rows, facts, cfg.tiles, cfg.seed)
 
     t = time.perf_counter()
-    counts, digests, n_cand = _select_phase(mine, infos, quota_of, cfg, out)
+    counts, digests, n_cand = _select_phase(mine, facts, quota_of, cfg, out)
     prefix = f"{cfg.shard_name}{suffix}"
-    names = _write_phase(shard_cuts(counts, cfg.seed, cfg.shard_size, prefix), digests, prefix, infos, cfg, out, ex,
+    names = _write_phase(shard_cuts(counts, cfg.seed, cfg.shard_size, prefix), digests, prefix, facts, cfg, out, ex,
                          ex.sizes(all_rows))
     seconds["write"] = time.perf_counter() - t
-    n_tiles, n_sel = _concat_tables(out, suffix, names, [r["slide_id"] for r in mine if infos[r["slide_id"]]["status"] == "ok"])
-    slides_df = _slides_table(mine, infos, n_sel)
+    n_tiles, n_sel = _concat_tables(out, suffix, names, [r["slide_id"] for r in mine if facts[r["slide_id"]].ok])
+    slides_df = _slides_table(mine, facts, n_sel)
     write_parquet_atomic(slides_df, out / f"slides{suffix}.parquet")
     result = TileResult(
         out=out, n_slides=slides_df.height, failed=slides_df.filter(pl.col("status") != "ok")["slide_id"].to_list(),
@@ -235,22 +235,22 @@ def _detect_phase(mine: list[dict], cfg: TileConfig, work: Path, ex: "_Runner") 
         return {**r, "local_path": str(got)} if isinstance(got, Path) else {**r, "fetch_error": got}
 
     for batch in localized(todo, lambda r: [r["path"]], localize, ex.cache, ex.sizes(todo)):
-        for info in ex.ex.map(_detect_unit, [(r, cfg, work) for r in batch], "detect"):
-            if info["status"] != "ok":
-                tqdm.write(f"FAILED {info['error']}")
+        for facts in ex.ex.map(_detect_unit, [(r, cfg, work) for r in batch], "detect"):
+            if not facts.ok:
+                tqdm.write(f"FAILED {facts.error}")
     return time.perf_counter() - t
 
 
-def _detect_unit(args: tuple) -> dict:
+def _detect_unit(args: tuple) -> SlideFacts:
     return detect_slide(*args)
 
 
-def _load_infos(all_rows: list[dict], work: Path) -> dict[str, dict]:
-    infos, missing = {}, []
+def _load_facts(all_rows: list[dict], work: Path) -> dict[str, SlideFacts]:
+    facts, missing = {}, []
     for r in all_rows:
         p = DetectFiles(detect_dir(work), r["slide_id"]).facts
         if p.exists():
-            infos[r["slide_id"]] = json.loads(p.read_text())
+            facts[r["slide_id"]] = load_facts(p)
         else:
             missing.append(r["slide_id"])
     if missing:
@@ -258,10 +258,10 @@ def _load_infos(all_rows: list[dict], work: Path) -> dict[str, dict]:
             f"detection results missing for {len(missing)} slide(s) (e.g. {missing[:3]}); with "
             "--num-shards > 1 run '--stage detect' for every shard index first"
         )
-    return infos
+    return facts
 
 
-def _select_phase(mine: list[dict], infos: dict, quota_of: dict, cfg: TileConfig, out: Path) -> tuple[dict, dict, int]:
+def _select_phase(mine: list[dict], facts: dict, quota_of: dict, cfg: TileConfig, out: Path) -> tuple[dict, dict, int]:
     """Per slide, one at a time: the selection (``work/select/{sid}.parquet``, candidates with a
     ``selected`` flag), the plan rows (``{sid}.plan.parquet``) and the QC picture. Returns planned
     tiles and plan digest per slide, and the candidate count: memory is one slide's, not the run's."""
@@ -271,14 +271,14 @@ def _select_phase(mine: list[dict], infos: dict, quota_of: dict, cfg: TileConfig
     counts, digests, n_cand = {}, {}, 0
     for r in tqdm(mine, desc="select", unit="slide", leave=False):
         sid = r["slide_id"]
-        if infos[sid]["status"] != "ok":
+        if not facts[sid].ok:
             continue
         cand = select_candidates(pl.read_parquet(DetectFiles(detect_dir(work), sid).candidates), sid, quota_of[sid], cfg.seed)
-        rows = slide_plan_rows(cand, r, infos[sid], cfg.target_mpp, cfg.resample)
+        rows = slide_plan_rows(cand, r, facts[sid], cfg.target_mpp, cfg.resample)
         write_parquet_atomic(cand.drop("col", "row"), sel_dir / f"{sid}.parquet")
         write_parquet_atomic(rows, sel_dir / f"{sid}.plan.parquet")
         counts[sid], digests[sid], n_cand = rows.height, slide_digest(rows), n_cand + cand.height
-        qc.write_slide_qc(DetectFiles(detect_dir(work), sid), cand, infos[sid], out / "qc" / f"{sid}.png")
+        qc.write_slide_qc(DetectFiles(detect_dir(work), sid), cand, facts[sid], out / "qc" / f"{sid}.png")
     return counts, digests, n_cand
 
 
@@ -297,7 +297,7 @@ def _concat_tables(out: Path, suffix: str, names: list[str], ok_slides: list[str
     return int(per_slide["len"].sum()), dict(per_slide.iter_rows())
 
 
-def _write_phase(cuts: list, digests: dict, prefix: str, infos: dict, cfg: TileConfig, out: Path, ex: "_Runner",
+def _write_phase(cuts: list, digests: dict, prefix: str, facts: dict, cfg: TileConfig, out: Path, ex: "_Runner",
                  sizes: dict[str, int]) -> list[str]:
     """Write every shard of ``cuts`` (skipping current ones), then rewrite those that held tiles of a
     slide that failed; returns the shard names."""
@@ -307,32 +307,32 @@ def _write_phase(cuts: list, digests: dict, prefix: str, infos: dict, cfg: TileC
     names = [n for n, _ in cuts]
     _remove_stale_shards(dirs["shard_dir"], dirs["plans_dir"], names, prefix)
     settings = {k: getattr(cfg, k) for k in ("tile_size", "target_mpp", "resample", "png_encoder")}
-    units = shard_units(cuts, infos, settings, digests, dirs)
-    failed = _run_units(units, infos, ex, sizes)
+    units = shard_units(cuts, facts, settings, digests, dirs)
+    failed = _run_units(units, facts, ex, sizes)
     if failed:  # tiles a failed slide left in its other shards go: no shard holds a tile tiles.parquet lacks
         cut = [dataclasses.replace(u, segments=tuple(g for g in u.segments if g[0] not in failed), complete=False)
                for u in units if failed & set(u.slides)]
-        _run_units(cut, infos, ex, sizes)
+        _run_units(cut, facts, ex, sizes)
     remove_stale_tmp(dirs["shard_dir"])  # left by a unit whose worker died (Dask ran it again elsewhere)
     remove_stale_tmp(dirs["plans_dir"])
     return names
 
 
-def _run_units(units: list, infos: dict, ex: "_Runner", sizes: dict[str, int]) -> set[str]:
+def _run_units(units: list, facts: dict, ex: "_Runner", sizes: dict[str, int]) -> set[str]:
     """Write ``units`` on the backend (remote slides fetched group by group into the cache); slides
-    that failed are marked in ``infos`` and returned."""
+    that failed are marked in ``facts`` and returned."""
     def localize(u, local: dict):
-        slides = {sid: {**i, "path": str(local[i["path"]]), "url": i["path"]} if isinstance(local.get(i["path"]), Path)
-                  else i for sid, i in u.slides.items()}
+        slides = {sid: i.located(str(local[i.path])) if isinstance(local.get(i.path), Path) else i
+                  for sid, i in u.slides.items()}
         return dataclasses.replace(u, slides=slides)
 
     failed: set[str] = set()
-    urls_of = lambda u: [i["path"] for i in u.slides.values()]  # noqa: E731
+    urls_of = lambda u: [i.path for i in u.slides.values()]  # noqa: E731
     for batch in localized(units, urls_of, localize, ex.cache, sizes):
         for res in ex.ex.map(write_shard, batch, "shards"):
             for sid, err in res["failed"].items():
                 tqdm.write(f"FAILED {err}")
-                infos[sid].update(status="failed", error=err)
+                facts[sid] = facts[sid].failed(err)
                 failed.add(sid)
     return failed
 
@@ -348,12 +348,12 @@ def _remove_stale_shards(shard_dir: Path, plans: Path, names: list[str], prefix:
                 (plans / f"{p.name}{ext}").unlink(missing_ok=True)
 
 
-def _slides_table(mine: list[dict], infos: dict, n_sel: dict[str, int]) -> pl.DataFrame:
+def _slides_table(mine: list[dict], facts: dict, n_sel: dict[str, int]) -> pl.DataFrame:
     rows = []
     for r in mine:
-        info = infos[r["slide_id"]]
+        info = facts[r["slide_id"]].to_json()
         rows.append({
-            **{k: info.get(k) for k in SLIDES_SCHEMA if k in info},
+            **{k: info[k] for k in SLIDES_SCHEMA if k in info},
             **{k: r[k] for k in ("tss", "project", "patient", "sample_type", "slide_type")},
             "slide_id": r["slide_id"],
             "path": r["path"],
@@ -367,9 +367,9 @@ def _summary_only(out: Path, mine: list[dict], work: Path, seconds: dict) -> Til
     failed = []
     n_cand = 0
     for r in mine:
-        info = json.loads(DetectFiles(detect_dir(work), r["slide_id"]).facts.read_text())
-        if info["status"] != "ok":
+        facts = load_facts(DetectFiles(detect_dir(work), r["slide_id"]).facts)
+        if not facts.ok:
             failed.append(r["slide_id"])
         else:
-            n_cand += info["n_candidates"]
+            n_cand += facts.n_candidates
     return TileResult(out, len(mine), failed, n_cand, 0, 0, seconds, {})

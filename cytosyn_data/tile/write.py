@@ -24,11 +24,12 @@ from pathlib import Path
 import cv2
 import polars as pl
 
-from cytosyn_data.io.tar_write import TarAppender
 from cytosyn_data.io.atomic import atomic_write_bytes, write_parquet_atomic
+from cytosyn_data.io.tar_write import TarAppender
+from cytosyn_data.run.records import SlideRead
 from cytosyn_data.run.schemas import QC_SCHEMA, TILES_SCHEMA, WRITTEN_SCHEMA
-from cytosyn_data.tile.render import open_reader, plan_from_info, render_tiles
 from cytosyn_data.tile.plan import ShardUnit
+from cytosyn_data.tile.render import open_reader, plan_from_info, render_tiles
 
 
 def unit_is_current(unit: ShardUnit) -> bool:
@@ -72,7 +73,7 @@ def write_shard(unit: ShardUnit) -> dict:
             except Exception as exc:  # noqa: BLE001 - one slide's failure is recorded, the rest is written
                 tar.truncate(mark)
                 del written[n0:]
-                where = unit.slides[sid].get("url", unit.slides[sid]["path"])
+                where = unit.slides[sid].url or unit.slides[sid].path
                 failed[sid] = f"{where}: extraction failed: {type(exc).__name__}: {exc}"
         done = pl.DataFrame(written, schema=WRITTEN_SCHEMA, orient="row")
         table = rows.join(done, on="key", how="inner", maintain_order="left").select(list(TILES_SCHEMA))
@@ -85,7 +86,7 @@ def write_shard(unit: ShardUnit) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
-def _write_segment(tar: TarAppender, seg: pl.DataFrame, info: dict, settings: dict, written: list) -> None:
+def _write_segment(tar: TarAppender, seg: pl.DataFrame, info: SlideRead, settings: dict, written: list) -> None:
     """Append ``{key}.png`` and ``{key}.json`` (the tiles.parquet row) for each row of one slide.
 
     OpenCV runs single-threaded meanwhile: its thread pool costs more than it gives on 224-px
@@ -104,7 +105,7 @@ QC_BATCH = 64
 _JSON = json.JSONEncoder(sort_keys=True)  # json.dumps(..., sort_keys=True) without a new encoder per call
 
 
-def _render_rows(tar: TarAppender, seg: pl.DataFrame, info: dict, plan, encoder: str, written: list) -> None:
+def _render_rows(tar: TarAppender, seg: pl.DataFrame, info: SlideRead, plan, encoder: str, written: list) -> None:
     with open_reader(info) as reader:
         for batch in seg.iter_slices(QC_BATCH):
             pngs, qcs = render_tiles(reader, batch["x"].to_list(), batch["y"].to_list(), plan, encoder)
