@@ -11,8 +11,9 @@ from cytosyn_data.core.checks import cli_type, fraction, non_negative, positive
 from cytosyn_data.core.config import load_stage_config
 from cytosyn_data.core.errors import UsageError, run_cli
 from cytosyn_data.core.executors import ClusterSpec, launched_rank
-from cytosyn_data.io.coords_h5 import export_h5
 from cytosyn_data.io.remote import is_url, publish
+from cytosyn_data.reports.coords_export import FORMATS as H5_FORMATS
+from cytosyn_data.reports.coords_export import export_h5
 from cytosyn_data.reports.geojson import export_geojson
 from cytosyn_data.reports.html import write_report
 from cytosyn_data.run.slide_table import build_slide_table
@@ -278,8 +279,11 @@ def cmd_report(args) -> int:
 
 
 def cmd_export_h5(args) -> int:
-    paths = export_h5(args.run)
-    print(f"export-h5: {len(paths)} slide(s) -> {args.run / 'h5'} (TRIDENT/CLAM 'coords' with read attributes)")
+    out = args.out or args.run / "h5" / args.format
+    paths = export_h5(args.run, args.format, out)
+    use = {"trident": f"TRIDENT: run_feature_extraction_job(coords_dir='{out}')",
+           "clam": f"CLAM: extract_features_fp.py --data_h5_dir {out}"}[args.format]
+    print(f"export-h5: {len(paths)} slide(s) -> {out / 'patches'} ({use})")
     return 0
 
 
@@ -301,8 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_features(sub)
     g = sub.add_parser("export-geojson", help="QuPath GeoJSON per slide: tissue contours and tile boxes by fate")
     g.add_argument("--run", required=True, type=Path, help="tile run folder")
-    h = sub.add_parser("export-h5", help="TRIDENT/CLAM-style HDF5 of the written tiles' level-0 coordinates per slide")
+    h = sub.add_parser("export-h5", help="the written tiles' level-0 coordinates per slide, as TRIDENT or CLAM reads them")
     h.add_argument("--run", required=True, type=Path, help="tile run folder")
+    h.add_argument("--format", choices=H5_FORMATS, default="trident",
+                   help="trident: OUT/patches/{name}_patches.h5 (patch_size at the target magnification); "
+                        "clam: OUT/patches/{name}.h5 (patch_size in pixels of patch_level)")
+    h.add_argument("--out", type=Path, help="output folder (default RUN/h5/FORMAT)")
     r = sub.add_parser("report", help="static HTML page of a run: slides with tiles by fate, tables, curation, audit")
     r.add_argument("--run", required=True, type=Path, help="tile run folder")
     return parser

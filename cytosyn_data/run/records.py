@@ -73,6 +73,7 @@ class SlideFacts:
     level_downsamples: tuple | None = None
     regions: dict | None = None
     coords: str | None = None
+    coords_overhang: int | None = None  # patches of the coords file that overhang the slide's edge (read padded white)
     read_level: int | None = None
     level_mpp: float | None = None
     downsample: float | None = None

@@ -12,8 +12,7 @@ import numpy as np
 import polars as pl
 from tqdm.auto import tqdm
 
-from cytosyn_data.core.hashing import key_hash
-from cytosyn_data.core.hashing import stable_hash
+from cytosyn_data.core.hashing import key_hash, stable_hash
 from cytosyn_data.core.quotas import NULL_STRATUM, apportion
 from cytosyn_data.run.schemas import SPLITS_SCHEMA, read_windows
 from cytosyn_data.split.config import QC_FILTERS, SplitConfig, qc_keep

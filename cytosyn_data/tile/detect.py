@@ -97,8 +97,9 @@ def _find_tiles(slide: dict, cfg, files: DetectFiles, facts: SlideFacts, picture
     facts = replace(facts, regions={k: slide.get(f"{k}_regions") for k in ("include", "exclude")})
     sid = facts.slide_id
     if slide.get("coords"):  # exactly the tiles of a TRIDENT/CLAM coordinates file
-        cand = coords_candidates(sid, read_coords(slide["coords"], plan.footprint, (w0, h0)), mask, plan, (w0, h0))
-        facts = replace(facts, coords=slide["coords"])
+        xy, overhang = read_coords(slide["coords"], plan.footprint, (w0, h0), facts.level_downsamples)
+        cand = coords_candidates(sid, xy, mask, plan, (w0, h0))
+        facts = replace(facts, coords=slide["coords"], coords_overhang=overhang)
     else:
         cand = grid_candidates(sid, mask, plan, level_dims, (w0, h0), cfg.tissue_threshold)
     _write_png(thumb, files.thumb)

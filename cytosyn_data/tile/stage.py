@@ -128,7 +128,7 @@ def run_tile(
         rows = slides.to_dicts()
         regions = {r["slide_id"]: {"include_regions": region_file(include_regions, r["slide_id"]),
                                    "exclude_regions": region_file(exclude_regions, r["slide_id"]),
-                                   "coords": coords_file(coords, r["slide_id"])} for r in rows}
+                                   "coords": coords_file(coords, r["slide_id"], r["path"])} for r in rows}
         inputs = [f"{r['slide_id']}\t{r['path']}\tmpp={r['mpp_override']}" + "".join(
             f"\t{k}={file_identity(v) if v and Path(v).exists() else v}" for k, v in regions[r["slide_id"]].items())
             for r in rows]

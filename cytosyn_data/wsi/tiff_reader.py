@@ -102,18 +102,19 @@ class TiledTiffReader:
         return tile
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
-        """RGB uint8 [h, w, 3] of ``level`` at level pixel (x, y); must lie inside the level."""
+        """RGB uint8 [h, w, 3] of ``level`` at level pixel (x, y); beyond the level's edge white, as
+        openslide reads it (a TRIDENT/CLAM patch may overhang the slide's edge)."""
         page = self.pages[level]
-        if x < 0 or y < 0 or x + w > page.imagewidth or y + h > page.imagelength:
-            raise ValueError(f"region {(x, y, w, h)} outside level {level} ({page.imagewidth}x{page.imagelength})")
         tw, th = page.tilewidth, page.tilelength
         across = -(-page.imagewidth // tw)
-        out = np.empty((h, w, 3), np.uint8)
-        for ty in range(y // th, (y + h - 1) // th + 1):
-            for tx in range(x // tw, (x + w - 1) // tw + 1):
+        out = np.full((h, w, 3), 255, np.uint8)
+        cx0, cy0 = max(x, 0), max(y, 0)
+        cx1, cy1 = min(x + w, page.imagewidth), min(y + h, page.imagelength)
+        for ty in range(cy0 // th, (cy1 - 1) // th + 1) if cy1 > cy0 and cx1 > cx0 else ():
+            for tx in range(cx0 // tw, (cx1 - 1) // tw + 1):
                 tile = self._tile(level, ty * across + tx)
-                x0, y0 = max(x, tx * tw), max(y, ty * th)
-                x1, y1 = min(x + w, (tx + 1) * tw), min(y + h, (ty + 1) * th)
+                x0, y0 = max(cx0, tx * tw), max(cy0, ty * th)
+                x1, y1 = min(cx1, (tx + 1) * tw), min(cy1, (ty + 1) * th)
                 out[y0 - y : y1 - y, x0 - x : x1 - x] = tile[y0 - ty * th : y1 - ty * th, x0 - tx * tw : x1 - tx * tw]
         return out
 
