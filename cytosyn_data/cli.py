@@ -87,8 +87,10 @@ def _add_tile(sub) -> None:
     p.add_argument("--include-regions", type=Path,
                    help="folder of {slide_id}.geojson (QuPath annotations, level-0 px): tile only inside them")
     p.add_argument("--exclude-regions", type=Path, help="folder of {slide_id}.geojson regions never to tile")
+    p.add_argument("--region-class", help="take only the region files' annotations of this QuPath classification "
+                                          "(e.g. Tumor); detections and tiles are never regions")
     p.add_argument("--coords", type=Path,
-                   help="FILE.h5 (one slide) or a folder of {slide_id}.h5 (TRIDENT/CLAM 'coords', level-0 x, y): "
+                   help="FILE.h5 (one slide) or a folder of TRIDENT's or CLAM's coordinates files (level-0 x, y): "
                         "tile exactly those (with --tiles all)")
     p.add_argument("--config", type=Path, help="YAML config (section 'tile'), e.g. pipelines/tile.yaml")
     p.add_argument("--mpp-override", "--mpp", dest="mpp_override", type=cli_type(positive),
@@ -140,6 +142,7 @@ def cmd_tile(args) -> int:
         include_regions=args.include_regions,
         exclude_regions=args.exclude_regions,
         coords=args.coords,
+        region_class=args.region_class,
     )
     if res.downloaded:
         print(f"  fetched {res.downloaded / 2**20:.1f} MiB of remote slides")

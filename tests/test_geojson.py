@@ -47,3 +47,36 @@ def test_fates_in_slide_batches_equal_the_whole_run(tmp_path, cmu_slide, tcga_sl
     for batch in (1, 10**9):  # one slide per batch, every slide in one batch
         got = pl.concat([f for _, f in fates_by_slide(run, slides, max_candidates=batch)]).sort("key")
         assert got.equals(whole) and whole.height == pl.read_parquet(run / "candidates.parquet").height
+
+
+def test_tissue_outlines_are_valid_polygons_with_their_holes(tmp_path, cmu_slide, tcga_slide):
+    """Corner touches, one-pixel spurs and holes of the mask: valid shapely polygons, holes kept."""
+    import numpy as np
+    import shapely
+    from shapely.geometry import shape
+
+    from cytosyn_data.reports.geojson import tissue_polygons
+
+    m = np.zeros((80, 80), bool)
+    m[5:40, 5:40] = True
+    m[15:25, 15:25] = False  # a hole
+    m[18:22, 18:22] = True  # an island in the hole
+    m[40:50, 40:50] = True  # touches the first square at one corner
+    m[10, 40:47] = True  # a one-pixel spur
+    m[60:70, 5:15] = True
+    m[65, 15:20] = True  # another spur, then a diagonal pixel chain
+    for i in range(6):
+        m[70 + i, 20 + i] = True
+    polys = [shape({"type": "Polygon", "coordinates": p}) for p in tissue_polygons(m, 800)]
+    assert all(p.is_valid for p in polys), [shapely.is_valid_reason(p) for p in polys]
+    assert sum(len(p.interiors) for p in polys) == 1  # the hole is exported
+    union = shapely.union_all(polys)
+    assert abs(union.area / 100 - m.sum()) / m.sum() < 0.25  # the traced area is the mask's (pixel centres)
+    assert union.contains(shapely.Point(200, 200)) and not union.contains(shapely.Point(165, 165))  # island, hole
+
+    run = tile_two_slides(tmp_path, cmu_slide, tcga_slide, "20")
+    assert main(["export-geojson", "--run", str(run)]) == 0
+    for path in (run / "geojson").glob("*.geojson"):
+        for f in json.loads(path.read_text())["features"]:
+            g = shape(f["geometry"])
+            assert g.is_valid, (path.name, f["properties"].get("name"), shapely.is_valid_reason(g))

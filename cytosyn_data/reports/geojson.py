@@ -2,8 +2,8 @@
 level-0 pixels, each tile classified by its fate.
 
 ``export_geojson(run)`` writes ``RUN/geojson/{slide_id}.geojson``: a FeatureCollection whose
-features are ``annotation`` polygons for the tissue (from the detect mask, traced with OpenCV and
-scaled to level-0 pixels) and ``detection`` polygons for the tiles (the level-0 square actually
+features are ``annotation`` polygons for the tissue (from the detect mask, traced with OpenCV with
+its holes, made valid with shapely, scaled to level-0 pixels) and ``detection`` polygons for the tiles (the level-0 square actually
 read), classified ``train`` / ``val_in`` / ``val_out`` / ``guidance`` (when ``splits.parquet``
 exists), ``removed`` (curation keep = false), ``tile`` (written, no split yet) or ``candidate``
 (a tissue tile not selected). QuPath opens it with File > Import objects.
@@ -17,6 +17,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import polars as pl
+import shapely
+import shapely.affinity
+import shapely.geometry
+from shapely.geometry import MultiPolygon, Polygon
+from shapely.ops import unary_union
 
 from cytosyn_data.core.errors import DataError
 from cytosyn_data.io.atomic import atomic_write_bytes
@@ -29,28 +34,60 @@ COLOURS = {"tissue": (0, 160, 0), "train": (40, 110, 255), "val_in": (255, 170, 
            "guidance": (150, 60, 220), "removed": (90, 90, 90), "tile": (40, 110, 255), "candidate": (200, 200, 120)}
 
 
-def _feature(ring: list[list[float]], kind: str, cls: str, name: str | None = None) -> dict:
+def _props(kind: str, cls: str, name: str | None) -> dict:
     props = {"objectType": kind, "classification": {"name": cls, "color": list(COLOURS[cls])}}
     if name:
         props["name"] = name
-    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": props}
+    return props
+
+
+def _feature(ring: list[list[float]], kind: str, cls: str, name: str | None = None) -> dict:
+    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]}, "properties": _props(kind, cls, name)}
 
 
 def _box(x0: float, y0: float, side: float) -> list[list[float]]:
     return [[x0, y0], [x0 + side, y0], [x0 + side, y0 + side], [x0, y0 + side], [x0, y0]]
 
 
-def tissue_polygons(mask: np.ndarray, level0_width: int) -> list[list[list[float]]]:
-    """Outer contours of a boolean mask [h, w], as closed rings in level-0 pixels."""
-    scale = level0_width / mask.shape[1]
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    rings = []
-    for c in contours:
-        if len(c) < 3:
+def tissue_geometries(mask: np.ndarray, level0_width: int) -> list[Polygon]:
+    """The tissue of a boolean mask [h, w] as valid shapely Polygons with their holes, in level-0
+    pixels (one per connected piece). Traced with OpenCV (outlines and holes through the boundary
+    pixels' centres, hierarchy kept), then made valid: corner touches and one-pixel spurs, which make
+    a traced ring cross itself, are resolved by ``shapely.make_valid`` and only areas are kept."""
+    contours, hierarchy = cv2.findContours(mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE)
+    shells = []
+    for i, c in enumerate(contours):
+        if hierarchy[0][i][3] >= 0 or len(c) < 3:  # a hole (has a parent), or too short for an area
             continue
-        pts = [[float(x * scale), float(y * scale)] for x, y in c[:, 0, :]]
-        rings.append(pts + [pts[0]])
-    return rings
+        holes, j = [], hierarchy[0][i][2]  # first child, then its siblings
+        while j >= 0:
+            if len(contours[j]) >= 3:
+                holes.append(contours[j][:, 0, :].astype(float))
+            j = hierarchy[0][j][0]
+        shells.append(Polygon(c[:, 0, :].astype(float), holes))
+    if not shells:
+        return []
+    area = unary_union([_areas(shapely.make_valid(s)) for s in shells])
+    area = shapely.affinity.scale(area, level0_width / mask.shape[1], level0_width / mask.shape[1], origin=(0, 0))
+    return [g for g in getattr(area, "geoms", [area]) if isinstance(g, Polygon) and not g.is_empty]
+
+
+def _areas(geom):
+    """The polygonal part of a geometry (make_valid may add the lines of a spur)."""
+    if isinstance(geom, (Polygon, MultiPolygon)):
+        return geom
+    return unary_union([g for g in getattr(geom, "geoms", []) if isinstance(g, (Polygon, MultiPolygon))])
+
+
+def tissue_polygons(mask: np.ndarray, level0_width: int) -> list[list[list[list[float]]]]:
+    """GeoJSON Polygon coordinates (outline, then holes; closed rings in level-0 pixels) of :func:`tissue_geometries`."""
+    return [shapely.geometry.mapping(shapely.geometry.polygon.orient(g))["coordinates"]
+            for g in tissue_geometries(mask, level0_width)]
+
+
+def _tissue_feature(rings) -> dict:
+    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[list(p) for p in r] for r in rings]},
+            "properties": _props("annotation", "tissue", "tissue")}
 
 
 def tile_fates(run: Path, slide_ids: list[str] | None = None) -> pl.DataFrame:
@@ -112,7 +149,7 @@ def export_geojson(run: str | Path) -> list[Path]:
         mask_path = DetectFiles.of_run(run, sid).mask
         if mask_path.exists():
             mask = decode_png(mask_path.read_bytes())[..., 0] > 127
-            feats += [_feature(r, "annotation", "tissue", "tissue") for r in tissue_polygons(mask, int(slide["width"]))]
+            feats += [_tissue_feature(r) for r in tissue_polygons(mask, int(slide["width"]))]
         for t in part.sort("key").iter_rows(named=True):
             feats.append(_feature(_box(t["x0"], t["y0"], t["side"]), "detection", t["fate"], t["key"]))
         path = run / "geojson" / f"{sid}.geojson"

@@ -49,7 +49,7 @@ def slide_picture(run: Path, slide: dict, fates: pl.DataFrame) -> np.ndarray:
     out[ink] = out[ink] * 0.4 + np.array([255, 0, 255], np.float32) * 0.6
     out = out.clip(0, 255).astype(np.uint8)
     s = img.shape[1] / w0
-    rings = [np.round(np.array(r) * s).astype(np.int32) for r in tissue_polygons(mask, w0)]
+    rings = [np.round(np.array(r) * s).astype(np.int32) for poly in tissue_polygons(mask, w0) for r in poly]
     cv2.polylines(out, rings, True, COLOURS["tissue"], 2)
     for fate in reversed(FATES):  # candidates first, splits on top
         t = fates.filter(pl.col("fate") == fate)

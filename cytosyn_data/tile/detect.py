@@ -93,8 +93,11 @@ def _find_tiles(slide: dict, cfg, files: DetectFiles, facts: SlideFacts, picture
     thumb, view = pictures
     w0, h0, mpp0 = facts.width, facts.height, facts.mpp
     mask = tissue_mask(thumb, mpp0 * w0 / thumb.shape[1], cfg.tissue)
-    mask = apply_regions(mask, w0, slide.get("include_regions"), slide.get("exclude_regions"))
-    facts = replace(facts, regions={k: slide.get(f"{k}_regions") for k in ("include", "exclude")})
+    mask, notes = apply_regions(mask, w0, slide.get("include_regions"), slide.get("exclude_regions"),
+                                slide.get("region_class"))
+    facts = replace(facts, regions={**{k: slide.get(f"{k}_regions") for k in ("include", "exclude")},
+                                    **({"class": slide["region_class"]} if slide.get("region_class") else {}),
+                                    **({"notes": notes} if notes else {})})
     sid = facts.slide_id
     if slide.get("coords"):  # exactly the tiles of a TRIDENT/CLAM coordinates file
         xy, overhang = read_coords(slide["coords"], plan.footprint, (w0, h0), facts.level_downsamples)

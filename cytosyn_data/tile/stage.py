@@ -94,6 +94,7 @@ def run_tile(
     include_regions: str | Path | None = None,
     exclude_regions: str | Path | None = None,
     coords: str | Path | None = None,
+    region_class: str | None = None,
 ) -> TileResult:
     """Run the tile stage for the slide table ``slides`` (see slide_table.build_slide_table).
 
@@ -115,9 +116,10 @@ def run_tile(
 
     ``include_regions`` / ``exclude_regions``: folders of ``{slide_id}.geojson`` region files (QuPath
     annotations, level-0 pixels) that restrict tissue to, or remove it from, their polygons
-    (:mod:`regions`); the files are inputs of the run (a changed one is a changed run). ``coords``: a
-    folder of ``{slide_id}.h5`` (TRIDENT/CLAM ``coords``, :mod:`coords_h5`): exactly those tiles are
-    written (``cfg.tiles`` must be None: no budget, no tissue threshold).
+    (:mod:`regions`); the files are inputs of the run (a changed one is a changed run); only QuPath
+    annotations are regions, and with ``region_class`` only those of that classification. ``coords``:
+    a folder of TRIDENT/CLAM coordinates files (:mod:`coords_h5`): exactly those tiles are written
+    (``cfg.tiles`` must be None: no budget, no tissue threshold).
     """
     if coords is not None and cfg.tiles is not None:
         raise UsageError("--coords tiles exactly the given coordinates: give --tiles all (no budget)")
@@ -128,9 +130,11 @@ def run_tile(
         rows = slides.to_dicts()
         regions = {r["slide_id"]: {"include_regions": region_file(include_regions, r["slide_id"]),
                                    "exclude_regions": region_file(exclude_regions, r["slide_id"]),
-                                   "coords": coords_file(coords, r["slide_id"], r["path"])} for r in rows}
+                                   "coords": coords_file(coords, r["slide_id"], r["path"]),
+                                   **({"region_class": region_class} if region_class else {})} for r in rows}
         inputs = [f"{r['slide_id']}\t{r['path']}\tmpp={r['mpp_override']}" + "".join(
-            f"\t{k}={file_identity(v) if v and Path(v).exists() else v}" for k, v in regions[r["slide_id"]].items())
+            f"\t{k}={file_identity(v) if k != 'region_class' and v and Path(v).exists() else v}"
+            for k, v in regions[r["slide_id"]].items())
             for r in rows]
         files = {r["slide_id"]: _identity_or_cause(r["path"]) for r in rows}
         check_run_file(out, "tile", {"config": cfg.fingerprint()}, inputs, overwrite, lambda: clear_tile_outputs(out),
@@ -238,6 +242,8 @@ def _detect_phase(mine: list[dict], cfg: TileConfig, work: Path, ex: "_Runner") 
         for facts in ex.ex.map(_detect_unit, [(r, cfg, work) for r in batch], "detect"):
             if not facts.ok:
                 tqdm.write(f"FAILED {facts.error}")
+            for note in (facts.regions or {}).get("notes", []):
+                tqdm.write(f"regions: {note}")
     return time.perf_counter() - t
 
 
