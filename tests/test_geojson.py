@@ -80,3 +80,32 @@ def test_tissue_outlines_are_valid_polygons_with_their_holes(tmp_path, cmu_slide
         for f in json.loads(path.read_text())["features"]:
             g = shape(f["geometry"])
             assert g.is_valid, (path.name, f["properties"].get("name"), shapely.is_valid_reason(g))
+
+
+def test_paquo_takes_our_features_and_gives_regions_back(tmp_path, cmu_slide):
+    """paquo (bayer-science-for-a-better-life/paquo f863af5, paquo/hierarchy.py): ``load_geojson``
+    requires a list of features and makes each an annotation, trying ``shape(geometry).is_valid``
+    only with ``fix_invalid``; ``to_geojson`` returns the annotations as a list of QuPath features.
+    Our tissue features pass without fixing; the list paquo gives back is a region file."""
+    from shapely.geometry import shape
+
+    assert main(["tile", "--slides", str(cmu_slide), "--out", str(tmp_path / "a"), "--tiles", "all"]) == 0
+    assert main(["export-geojson", "--run", str(tmp_path / "a")]) == 0
+    doc = json.loads((tmp_path / "a" / "geojson" / "cmu-1-small-region.geojson").read_text())
+    tissue = [f for f in doc["features"] if f["properties"]["objectType"] == "annotation"]  # what to give load_geojson
+    assert isinstance(tissue, list) and tissue
+    for annotation in tissue:  # load_geojson's lines, fix_invalid=False and True
+        assert shape(annotation["geometry"]).is_valid
+        assert annotation["properties"].get("classification", {}).get("name", "UNDEFINED") == "tissue"
+    # hierarchy.to_geojson(): every annotation (tile boxes too, had they been loaded) as a plain list
+    back = [{"type": "Feature", "id": "5c5b6c52-1a0c-4a4a-9d4f-0a0a0a0a0a0a", "geometry": f["geometry"],
+             "properties": {"objectType": "annotation", "classification": f["properties"]["classification"]}}
+            for f in doc["features"]]
+    regions = tmp_path / "regions"
+    regions.mkdir()
+    (regions / "cmu-1-small-region.geojson").write_text(json.dumps(back))
+    assert main(["tile", "--slides", str(cmu_slide), "--out", str(tmp_path / "b"), "--tiles", "all",
+                 "--include-regions", str(regions), "--region-class", "tissue"]) == 0
+    a = set(pl.read_parquet(tmp_path / "a" / "candidates.parquet")["key"])
+    b = set(pl.read_parquet(tmp_path / "b" / "candidates.parquet")["key"])
+    assert len(a ^ b) <= 2 and len(a & b) >= len(a) - 2
