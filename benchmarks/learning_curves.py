@@ -4,7 +4,7 @@
 
 Tiles every tissue tile of ../shared/data/wsi (cmu-1-small-region at its 0.499 MPP, the TCGA frozen
 section with --mpp-override 0.25), holds out 1 tile in 6 (by key hash), trains
-pipelines/train_tiny.yaml (random tiny H0-mini as the condition and REPA target; no LPIPS: its
+the shipped tiny config (random tiny H0-mini as the condition and REPA target; no LPIPS: its
 VGG weights cannot be downloaded here) for the given time on the CPU, and every ``--eval-every``
 steps measures on the held-out tiles: VAE reconstruction PSNR (posterior mode, live and EMA VAE),
 the REPA cosine similarity of the SiT at fixed t and noise, and the diffusion loss there. Writes
@@ -80,7 +80,7 @@ def run(args) -> Path:
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     train_tar, heldout_tar = tile_and_split(out, Path(args.shared))
-    conf = yaml.safe_load((ROOT / "pipelines" / "train_tiny.yaml").read_text())["train"]
+    conf = yaml.safe_load((ROOT / "cytosyn_data" / "configs" / "train_tiny.yaml").read_text())["train"]
     conf.update(out=str(out / "run"), batch_size=args.batch, lr=args.lr, max_steps=10**9, gan_start_step=args.gan_start,
                 ema_decay=0.995, num_workers=0, shuffle_buffer=256)
     tr = Trainer(TrainConfig.from_dict(conf))

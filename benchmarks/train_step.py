@@ -1,6 +1,6 @@
 """Images/s of REPA-E training steps (VAE + SiT + discriminator, all five phases).
 
-    python benchmarks/train_step.py --model tiny             # CPU-sized (pipelines/train_tiny.yaml)
+    python benchmarks/train_step.py --model tiny             # CPU-sized (the shipped tiny config)
     python benchmarks/train_step.py --model xl --batch 32    # SiT-XL/2 + f8d4 VAE, bf16 on a GPU
 
 Random tensors stand in for the H0-mini features (cls/tok), as the shards would carry them.
@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def config(model: str, batch: int, precision: str) -> TrainConfig:
     name = "train_tiny.yaml" if model == "tiny" else "train_xl.yaml"
-    d = yaml.safe_load((ROOT / "pipelines" / name).read_text())["train"]
+    d = yaml.safe_load((ROOT / "cytosyn_data" / "configs" / name).read_text())["train"]
     d.update(out="/tmp/cytosyn-bench", batch_size=batch, mixed_precision=precision, gan_start_step=0,
              lpips_weight=1.0, lpips_vgg_weights="random", lpips_lin_weights="random")
     return TrainConfig.from_dict(d)

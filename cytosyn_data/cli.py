@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from cytosyn_data.core.checks import cli_type, fraction, non_negative, positive
-from cytosyn_data.core.config import load_stage_config
+from cytosyn_data.core.config import SHIPPED, load_stage_config, shipped_config_text
 from cytosyn_data.core.errors import UsageError, run_cli
 from cytosyn_data.core.executors import ClusterSpec, launched_rank
 from cytosyn_data.io.remote import is_url, publish
@@ -92,7 +92,8 @@ def _add_tile(sub) -> None:
     p.add_argument("--coords", type=Path,
                    help="FILE.h5 (one slide) or a folder of TRIDENT's or CLAM's coordinates files (level-0 x, y): "
                         "tile exactly those (with --tiles all)")
-    p.add_argument("--config", type=Path, help="YAML config (section 'tile'), e.g. pipelines/tile.yaml")
+    p.add_argument("--config", help="YAML config (section 'tile'): a file, or 'tile', the shipped one "
+                                    "(cytosyn-data config show tile)")
     p.add_argument("--mpp-override", "--mpp", dest="mpp_override", type=cli_type(positive),
                    help="level-0 MPP for every slide")
     p.add_argument("--tiles", type=_tiles_arg, default=argparse.SUPPRESS, help="global tile budget or 'all'")
@@ -275,6 +276,17 @@ def cmd_features(args) -> int:
     return 0
 
 
+def cmd_config(args) -> int:
+    if args.action == "list":
+        for name, file in sorted(SHIPPED.items()):
+            print(f"{name:12s} {file}")
+        return 0
+    if not args.name:
+        raise UsageError("config show NAME: give a name (cytosyn-data config list)")
+    sys.stdout.write(shipped_config_text(args.name))
+    return 0
+
+
 def cmd_report(args) -> int:
     path = write_report(args.run)
     print(f"report: {path} (open it in a browser; it works from disk)")
@@ -314,6 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trident: OUT/patches/{name}_patches.h5 (patch_size at the target magnification); "
                         "clam: OUT/patches/{name}.h5 (patch_size in pixels of patch_level)")
     h.add_argument("--out", type=Path, help="output folder (default RUN/h5/FORMAT)")
+    c = sub.add_parser("config", help="the configs shipped with cytosyn: list them, or print one to start from")
+    c.add_argument("action", choices=("list", "show"))
+    c.add_argument("name", nargs="?", help="tile, tiny, xl, eval")
     r = sub.add_parser("report", help="static HTML page of a run: slides with tiles by fate, tables, curation, audit")
     r.add_argument("--run", required=True, type=Path, help="tile run folder")
     return parser
@@ -323,7 +338,7 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"tile": cmd_tile, "merge": cmd_merge, "curate": cmd_curate, "split": cmd_split, "features": cmd_features,
                 "export-geojson": cmd_export_geojson, "report": cmd_report,
-                "export-h5": cmd_export_h5}
+                "export-h5": cmd_export_h5, "config": cmd_config}
     return commands[args.command](args)
 
 

@@ -24,7 +24,8 @@ def _train(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="cytosyn-train", description="REPA-E end-to-end training; one job over several "
                                 "processes under torchrun / accelerate launch (GPUs: NCCL, CPUs: gloo)")
     p.add_argument("--shards", nargs="+", required=True, help="shard folder(s), .tar files or brace patterns")
-    p.add_argument("--config", type=Path, required=True, help="pipelines/train_*.yaml")
+    p.add_argument("--config", required=True, help="YAML file (section 'train'), or a shipped config: tiny, xl "
+                                                   "(cytosyn-data config show xl)")
     p.add_argument("--out", help="run folder (overrides the config)")
     p.add_argument("--max-steps", type=cli_type(positive, int))
     p.add_argument("--resume", default="auto", help="'auto' (newest checkpoint in the run folder), a checkpoint folder, or 'none'")
@@ -118,7 +119,7 @@ def _sample(argv: list[str] | None) -> int:
 def _eval(argv: list[str] | None) -> int:
 
     p = argparse.ArgumentParser(prog="cytosyn-eval", description="FD / FLD / precision-recall / cosine of generated vs real tiles")
-    p.add_argument("--config", type=Path, required=True, help="pipelines/eval.yaml (section 'eval')")
+    p.add_argument("--config", required=True, help="YAML file (section 'eval'), or 'eval', the shipped example")
     p.add_argument("--out", help="output folder (overrides the config)")
     args = p.parse_args(argv)
     conf = load_stage_config(args.config, "eval")

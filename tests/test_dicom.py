@@ -60,10 +60,29 @@ def test_dicom_series_tiles_equal_the_svs_it_came_from(dicom_series, cmu_slide, 
         assert np.array_equal(decode_png(png), want), row["key"]
         if f"{row['key']}.png" in a:
             assert a[f"{row['key']}.png"] == png
-    # tissue detection sees the same slide through another thumbnail path (DCT-reduced JPEG for the SVS):
-    # the candidates agree but for tiles at the 0.6 tissue-fraction threshold
+    # detection's thumbnail follows one rule whatever the reader: the same candidates, the same tiles
     keys = set(pl.read_parquet(svs / "tiles.parquet")["key"])
-    assert len(keys ^ set(tiles["key"])) <= 2 and len(keys & set(tiles["key"])) > 40
+    assert keys == set(tiles["key"]) and len(keys) > 40
+
+
+def test_one_thumbnail_whatever_the_reader(dicom_series, cmu_slide, tcga_slide):
+    """openslide, tiffslide, the fast TIFF reader (openslide's handle), and the DICOM series of the
+    same slide give detection the same thumbnail pixels, so the same mask and tiles."""
+    from cytosyn_data.wsi.slide import load_wsi
+
+    for path, size in ((cmu_slide, (139, 185)), (cmu_slide, (555, 741)), (tcga_slide, (277, 222)), (tcga_slide, (1100, 890))):
+        thumbs = {}
+        for reader in ("auto", "openslide", "tiffslide"):
+            with load_wsi(path, reader) as s:
+                thumbs[reader] = s.thumbnail(size)
+                assert s.fast_reads == (reader == "auto")
+        if path == cmu_slide:
+            with load_wsi(dicom_series) as s:
+                thumbs["dicom"] = s.thumbnail(size)
+        ref = thumbs.pop("auto")
+        assert ref.shape == (size[1], size[0], 3)
+        for reader, t in thumbs.items():
+            assert np.array_equal(t, ref), (path.name, size, reader, int(np.abs(t.astype(int) - ref).max()))
 
 
 def _members(run: Path) -> dict[str, bytes]:

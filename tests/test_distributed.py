@@ -90,7 +90,7 @@ def tiles(tmp_path_factory, cmu_slide) -> Path:
 def _tiny_config(path: Path, **over) -> Path:
     import yaml
 
-    d = yaml.safe_load((HERE.parent / "pipelines" / "train_tiny.yaml").read_text())
+    d = yaml.safe_load((HERE.parent / "cytosyn_data" / "configs" / "train_tiny.yaml").read_text())
     d["train"].update({**dict(batch_size=2, max_steps=4, ckpt_every=2, sample_every=4, log_every=1, gan_start_step=2,
                               sample_steps=2), **over})
     path.write_text(yaml.safe_dump(d))
@@ -191,7 +191,7 @@ def test_sampling_over_two_processes_is_byte_identical_to_one(tmp_path, tiles, c
 
     import yaml
 
-    d = yaml.safe_load((HERE.parent / "pipelines" / "train_tiny.yaml").read_text())["train"]
+    d = yaml.safe_load((HERE.parent / "cytosyn_data" / "configs" / "train_tiny.yaml").read_text())["train"]
     ckpt = Trainer(TrainConfig.from_dict({**d, "out": str(tmp_path / "run")})).save_checkpoint()
     args = ["--checkpoint", str(ckpt), "--ref-shards", str(tiles), "--h0-mini-weights", "random:small", "--mode", "cond",
             "-n", "7", "--steps", "3", "--sampler", "sde", "--format", "shards", "--shard-size", "3", "--batch-size", "2"]

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train")
-    d = yaml.safe_load((ROOT / "pipelines" / "train_tiny.yaml").read_text())["train"]
+    d = yaml.safe_load((ROOT / "cytosyn_data" / "configs" / "train_tiny.yaml").read_text())["train"]
     # channels multiples of 32: diffusers' AutoencoderKL has one GroupNorm group count (as f8d4)
     d.update(out=str(out), h0_mini_weights="random:small", vae={"ch": 32, "ch_mult": [1, 1, 2, 2], "num_res_blocks": 1,
                                                                  "z_channels": 4})

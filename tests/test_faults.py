@@ -243,7 +243,7 @@ def _train_config(tmp_path: Path, **over) -> Path:
     import yaml
 
     root = Path(__file__).resolve().parents[1]
-    d = yaml.safe_load((root / "pipelines" / "train_tiny.yaml").read_text())
+    d = yaml.safe_load((root / "cytosyn_data" / "configs" / "train_tiny.yaml").read_text())
     d["train"].update({"max_steps": 2, "ckpt_every": 2, "sample_every": 100, "log_every": 1, "batch_size": 2, **over})
     path = tmp_path / f"train-{len(list(tmp_path.glob('train-*.yaml')))}.yaml"
     path.write_text(yaml.safe_dump(d))

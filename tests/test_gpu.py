@@ -27,7 +27,7 @@ def test_mixed_precision_multi_step_training_and_sampling(tmp_path, precision):
     from cytosyn_model.generate import Generator
     from cytosyn_model.train import TrainConfig, Trainer
 
-    d = yaml.safe_load((ROOT / "pipelines" / "train_tiny.yaml").read_text())["train"]
+    d = yaml.safe_load((ROOT / "cytosyn_data" / "configs" / "train_tiny.yaml").read_text())["train"]
     d.update(out=str(tmp_path), mixed_precision=precision, gan_start_step=0)
     tr = Trainer(TrainConfig.from_dict(d))
     assert tr.device.type == "cuda"

@@ -103,3 +103,23 @@ def test_train_and_eval_pages_render_with_every_picture(tmp_path):
     save_grid(rng.integers(0, 255, (2, 32, 32, 3), dtype=np.uint8), ev / "grid.png")
     page = write_eval_page(ev)
     assert _render_counts(page) == (1, 1) and "12.5000" in page.read_text() and "FLD" in page.read_text()
+
+
+def test_a_missing_picture_source_never_fails_the_split(tmp_path, cmu_slide, capsys):
+    """The split's work done, the run's page re-rendered: a slide whose detection pictures are gone
+    gets a placeholder and a warning; the split succeeds and its outputs stand."""
+    import polars as pl
+
+    from cytosyn_data.cli import main
+
+    run = tmp_path / "run"
+    assert main(["tile", "--slides", str(cmu_slide), "--out", str(run), "--tiles", "12"]) == 0
+    for suffix in (".view.jpg", ".mask.png", ".thumb.png"):
+        (run / "work" / "detect" / f"cmu-1-small-region{suffix}").unlink()
+    capsys.readouterr()
+    assert main(["split", "--run", str(run), "--val-out-fraction", "0", "--guidance-tiles", "2", "--shard-size", "8"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: report picture of slide cmu-1-small-region not written (FileNotFoundError" in err
+    assert pl.read_parquet(run / "splits.parquet").height == 12
+    page = (run / "report" / "index.html").read_text()
+    assert "picture unavailable" in page and not (run / "report" / "img" / "cmu-1-small-region.jpg").exists()

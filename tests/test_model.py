@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_conf(out: Path, **over) -> TrainConfig:
-    d = yaml.safe_load((ROOT / "pipelines" / "train_tiny.yaml").read_text())["train"]
+    d = yaml.safe_load((ROOT / "cytosyn_data" / "configs" / "train_tiny.yaml").read_text())["train"]
     d.update(out=str(out), **over)
     return TrainConfig.from_dict(d)
 
@@ -108,7 +108,7 @@ def test_nan_loss_stops_with_the_step_and_term(tmp_path, shards):
 
 def test_cli_train_then_sample_all_modes(tmp_path, shards):
     cfg = tmp_path / "c.yaml"
-    d = yaml.safe_load((ROOT / "pipelines" / "train_tiny.yaml").read_text())
+    d = yaml.safe_load((ROOT / "cytosyn_data" / "configs" / "train_tiny.yaml").read_text())
     d["train"].update(max_steps=3, ckpt_every=3, sample_every=3)
     cfg.write_text(yaml.safe_dump(d))
     assert train_main(["--shards", str(shards), "--config", str(cfg), "--out", str(tmp_path / "run")]) == 0

@@ -97,3 +97,25 @@ def test_pen_mask_equals_its_rules_on_every_rgb_colour():
     assert 0 < want.sum() < want.size
     assert np.array_equal(pen_mask(cube), want)
     assert np.array_equal(pen_mask(cube, hsv=cv2.cvtColor(cube, cv2.COLOR_RGB2HSV_FULL)), want)
+
+
+def test_a_tissue_mask_over_most_of_the_slide_is_flagged(tmp_path, cmu_slide):
+    """Glass that reads as colour (a mis-encoded slide) gives 'tissue' everywhere: slides.parquet
+    and report.md carry a warning; a normal slide has none."""
+    import polars as pl
+    import tifffile
+
+    from cytosyn_data.cli import main
+
+    rng = np.random.default_rng(0)
+    img = np.stack([rng.integers(150, 230, (1024, 1024)), rng.integers(40, 140, (1024, 1024)),
+                    rng.integers(120, 210, (1024, 1024))], -1).astype(np.uint8)  # pink from edge to edge
+    tifffile.imwrite(tmp_path / "pink.tif", img, tile=(256, 256), photometric="rgb", resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER")
+    assert main(["tile", "--slides", str(tmp_path / "pink.tif"), str(cmu_slide), "--out", str(tmp_path / "o"),
+                 "--tiles", "4"]) == 0
+    slides = pl.read_parquet(tmp_path / "o" / "slides.parquet").sort("slide_id")
+    warn = dict(zip(slides["slide_id"], slides["qc_warning"]))
+    assert warn["cmu-1-small-region"] is None and 0.2 < slides["tissue_area_fraction"][0] < 0.6
+    assert warn["pink"].startswith("tissue mask covers 100% of the slide (> 90%): glass read as tissue?")
+    assert "## Tissue-mask warnings" in (report := (tmp_path / "o" / "report.md").read_text()) and "| pink |" in report

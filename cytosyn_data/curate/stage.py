@@ -32,6 +32,7 @@ from cytosyn_data.curate.probes import (
 )
 from cytosyn_data.curate.sheets import contact_sheet, pngs_for, removal_report, weak_label
 from cytosyn_data.io.png import decode_png
+from cytosyn_data.reports.guard import never_fail
 from cytosyn_data.reports.html import write_report
 from cytosyn_data.reports.markdown import markdown_table
 from cytosyn_data.run.state import record_run
@@ -95,7 +96,7 @@ def curate_apply(run: Path, x, threshold: float) -> list[str]:
             f"{threshold}): {removed}", "", markdown_table(rep.rename({"removed_fraction": "fraction"}), "{:.3f}")]
     (work / "report.md").write_text("\n".join(text) + "\n")
     if (run / "candidates.parquet").exists():
-        write_report(run)
+        never_fail(f"{run}/report/index.html", write_report, run)
     return text
 
 

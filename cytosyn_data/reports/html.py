@@ -23,6 +23,7 @@ from cytosyn_data.core.errors import DataError
 from cytosyn_data.io.atomic import atomic_write_bytes
 from cytosyn_data.io.png import decode_png
 from cytosyn_data.reports.geojson import COLOURS, fates_by_slide, tissue_polygons
+from cytosyn_data.reports.guard import never_fail
 from cytosyn_data.reports.qc_pictures import draw_boxes
 from cytosyn_data.run.paths import DetectFiles
 from cytosyn_data.run.schemas import NULL_STRATUM, VIEW_SIDE
@@ -124,6 +125,13 @@ def html_page(title: str, body: str) -> str:
             f"<style>{STYLE}</style></head><body>\n{body}\n{SCRIPT}</body></html>")
 
 
+def _write_picture(run: Path, slide: dict, fates: pl.DataFrame, path: Path) -> bool:
+    pic = slide_picture(run, slide, fates)
+    ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(pic, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    atomic_write_bytes(path, jpg.tobytes(), durable=False)
+    return True
+
+
 def write_report(run: str | Path) -> Path:
     """Write ``RUN/report/index.html`` and its pictures; returns the page's path."""
     run = Path(run)
@@ -137,16 +145,17 @@ def write_report(run: str | Path) -> Path:
     tss = slides.select("slide_id", tss=pl.col("tss").fill_null(NULL_STRATUM))
     for slide, fates in fates_by_slide(run, slides):  # a batch of slides at a time
         sid = slide["slide_id"]
-        pic = slide_picture(run, slide, fates)
-        ok, jpg = cv2.imencode(".jpg", cv2.cvtColor(pic, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 90])
-        atomic_write_bytes(img_dir / f"{sid}.jpg", jpg.tobytes(), durable=False)
+        drawn = never_fail(f"report picture of slide {sid}", _write_picture, run, slide, fates, img_dir / f"{sid}.jpg")
+        if not drawn:  # no stale picture of an earlier run under this slide's name
+            (img_dir / f"{sid}.jpg").unlink(missing_ok=True)
         n = fates.group_by("fate").len().sort("fate")
         written = fates.filter(pl.col("fate") != "candidate")
         counts.append(written.join(tss, on="slide_id").group_by("tss", "fate").len())
         n_tiles, n_cand = n_tiles + written.height, n_cand + fates.height
+        caption = f'<figcaption><b>{html.escape(sid)}</b>: {", ".join(f"{f} {c}" for f, c in n.iter_rows())}</figcaption>'
         figures.append(f'<figure><a href="img/{html.escape(sid)}.jpg"><img src="img/{html.escape(sid)}.jpg" '
-                       f'alt="{html.escape(sid)}"></a><figcaption><b>{html.escape(sid)}</b>: '
-                       f'{", ".join(f"{f} {c}" for f, c in n.iter_rows())}</figcaption></figure>')
+                       f'alt="{html.escape(sid)}"></a>{caption}</figure>' if drawn else
+                       f'<figure><p class="missing">picture unavailable (see the warning of the run)</p>{caption}</figure>')
     per_fate = (pl.concat(counts).group_by("tss", "fate").agg(pl.col("len").sum()) if counts
                 else pl.DataFrame(schema={"tss": pl.String, "fate": pl.String, "len": pl.UInt32}))
     n_ok = slides.filter(pl.col("status") == "ok").height

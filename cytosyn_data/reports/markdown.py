@@ -48,6 +48,8 @@ def write_tile_report(path: Path, result, slides: pl.DataFrame, cfg) -> str:
         schema={"stratum": pl.String, "quota": pl.Int64},
     )
     failed = slides.filter(pl.col("status") != "ok").select("slide_id", "error")
+    warned = (slides.filter(pl.col("qc_warning").is_not_null()).select("slide_id", "qc_warning")
+              if "qc_warning" in slides.columns else pl.DataFrame())
     text = f"""# cytosyn-data tile report
 
 - slides: {slides.height} ({ok} ok, {slides.height - ok} failed)
@@ -68,6 +70,10 @@ def write_tile_report(path: Path, result, slides: pl.DataFrame, cfg) -> str:
 ## Failed slides
 
 {markdown_table(failed) if failed.height else 'none'}
+
+## Tissue-mask warnings
+
+{markdown_table(warned) if warned.height else 'none'}
 """
     atomic_write_bytes(path, text.encode())
     return text

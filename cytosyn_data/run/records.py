@@ -21,7 +21,25 @@ from pathlib import Path
 from cytosyn_data.core.errors import DataError
 from cytosyn_data.io.atomic import write_json_atomic
 
-__all__ = ["SlideFacts", "SlideRead", "load_facts"]
+__all__ = ["SlideFacts", "SlideRead", "load_facts", "tissue_warning"]
+
+#: a tissue mask over more than this fraction of the slide is suspicious (glass read as tissue)
+TISSUE_WARN_ABOVE = 0.9
+#: a tissue mask under this fraction of the slide is suspicious (faint or missed tissue)
+TISSUE_WARN_BELOW = 0.005
+
+
+def tissue_warning(fraction: float | None) -> str | None:
+    """The QC warning of a slide whose tissue mask covers ``fraction`` of it, or None."""
+    if fraction is None:
+        return None
+    if fraction > TISSUE_WARN_ABOVE:
+        return (f"tissue mask covers {fraction:.0%} of the slide (> {TISSUE_WARN_ABOVE:.0%}): glass read as tissue? "
+                "check the QC picture, or try another --segmenter")
+    if fraction < TISSUE_WARN_BELOW:
+        return (f"tissue mask covers {fraction:.2%} of the slide (< {TISSUE_WARN_BELOW:.1%}): faint or missed tissue? "
+                "check the QC picture")
+    return None
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,8 @@ SLIDES_SCHEMA = {
     "error": pl.String,
     "n_candidates": pl.Int64,
     "n_selected": pl.Int64,
+    "tissue_area_fraction": pl.Float64,  # of the slide's area under the tissue mask
+    "qc_warning": pl.String,  # null, or why the tissue mask looks wrong (see records.tissue_warning)
 }
 
 CANDIDATE_SCHEMA = {

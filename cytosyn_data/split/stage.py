@@ -27,6 +27,7 @@ import polars as pl
 from cytosyn_data.core.errors import DataError
 from cytosyn_data.core.executors import ClusterSpec, open_executor
 from cytosyn_data.io.atomic import atomic_write_bytes, tmp_path
+from cytosyn_data.reports.guard import never_fail
 from cytosyn_data.reports.html import write_report
 from cytosyn_data.run.schemas import SPLITS_SCHEMA
 from cytosyn_data.run.state import RunLock, check_run_file, file_identity
@@ -106,7 +107,7 @@ def _run_split(run: Path, out: Path, cfg: SplitConfig, cur_path: Path | None, cl
     result.update(counts=shuffled["counts"], removed_by_qc=a.n_tiles - a.n_qc_kept, tiles=a.n_tiles,
                   seconds={"assign": t1 - t0, "audit": t2 - t1, **shuffled["seconds"]})
     if out == run / "splits":  # the run's page shows the splits
-        write_report(run)
+        never_fail(f"{run}/report/index.html", write_report, run)
     return result
 
 

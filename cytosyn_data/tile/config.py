@@ -1,4 +1,4 @@
-"""The settings of `cytosyn-data tile` (``pipelines/tile.yaml``, section ``tile``), validated at the
+"""The settings of `cytosyn-data tile` (``--config tile``, ``cytosyn_data/configs/tile.yaml``, section ``tile``), validated at the
 edge: one line naming the key and the cause."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from cytosyn_data.wsi.tissue import TissueParams
 
 @dataclass(frozen=True)
 class TileConfig:
-    """Settings of the tile stage (``pipelines/tile.yaml``). Sizes in pixels, resolutions in MPP."""
+    """Settings of the tile stage (``--config tile``, ``cytosyn_data/configs/tile.yaml``). Sizes in pixels, resolutions in MPP."""
 
     tile_size: int = 224
     target_mpp: float = 0.5

@@ -33,10 +33,11 @@ from cytosyn_data.io.atomic import remove_stale_tmp, tmp_path, write_parquet_ato
 from cytosyn_data.io.coords_h5 import coords_file
 from cytosyn_data.io.remote import SlideCache, is_url, localized
 from cytosyn_data.reports import qc_pictures as qc
+from cytosyn_data.reports.guard import never_fail
 from cytosyn_data.reports.html import write_report
 from cytosyn_data.reports.markdown import write_tile_report
 from cytosyn_data.run.paths import DetectFiles, detect_dir
-from cytosyn_data.run.records import SlideFacts, load_facts
+from cytosyn_data.run.records import SlideFacts, load_facts, tissue_warning
 from cytosyn_data.run.schemas import CANDIDATE_SCHEMA, SLIDES_SCHEMA
 from cytosyn_data.run.state import RunLock, check_run_file, file_identity
 from cytosyn_data.tile.config import TileConfig
@@ -222,10 +223,10 @@ def _run_tile(slides: pl.DataFrame, out: Path, cfg: TileConfig, ex: "_Runner", s
 def _write_reports(out: Path, result: TileResult, cfg: TileConfig, shard_index: int, num_shards: int) -> None:
     """``report{suffix}.md`` (the summary) and, for an unsplit run, the HTML report."""
     suffix = _part_suffix(shard_index, num_shards)
-    write_tile_report(out / f"report{suffix}.md", result, pl.read_parquet(out / f"slides{suffix}.parquet"), cfg)
+    never_fail(f"{out}/report{suffix}.md", write_tile_report, out / f"report{suffix}.md", result,
+               pl.read_parquet(out / f"slides{suffix}.parquet"), cfg)
     if num_shards == 1:  # a split run gets its page after `merge` (cytosyn-data report)
-
-        write_report(out)
+        never_fail(f"{out}/report/index.html", write_report, out)
 
 
 def _detect_phase(mine: list[dict], cfg: TileConfig, work: Path, ex: "_Runner") -> float:
@@ -284,7 +285,8 @@ def _select_phase(mine: list[dict], facts: dict, quota_of: dict, cfg: TileConfig
         write_parquet_atomic(cand.drop("col", "row"), sel_dir / f"{sid}.parquet")
         write_parquet_atomic(rows, sel_dir / f"{sid}.plan.parquet")
         counts[sid], digests[sid], n_cand = rows.height, slide_digest(rows), n_cand + cand.height
-        qc.write_slide_qc(DetectFiles(detect_dir(work), sid), cand, facts[sid], out / "qc" / f"{sid}.png")
+        never_fail(f"QC picture of slide {sid}", qc.write_slide_qc, DetectFiles(detect_dir(work), sid), cand, facts[sid],
+                   out / "qc" / f"{sid}.png")
     return counts, digests, n_cand
 
 
@@ -365,6 +367,7 @@ def _slides_table(mine: list[dict], facts: dict, n_sel: dict[str, int]) -> pl.Da
             "path": r["path"],
             "n_candidates": info.get("n_candidates"),
             "n_selected": n_sel.get(r["slide_id"], 0),
+            "qc_warning": tissue_warning(info.get("tissue_area_fraction")),
         })
     return pl.DataFrame(rows, schema=SLIDES_SCHEMA)
 

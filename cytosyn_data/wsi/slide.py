@@ -16,6 +16,10 @@ from cytosyn_data.core.errors import SlideError  # noqa: F401  (raised and caugh
 from cytosyn_data.wsi.pixels import composite_on_white, level_pixel
 from cytosyn_data.wsi.tiff_reader import TiledTiffReader
 
+#: the largest box pre-reduction of a thumbnail's level: a power of two, so it divides TIFF tiles of
+#: 240 (Aperio), 256 and 512 px and the fast reader reduces tile by tile
+MAX_PREREDUCE = 16
+
 #: The one antialiased downsampling filter (used whenever no level is within tolerance).
 RESAMPLE_FILTERS = {"area": cv2.INTER_AREA}
 RESAMPLE_NAMES = {"area": "cv2.INTER_AREA (area averaging, antialiased)"}
@@ -24,7 +28,7 @@ RESAMPLE_NAMES = {"area": "cv2.INTER_AREA (area averaging, antialiased)"}
 class SlideHandle:
     """A uniform view over an openslide or tiffslide object."""
 
-    def __init__(self, path: Path, backend: str, obj):
+    def __init__(self, path: Path, backend: str, obj, fast: bool = True):
         self.path = Path(path)
         self.backend = backend
         self._obj = obj
@@ -33,7 +37,7 @@ class SlideHandle:
         self.level_downsamples: list[float] = [float(d) for d in obj.level_downsamples]
         self.properties: dict[str, str] = {str(k): str(v) for k, v in obj.properties.items()}
         self._fast = None
-        if self.dimensions and self.level_count and self.path.is_file():
+        if fast and self.dimensions and self.level_count and self.path.is_file():
             try:
                 self._fast = TiledTiffReader(path, self.level_dimensions)
             except Exception:  # noqa: BLE001 - not a plain tiled TIFF pyramid: use the backend
@@ -69,26 +73,39 @@ class SlideHandle:
             rgba = self._obj.read_region(location, level, size, as_array=True)
         return composite_on_white(rgba)
 
-    def thumbnail(self, size: tuple[int, int], max_pixels: int = 256_000_000) -> np.ndarray:
-        """RGB image of exactly ``size`` (w, h), uint8 [h, w, 3], area-downsampled from the
-        coarsest level that is still at least as fine; the backend's thumbnail when that
-        level is larger than ``max_pixels``."""
+    def thumbnail(self, size: tuple[int, int]) -> np.ndarray:
+        """RGB image of exactly ``size`` (w, h), uint8 [h, w, 3], by one rule for every reader (so a
+        slide gives the same tissue mask, candidates and tiles through openslide, tiffslide, the
+        fast TIFF reader or a DICOM series of it): the coarsest level at least as fine as ``size``,
+        box-averaged over k x k level pixels (k the largest power of two <= 16 that keeps it at least
+        ``size``; the last partial blocks, under k level pixels, dropped), then area-resized to
+        ``size``. The level is read in bands (the fast reader: tile by tile), never whole."""
         w, h = size
         level = 0
         for i, (lw, lh) in enumerate(self.level_dimensions):
             if lw >= w and lh >= h:
                 level = i
         lw, lh = self.level_dimensions[level]
-        if self._fast is not None:
-            tw, th = self._fast.tile_size(level)
-            want = max(1, int(min(lw / w, lh / h)))
-            k = max(f for f in range(1, want + 1) if tw % f == 0 and th % f == 0)
-            full = self._fast.read_reduced(level, k)
-        elif lw * lh <= max_pixels:
-            full = self.read_rgb((0, 0), level, (lw, lh))
-        else:
-            full = composite_on_white(np.asarray(self._obj.get_thumbnail(size)))
-        return cv2.resize(full, (w, h), interpolation=cv2.INTER_AREA)
+        want = max(1, int(min(lw / w, lh / h)))
+        k = 1
+        while k * 2 <= min(want, MAX_PREREDUCE):
+            k *= 2
+        return cv2.resize(self._box_reduced(level, k), (w, h), interpolation=cv2.INTER_AREA)
+
+    def _box_reduced(self, level: int, k: int, band_bytes: int = 64 * 2**20) -> np.ndarray:
+        """``level`` box-averaged over k x k blocks from (0, 0): uint8 [lh // k, lw // k, 3]."""
+        lw, lh = self.level_dimensions[level]
+        ow, oh = lw // k, lh // k
+        if self._fast is not None and all(t % k == 0 for t in self._fast.tile_size(level)):
+            return self._fast.read_reduced(level, k, exact=True)[:oh, :ow]
+        out = np.empty((oh, ow, 3), np.uint8)
+        rows = max(k, band_bytes // max(1, ow * k * 3) // k * k)  # level rows per read, a multiple of k
+        ds = self.level_downsamples[level]
+        for y in range(0, oh * k, rows):
+            n = min(rows, oh * k - y)
+            px = self.read_rgb((0, int(round(y * ds))), level, (ow * k, n))
+            out[y // k:(y + n) // k] = cv2.resize(px, (ow, n // k), interpolation=cv2.INTER_AREA) if k > 1 else px
+        return out
 
     def close(self) -> None:
         if self._fast is not None:
@@ -144,19 +161,23 @@ class TiffHandle:
 def load_wsi(path: str | Path, reader: str = "auto", *, level_dimensions=None, level_downsamples=None,
              band: tuple[int, int] | None = None):
     """The one reader factory (as TRIDENT's ``WSIFactory.load_wsi``). ``reader``: ``auto`` (openslide,
-    then tiffslide, with the fast TIFF reader inside when the file allows: :func:`open_slide`) or
-    ``tiff`` (the fast TIFF reader alone, :class:`TiffHandle`, given the pyramid's geometry)."""
+    then tiffslide, with the fast TIFF reader inside when the file allows: :func:`open_slide`);
+    ``openslide`` or ``tiffslide`` (that backend alone, no fast reader); ``tiff`` (the fast TIFF
+    reader alone, :class:`TiffHandle`, given the pyramid's geometry)."""
     if reader == "auto":
         return open_slide(path)
+    if reader in ("openslide", "tiffslide"):
+        return open_slide(path, backends=(reader,), fast=False)
     if reader == "tiff":
         if level_dimensions is None or level_downsamples is None:
             raise ValueError("load_wsi(reader='tiff') needs level_dimensions and level_downsamples")
         return TiffHandle(path, level_dimensions, level_downsamples, band)
-    raise ValueError(f"unknown reader {reader!r} (auto, tiff)")
+    raise ValueError(f"unknown reader {reader!r} (auto, openslide, tiffslide, tiff)")
 
 
-def open_slide(path: str | Path) -> SlideHandle:
-    """Open with openslide, fall back to tiffslide; raise SlideError naming the file and both causes.
+def open_slide(path: str | Path, backends: tuple[str, ...] = ("openslide", "tiffslide"), fast: bool = True) -> SlideHandle:
+    """Open with openslide, fall back to tiffslide; raise SlideError naming the file and every cause.
+    ``fast``: decode regions of a plain tiled TIFF with the fast reader (same pixels, tested).
 
     ``path`` is a slide file, or a folder holding one DICOM WSI series (read with openslide's DICOM
     support; the MPP comes from the DICOM pixel spacing)."""
@@ -164,22 +185,24 @@ def open_slide(path: str | Path) -> SlideHandle:
     if not path.exists():
         raise SlideError(f"{path}: file not found")
     errors = []
-    target = dicom_series_file(path) if path.is_dir() else path
-    try:
+    for backend in backends:
+        try:
+            return SlideHandle(path, backend, _backend_object(path, backend, errors), fast)
+        except Exception as exc:  # noqa: BLE001 - every backend failure is reported
+            errors.append(f"{backend}: {type(exc).__name__}: {exc}")
+    raise SlideError(f"{path}: cannot open slide ({'; '.join(errors)})")
+
+
+def _backend_object(path: Path, backend: str, errors: list[str]):
+    if backend == "openslide":
         import openslide  # here: its native library may be missing
 
-        return SlideHandle(path, "openslide", openslide.OpenSlide(str(target)))
-    except Exception as exc:  # noqa: BLE001 - every backend failure is reported
-        errors.append(f"openslide: {type(exc).__name__}: {exc}")
-    try:
-        import tiffslide  # here: the fallback backend, imported only when openslide fails
+        return openslide.OpenSlide(str(dicom_series_file(path) if path.is_dir() else path))
+    import tiffslide  # here: the fallback backend, imported only when openslide fails
 
-        if path.is_dir():
-            raise SlideError(f"{path}: DICOM series need openslide >= 4 ({errors[0]})")
-        return SlideHandle(path, "tiffslide", tiffslide.TiffSlide(str(path)))
-    except Exception as exc:  # noqa: BLE001
-        errors.append(f"tiffslide: {type(exc).__name__}: {exc}")
-    raise SlideError(f"{path}: cannot open slide ({'; '.join(errors)})")
+    if path.is_dir():
+        raise SlideError(f"{path}: DICOM series need openslide >= 4 ({errors[0] if errors else 'not tried'})")
+    return tiffslide.TiffSlide(str(path))
 
 
 _RES_UNIT_MICRONS = {"centimeter": 1e4, "inch": 25400.0, "3": 1e4, "2": 25400.0}

@@ -118,11 +118,13 @@ class TiledTiffReader:
                 out[y0 - y : y1 - y, x0 - x : x1 - x] = tile[y0 - ty * th : y1 - ty * th, x0 - tx * tw : x1 - tx * tw]
         return out
 
-    def read_reduced(self, level: int, factor: int) -> np.ndarray:
+    def read_reduced(self, level: int, factor: int, exact: bool = False) -> np.ndarray:
         """Whole ``level`` area-reduced by an integer ``factor`` tile by tile, uint8 [ceil(h/f), ceil(w/f), 3].
 
         ``factor`` must divide the TIFF tile size; each decoded tile is reduced on its own, so
-        the whole level is never held at full resolution.
+        the whole level is never held at full resolution. ``exact``: full decodes, box means equal
+        to any reader's; else JPEG tiles are decoded reduced in the DCT domain (faster, within one
+        grey level).
         """
         page = self.pages[level]
         tw, th = page.tilewidth, page.tilelength
@@ -131,7 +133,7 @@ class TiledTiffReader:
         across, down = -(-page.imagewidth // tw), -(-page.imagelength // th)
         rw, rh = tw // factor, th // factor
         out = np.empty((down * rh, across * rw, 3), np.uint8)
-        dct = next((r for r in (8, 4, 2) if factor % r == 0), 1) if self._jpeg_dct_ok(page) else 1
+        dct = next((r for r in (8, 4, 2) if factor % r == 0), 1) if self._jpeg_dct_ok(page) and not exact else 1
         for ty in range(down):
             for tx in range(across):
                 i = ty * across + tx

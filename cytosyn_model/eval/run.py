@@ -1,6 +1,6 @@
 """`cytosyn-eval`: features of real and generated tile sets per extractor, metrics, report and plots.
 
-Config (``pipelines/eval.yaml``, section ``eval``)::
+Config (a YAML file, section ``eval``; ``cytosyn-data config show eval`` prints an example)::
 
     out: runs/eval
     real: {val_in: splits/val_in, val_out: splits/val_out}     # shard folders or PNG folders
