@@ -202,3 +202,17 @@ def test_bad_coordinate_files_name_the_cause(tmp_path, cmu_slide, capsys):
     assert main(base + ["--out", str(tmp_path / "s"), "--tiles", "all"]) == 1
     assert "no coordinates file for this slide (--coords looks for {name}.h5, patches/{name}.h5" in \
         pl.read_parquet(tmp_path / "s" / "slides.parquet")["error"][0]
+
+
+def test_export_in_slide_batches_equals_one_batch(tmp_path, cmu_slide, tcga_slide):
+    """export-h5 reads tiles.parquet for batches of slides (memory: one batch, not the run)."""
+    from conftest import tile_two_slides
+    from cytosyn_data.reports.coords_export import export_h5
+
+    run = tile_two_slides(tmp_path, cmu_slide, tcga_slide, "30")
+    one = export_h5(run, out=tmp_path / "one")
+    many = export_h5(run, out=tmp_path / "many", max_tiles=1)  # a batch per slide
+    assert [p.name for p in one] == [p.name for p in many] and len(one) == 2
+    for a, b in zip(one, many):
+        with h5py.File(a) as fa, h5py.File(b) as fb:
+            assert np.array_equal(fa["coords"][()], fb["coords"][()]) and len(fa["coords"]) > 0

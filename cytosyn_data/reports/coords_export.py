@@ -24,8 +24,10 @@ __all__ = ["FORMATS", "export_h5"]
 FORMATS = ("trident", "clam")
 
 
-def export_h5(run: str | Path, fmt: str = "trident", out: str | Path | None = None) -> list[Path]:
-    """Write one coordinates file per slide with written tiles (tiles.parquet order); returns the paths."""
+def export_h5(run: str | Path, fmt: str = "trident", out: str | Path | None = None,
+              max_tiles: int = 1_000_000) -> list[Path]:
+    """Write one coordinates file per slide with written tiles (tiles.parquet order), reading
+    tiles.parquet for batches of slides of about ``max_tiles`` tiles; returns the paths."""
     run = Path(run)
     if fmt not in FORMATS:
         raise DataError(f"unknown coordinates format {fmt!r}; known: {', '.join(FORMATS)}")
@@ -40,9 +42,30 @@ def export_h5(run: str | Path, fmt: str = "trident", out: str | Path | None = No
         raise DataError(f"{run / 'slides.parquet'}: several slides share the file name {sorted(twins)[0]!r}; "
                         "TRIDENT and CLAM name files by it: export them from separate runs")
     written = []
-    for (sid,), part in pl.read_parquet(run / "tiles.parquet").group_by("slide_id", maintain_order=True):
-        written.append(_export_slide(run, folder, fmt, slides[sid], names[sid], part))
+    for batch in _slide_batches(slides, max_tiles):
+        parts = (pl.scan_parquet(run / "tiles.parquet").filter(pl.col("slide_id").is_in(batch))
+                 .select(EXPORT_COLUMNS).collect().partition_by("slide_id", as_dict=True, maintain_order=True))
+        for sid in batch:
+            if (sid,) in parts:
+                written.append(_export_slide(run, folder, fmt, slides[sid], names[sid], parts[(sid,)]))
     return written
+
+
+#: the tiles.parquet columns an export reads
+EXPORT_COLUMNS = ["key", "slide_id", "x", "y", "footprint", "mpp", "read_level", "region"]
+
+
+def _slide_batches(slides: dict, max_tiles: int) -> list[list[str]]:
+    """slide_ids in batches of about ``max_tiles`` written tiles: tiles.parquet is scanned once per
+    batch, and memory holds one batch, never the run's table."""
+    batches, batch, n = [], [], 0
+    for sid, row in slides.items():
+        batch.append(sid)
+        n += int(row.get("n_selected") or 0)
+        if n >= max_tiles:
+            batches.append(batch)
+            batch, n = [], 0
+    return batches + ([batch] if batch else [])
 
 
 def _export_slide(run: Path, folder: Path, fmt: str, slide: dict, name: str, part: pl.DataFrame) -> Path:
