@@ -18,7 +18,7 @@ from cytosyn_data.reports.geojson import export_geojson
 from cytosyn_data.reports.html import write_report
 from cytosyn_data.run.slide_table import build_slide_table
 from cytosyn_data.split.stage import SplitConfig, run_split
-from cytosyn_data.tile.config import TileConfig
+from cytosyn_data.tile.config import SEGMENTER_NAMES, TileConfig
 from cytosyn_data.tile.merge import merge_parts
 from cytosyn_data.tile.stage import run_tile
 
@@ -99,6 +99,13 @@ def _add_tile(sub) -> None:
     p.add_argument("--tiles", type=_tiles_arg, default=argparse.SUPPRESS, help="global tile budget or 'all'")
     p.add_argument("--seed", type=int, default=argparse.SUPPRESS)
     p.add_argument("--shard-size", type=cli_type(positive, int), default=argparse.SUPPRESS, help="tiles per shard")
+    p.add_argument("--segmenter", choices=SEGMENTER_NAMES, default=argparse.SUPPRESS,
+                   help="tissue segmentation: hsv (the HSV rule, default), hest (HEST DeepLabV3, 1 um/px) or grandqc "
+                        "(GrandQC UNet++, 10 um/px; pip install cytosyn[seg])")
+    p.add_argument("--segmenter-weights", default=argparse.SUPPRESS,
+                   help="local weights of --segmenter hest|grandqc (never downloaded)")
+    p.add_argument("--segmenter-batch", type=cli_type(positive, int), default=argparse.SUPPRESS,
+                   help="patches per forward pass of the segmenter (default 16)")
     p.add_argument("--workers", type=cli_type(positive, int), default=1, help="processes (units: slides, shards) in parallel")
     p.add_argument("--shard-index", type=cli_type(non_negative, int), default=0, help="this job's index (e.g. SLURM_ARRAY_TASK_ID)")
     p.add_argument("--num-shards", type=cli_type(positive, int), default=1, help="number of jobs the slides are split across")
@@ -110,7 +117,7 @@ def _add_tile(sub) -> None:
 
 def cmd_tile(args) -> int:
     conf = load_stage_config(args.config, "tile")
-    for name in ("tiles", "seed", "shard_size"):
+    for name in ("tiles", "seed", "shard_size", "segmenter", "segmenter_weights", "segmenter_batch"):
         if hasattr(args, name):
             conf[name] = getattr(args, name)
     if isinstance(conf.get("tiles"), str) and conf["tiles"].lower() == "all":

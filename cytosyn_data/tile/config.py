@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cytosyn_data.core.checks import fraction, integer, non_negative, one_of, positive
 from cytosyn_data.core.errors import UsageError
+from cytosyn_data.run.state import file_identity
 from cytosyn_data.wsi.slide import RESAMPLE_NAMES
 from cytosyn_data.wsi.tissue import TissueParams
+
+#: the tissue segmenters: the HSV rule, or a deep network of cytosyn_encoders.segmenters
+SEGMENTER_NAMES = ("hsv", "hest", "grandqc")
 
 
 @dataclass(frozen=True)
@@ -28,10 +33,18 @@ class TileConfig:
     resample: str = "area"
     png_encoder: str = "fpng"
     tissue: TissueParams = field(default_factory=TissueParams)
+    segmenter: str = "hsv"  # hsv (the HSV rule), hest or grandqc (deep networks, cytosyn_encoders.segmenters)
+    segmenter_weights: str | None = None  # the network's local weights file (hest, grandqc)
+    segmenter_batch: int = 16  # patches per forward pass
 
     def fingerprint(self) -> dict:
-        """Everything that changes the output bytes."""
-        return dataclasses.asdict(self)
+        """Everything that changes the output bytes (the segmenter's weights by their digest)."""
+        d = dataclasses.asdict(self)
+        w = self.segmenter_weights
+        if w is not None and not str(w).startswith("random"):
+            d["segmenter_weights"] = {"path": str(w), **file_identity(w)}  # a changed file is a changed run
+        d.pop("segmenter_batch")
+        return d
 
     def __post_init__(self):
         self.validate("tile config")
@@ -49,6 +62,14 @@ class TileConfig:
         positive(self.shard_size, f"{where}: shard_size", int)
         one_of(self.resample, f"{where}: resample", RESAMPLE_NAMES)
         one_of(self.png_encoder, f"{where}: png_encoder", ("fpng", "pillow"))
+        one_of(self.segmenter, f"{where}: segmenter", SEGMENTER_NAMES)
+        positive(self.segmenter_batch, f"{where}: segmenter_batch", int)
+        if self.segmenter != "hsv" and not self.segmenter_weights:
+            raise UsageError(f"{where}: segmenter {self.segmenter} needs segmenter_weights (--segmenter-weights FILE, "
+                             "or random:small for a test network); weights are never downloaded")
+        w = self.segmenter_weights
+        if w is not None and not str(w).startswith("random") and not Path(w).is_file():
+            raise UsageError(f"{where}: segmenter_weights: file not found: {w} (weights are never downloaded)")
         if not isinstance(self.shard_name, str) or not self.shard_name or "/" in self.shard_name:
             raise UsageError(f"{where}: shard_name must be a non-empty name without '/', got {self.shard_name!r}")
 

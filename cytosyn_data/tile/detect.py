@@ -8,6 +8,7 @@ least 1024 px on its long side, for the HTML report).
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import polars as pl
 
 from cytosyn_data.core.errors import DataError
+from cytosyn_data.core.executors import rank_device
 from cytosyn_data.io.atomic import atomic_write_bytes, write_parquet_atomic
 from cytosyn_data.io.coords_h5 import read_coords
 from cytosyn_data.io.png import encode_png
@@ -24,6 +26,7 @@ from cytosyn_data.run.paths import DetectFiles, detect_dir
 from cytosyn_data.run.records import SlideFacts, load_facts
 from cytosyn_data.run.schemas import CANDIDATE_SCHEMA, VIEW_SIDE
 from cytosyn_data.run.state import file_identity
+from cytosyn_data.wsi.dl_tissue import segment_tissue
 from cytosyn_data.wsi.regions import apply_regions
 from cytosyn_data.wsi.slide import SlideError, make_read_plan, open_slide, resolve_mpp
 from cytosyn_data.wsi.tissue import tile_tissue_fractions, tissue_mask
@@ -59,8 +62,8 @@ def detect_slide(slide: dict, cfg, work: Path) -> SlideFacts:
         if slide.get("fetch_error"):
             raise SlideError(slide["fetch_error"])
         facts = replace(facts, file=slide["file"] if isinstance(slide.get("file"), dict) else file_identity(slide["path"]))
-        facts, thumb, view, plan, level_dims = _open(slide, src, cfg, facts)
-        facts = _find_tiles(slide, cfg, files, facts, (thumb, view), plan, level_dims)
+        facts, thumb, view, plan, level_dims, mask = _open(slide, src, cfg, facts)
+        facts = _find_tiles(slide, cfg, files, facts, (thumb, view, mask), plan, level_dims)
     except SlideError as exc:
         facts = facts.failed(str(exc).replace(str(src), slide["path"]))
     except Exception as exc:  # noqa: BLE001 - any failure of one slide is recorded, the run goes on
@@ -84,15 +87,31 @@ def _open(slide: dict, src: str, cfg, facts: SlideFacts) -> tuple:
         facts = replace(facts, backend=s.backend, vendor=s.vendor, width=w0, height=h0, levels=s.level_count,
                         mpp=mpp0, mpp_source=source, fast_reads=s.fast_reads, level_dimensions=s.level_dimensions,
                         level_downsamples=s.level_downsamples)
-        return facts, thumb, view, plan, s.level_dimensions[plan.level]
+        mask = _tissue(s, mpp0, thumb, cfg)
+        return facts, thumb, view, plan, s.level_dimensions[plan.level], mask
+
+
+def _tissue(s, mpp0: float, thumb: np.ndarray, cfg) -> np.ndarray:
+    """The tissue mask on the thumbnail's grid: the HSV rule, or the configured deep segmenter."""
+    if cfg.segmenter == "hsv":
+        return tissue_mask(thumb, mpp0 * s.dimensions[0] / thumb.shape[1], cfg.tissue)
+    return segment_tissue(s, mpp0, thumb, _segmenter(cfg.segmenter, cfg.segmenter_weights), cfg.segmenter_batch,
+                          cfg.tissue)
+
+
+@functools.lru_cache(maxsize=2)
+def _segmenter(name: str, weights: str):
+    """The segmenter network, built once per worker process (on its GPU when there is one)."""
+    from cytosyn_encoders.segmenters import build_segmenter  # lazy: torch, only for --segmenter hest|grandqc
+
+    return build_segmenter(name, weights, rank_device())
 
 
 def _find_tiles(slide: dict, cfg, files: DetectFiles, facts: SlideFacts, pictures: tuple, plan, level_dims) -> SlideFacts:
     """Tissue mask and candidate tiles of an opened slide; writes the detection files and returns
     the ``ok`` record."""
-    thumb, view = pictures
-    w0, h0, mpp0 = facts.width, facts.height, facts.mpp
-    mask = tissue_mask(thumb, mpp0 * w0 / thumb.shape[1], cfg.tissue)
+    thumb, view, mask = pictures
+    w0, h0 = facts.width, facts.height
     mask, notes = apply_regions(mask, w0, slide.get("include_regions"), slide.get("exclude_regions"),
                                 slide.get("region_class"))
     facts = replace(facts, regions={**{k: slide.get(f"{k}_regions") for k in ("include", "exclude")},

@@ -79,9 +79,8 @@ def tissue_mask(rgb: np.ndarray, mpp: float = 8.0, params: TissueParams = Tissue
     thr = float(np.clip(otsu, params.saturation_floor, params.saturation_ceiling))
     mask = (sat > thr) & (val >= params.value_min)
 
-    ink = _drop_small(pen_mask(rgb, params), params.min_pen_um2 / (mpp * mpp))
+    ink = ink_mask(rgb, mpp, params)
     if ink.any():
-        ink = cv2.dilate(ink.astype(np.uint8), _disk(round(params.pen_dilate_um / mpp))) > 0
         mask &= ~ink
 
     m = mask.astype(np.uint8)
@@ -91,6 +90,14 @@ def tissue_mask(rgb: np.ndarray, mpp: float = 8.0, params: TissueParams = Tissue
     if ink.any():
         mask &= ~ink  # holes filled across ink must not bring it back
     return _drop_small(mask, params.min_object_um2 / (mpp * mpp))
+
+
+def ink_mask(rgb: np.ndarray, mpp: float = 8.0, params: TissueParams = TissueParams()) -> np.ndarray:
+    """Boolean [h, w]: pen ink (blobs of at least ``min_pen_um2``) with a ``pen_dilate_um`` margin."""
+    ink = _drop_small(pen_mask(rgb, params), params.min_pen_um2 / (mpp * mpp))
+    if ink.any():
+        ink = cv2.dilate(ink.astype(np.uint8), _disk(round(params.pen_dilate_um / mpp))) > 0
+    return ink
 
 
 def fill_small_holes(mask: np.ndarray, max_px: float) -> np.ndarray:
