@@ -295,8 +295,9 @@ def cmd_config(args) -> int:
 
 
 def cmd_report(args) -> int:
-    path = write_report(args.run)
-    print(f"report: {path} (open it in a browser; it works from disk)")
+    res = write_report(args.run)
+    print(f"report: {res.path} (open it in a browser; it works from disk); slide pictures: {res.drawn} drawn, "
+          f"{res.reused} unchanged" + (f", {res.missing} missing (see the warning)" if res.missing else ""))
     return 0
 
 

@@ -36,13 +36,16 @@ def test_report_page_lists_every_slide_and_fate(split_run):
     page = (split_run / "report" / "index.html").read_text()
     slides = pl.read_parquet(split_run / "slides.parquet")
     assert f'<span id="n-slides">{slides.height}</span>' in page
+    table = (split_run / "report" / "slides.js").read_text()
     for sid in slides["slide_id"]:
-        assert f'img/{sid}.jpg' in page and (split_run / "report" / "img" / f"{sid}.jpg").stat().st_size > 10_000
+        assert f'"{sid}"' in table and f'img/{sid}.jpg' in (split_run / "report" / "slides" / f"{sid}.html").read_text()
+        assert (split_run / "report" / "img" / f"{sid}.jpg").stat().st_size > 10_000
     import cv2
 
     pic = cv2.imread(str(split_run / "report" / "img" / f"{slides['slide_id'][0]}.jpg"))
     assert max(pic.shape[:2]) >= 1024
     assert "train" in page and "val_in" in page and "split leakage audit" in page
+    assert 'img/tiles_per_tss.png' in page and 'img/qc.png' in page
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (apt-get install chromium)")
@@ -51,9 +54,13 @@ def test_report_renders_in_headless_chromium(split_run, tmp_path):
     dom = chromium("--dump-dom", url)
     loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
     assert loaded, dom[:500]
+    assert int(loaded.group(1)) == int(loaded.group(2)) >= 2  # the plots (and the curation sheets)
     n_slides = pl.read_parquet(split_run / "slides.parquet").height
-    assert int(loaded.group(1)) == int(loaded.group(2)) == n_slides  # every picture loaded
     assert re.search(rf'<span id="n-slides">{n_slides}</span>', dom)
+    assert f'data-table="{n_slides}:slide_id:asc"' in dom
+    sid = pl.read_parquet(split_run / "slides.parquet")["slide_id"][0]
+    one = chromium("--dump-dom", (split_run / "report" / "slides" / f"{sid}.html").as_uri())
+    assert 'data-images-loaded="1/1"' in one and f'src="../img/{sid}.jpg"' in one  # its picture loaded
     shot = tmp_path / "report.png"
     chromium(f"--screenshot={shot}", "--window-size=1280,1600", url)
     assert shot.stat().st_size > 50_000
@@ -119,7 +126,47 @@ def test_a_missing_picture_source_never_fails_the_split(tmp_path, cmu_slide, cap
     capsys.readouterr()
     assert main(["split", "--run", str(run), "--val-out-fraction", "0", "--guidance-tiles", "2", "--shard-size", "8"]) == 0
     err = capsys.readouterr().err
-    assert "warning: report picture of slide cmu-1-small-region not written (FileNotFoundError" in err
+    assert "warning: the pictures of 1 slide(s) not drawn (first: cmu-1-small-region: FileNotFoundError" in err
     assert pl.read_parquet(run / "splits.parquet").height == 12
     page = (run / "report" / "index.html").read_text()
-    assert "picture unavailable" in page and not (run / "report" / "img" / "cmu-1-small-region.jpg").exists()
+    slide_page = (run / "report" / "slides" / "cmu-1-small-region.html").read_text()
+    assert "picture unavailable" in slide_page and not (run / "report" / "img" / "cmu-1-small-region.jpg").exists()
+    assert "cmu-1-small-region" in (run / "report" / "slides.js").read_text() and "n-slides" in page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this machine (apt-get install chromium)")
+def test_the_report_of_2000_slides_sorts_filters_pages_and_redraws_only_changed_slides(tmp_path):
+    """A synthetic 2,000-slide run: the index's slide table sorts, filters and pages in Chromium;
+    a re-run draws again only the slide whose fates changed."""
+    from cytosyn_data.reports.html import write_report
+    from cytosyn_data.run.synthetic import make_run
+
+    run = make_run(tmp_path / "run", 2000 * 3, tiles_per_slide=3, shard_size=6000, pictures=12)
+    slides = pl.read_parquet(run / "slides.parquet")
+    failed, warned = slides["slide_id"][100:103].to_list(), slides["slide_id"][200:205].to_list()
+    slides = slides.with_columns(
+        status=pl.when(pl.col("slide_id").is_in(failed)).then(pl.lit("failed")).otherwise("status"),
+        qc_warning=pl.when(pl.col("slide_id").is_in(warned)).then(pl.lit("tissue mask covers 97%")).otherwise("qc_warning"))
+    slides.write_parquet(run / "slides.parquet")
+    first = write_report(run)
+    assert (first.drawn, first.reused) == (12, 0) and first.missing == 2000 - 12 - 3
+    url = first.path.as_uri()
+    dom = chromium("--dump-dom", url)
+    assert 'data-table="2000:slide_id:asc"' in dom and dom.count("<tr><td><a href=\"slides/") == 100  # a page of 100
+    last = max(slides["slide_id"])
+    dom = chromium("--dump-dom", url + "#sort=slide_id:desc")
+    assert 'data-table="2000:slide_id:desc"' in dom and dom.index(f">{last}</a>") < dom.index("</tbody>")
+    dom = chromium("--dump-dom", url + "#q=tcga-p3")  # the filter matches slide, TSS and project, any case
+    assert f'data-table="{slides.filter(pl.col("project") == "TCGA-P3").height}:' in dom
+    assert 'data-table="3:' in chromium("--dump-dom", url + "#show=failed")
+    assert 'data-table="5:' in chromium("--dump-dom", url + "#show=warnings")
+    assert '<span id="slide-page">3 / 20</span>' in chromium("--dump-dom", url + "#page=2")
+    pictures = {p.name: p.stat().st_mtime_ns for p in (run / "report" / "img").glob("*.jpg")}
+    tiles = pl.read_parquet(run / "tiles.parquet")
+    changed = slides["slide_id"][5]
+    key = tiles.filter(pl.col("slide_id") == changed)["key"][0]
+    pl.DataFrame({"key": [key], "keep": [False]}).write_parquet(run / "curation.parquet")  # one tile removed
+    second = write_report(run)
+    assert (second.drawn, second.reused) == (1, 11)
+    now = {p.name: p.stat().st_mtime_ns for p in (run / "report" / "img").glob("*.jpg")}
+    assert [n for n in now if now[n] != pictures[n]] == [f"{changed}.jpg"]

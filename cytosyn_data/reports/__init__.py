@@ -4,4 +4,4 @@ A report never fails a stage.
 See docs/architecture.md for the layers and what each owns.
 """
 
-__all__ = ['coords_export', 'guard', 'geojson', 'html', 'markdown', 'qc_pictures']
+__all__ = ['coords_export', 'guard', 'site', 'geojson', 'html', 'markdown', 'qc_pictures']

@@ -14,12 +14,14 @@ import hashlib
 import json
 from pathlib import Path
 
+import cv2
 import numpy as np
 import polars as pl
 
-from cytosyn_data.io.atomic import write_parquet_atomic
+from cytosyn_data.io.atomic import atomic_write_bytes, write_parquet_atomic
 from cytosyn_data.io.png import encode_png
 from cytosyn_data.io.tar_write import TarAppender
+from cytosyn_data.run.paths import DetectFiles
 from cytosyn_data.run.schemas import SLIDES_SCHEMA, TILES_SCHEMA
 
 FOOTPRINT = 448  # level-0 px of a 224-px tile at 0.5 um/px over 0.25 um/px
@@ -41,6 +43,8 @@ def synthetic_tables(n_tiles: int, tiles_per_slide: int, shard_size: int = 500, 
     slides = pl.DataFrame({"slide_id": slide_ids, "path": [f"/nonexistent/{s}.svs" for s in slide_ids],
                            "backend": "synthetic", "tss": tss, "project": project, "patient": patient,
                            "read_level": 0, "native": True, "footprint": float(FOOTPRINT), "status": "ok",
+                           "width": int(np.ceil(np.sqrt(tiles_per_slide))) * FOOTPRINT,
+                           "height": int(np.ceil(np.sqrt(tiles_per_slide))) * FOOTPRINT,
                            "mpp": 0.25, "n_candidates": tiles_per_slide, "n_selected": tiles_per_slide},
                           ).with_columns(n_selected=pl.when(pl.int_range(pl.len()) == n_slides - 1)
                                          .then(n_tiles - (n_slides - 1) * tiles_per_slide).otherwise("n_selected"))
@@ -67,8 +71,10 @@ def synthetic_tables(n_tiles: int, tiles_per_slide: int, shard_size: int = 500, 
     return slides, tiles.select(list(TILES_SCHEMA)).cast(TILES_SCHEMA)
 
 
-def make_run(folder: str | Path, n_tiles: int, tiles_per_slide: int = 4000, shard_size: int = 500, seed: int = 0) -> Path:
-    """Write a synthetic tile run (tables and shards) into ``folder``; returns it."""
+def make_run(folder: str | Path, n_tiles: int, tiles_per_slide: int = 4000, shard_size: int = 500, seed: int = 0,
+             pictures: int = 0) -> Path:
+    """Write a synthetic tile run (tables, candidates.parquet and shards) into ``folder``; returns it.
+    ``pictures``: also detection's pictures of the first ``pictures`` slides (for the report)."""
     out = Path(folder)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     slides, tiles = synthetic_tables(n_tiles, tiles_per_slide, shard_size, seed)
@@ -84,4 +90,25 @@ def make_run(folder: str | Path, n_tiles: int, tiles_per_slide: int = 4000, shar
             tar.commit()
     write_parquet_atomic(slides, out / "slides.parquet")
     write_parquet_atomic(tiles, out / "tiles.parquet")
+    cand = tiles.select("key", "slide_id", "x", "y", "tissue_fraction", selected=pl.lit(True))
+    write_parquet_atomic(cand, out / "candidates.parquet")
+    if pictures:
+        write_detect_pictures(out, slides.head(pictures), seed)
     return out
+
+
+def write_detect_pictures(out: Path, slides: pl.DataFrame, seed: int = 0) -> None:
+    """Detection's per-slide pictures (thumbnail, mask, view) as small synthetic images, so the run's
+    report draws every slide: a pink disc of 'tissue' on glass, 128 px on its long side."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:128, :128]
+    disc = (xx - 64) ** 2 + (yy - 64) ** 2 < 50 ** 2
+    for sid in slides["slide_id"]:
+        files = DetectFiles.of_run(out, sid)
+        files.folder.mkdir(parents=True, exist_ok=True)
+        img = np.full((128, 128, 3), 240, np.uint8)
+        img[disc] = rng.integers((150, 40, 120), (230, 140, 210), (int(disc.sum()), 3), dtype=np.uint8)
+        atomic_write_bytes(files.thumb, encode_png(img), durable=False)
+        atomic_write_bytes(files.mask, encode_png(np.repeat((disc * 255).astype(np.uint8)[..., None], 3, 2)), durable=False)
+        atomic_write_bytes(files.view, cv2.imencode(".jpg", img[..., ::-1])[1].tobytes(), durable=False)
+
