@@ -123,3 +123,49 @@ def test_features_on_shards_at_a_url_equal_the_local_run(tmp_path, s3, cmu_slide
     capsys.readouterr()
     assert main(["features", "--shards", "s3://runs/feat/train/", *feats]) == 0
     assert "0 shard(s) written, 2 already done" in capsys.readouterr().out
+
+
+def test_credentials_in_slide_urls_are_never_written_and_a_re_signed_url_is_the_same_input(tmp_path, s3, cmu_slide,
+                                                                                        capsys):
+    """Presigned URLs (X-Amz-Signature, X-Amz-Credential) and userinfo: the run folder, its reports and
+    exports and the printed output hold none of the secrets; a URL re-signed for the same object is
+    not a changed input (nothing is redone)."""
+    _upload(s3, cmu_slide, "signed/cmu-1-small-region.svs")
+    _upload(s3, cmu_slide, "signed/basic-copy.svs")
+    from botocore.config import Config
+
+    v4 = boto3.client("s3", endpoint_url=s3.meta.endpoint_url, config=Config(signature_version="s3v4"))
+    sign = lambda key, t: v4.generate_presigned_url("get_object", Params={"Bucket": "slides", "Key": key},  # noqa: E731
+                                                    ExpiresIn=t)
+    url = sign("signed/cmu-1-small-region.svs", 3600)
+    missing = sign("signed/nope.svs", 3600)
+    host = url.split("://", 1)[1].split("/", 1)[0]
+    userinfo = f"http://alice:hunter2@{host}/slides/signed/basic-copy.svs"
+    secrets = [v.split("=", 1)[1] for v in url.split("?", 1)[1].split("&") if v.startswith(("X-Amz-Signature",
+                                                                                             "X-Amz-Credential"))]
+    secrets += [v.split("=", 1)[1] for v in missing.split("?", 1)[1].split("&") if v.startswith("X-Amz-Signature")]
+    secrets.append("hunter2")
+    table = tmp_path / "slides.csv"
+    pl.DataFrame({"path": [url, missing, userinfo], "slide_id": ["signed", "missing", "basic"]}).write_csv(table)
+    run = tmp_path / "run"
+    args = ["tile", "--slides", str(table), "--out", str(run), "--tiles", "8", "--shard-size", "4"]
+    assert main(args) == 1  # the missing object fails its slide, the others are tiled
+    assert main(["export-geojson", "--run", str(run)]) == 0 and main(["export-h5", "--run", str(run)]) == 0
+    printed = capsys.readouterr()
+    slides = pl.read_parquet(run / "slides.parquet").sort("slide_id")
+    assert slides["status"].to_list() == ["ok", "failed", "ok"]
+    assert "X-Amz-Signature=REDACTED" in slides["path"][2] and "REDACTED@" in slides["path"][0]
+    assert "signed/nope.svs" in slides["error"][1] and "X-Amz-Signature=REDACTED" in slides["error"][1]
+    written = [p for p in run.rglob("*") if p.is_file()]  # the slide cache included
+    for secret in secrets:
+        assert secret not in printed.out + printed.err
+        for p in written:
+            assert secret.encode() not in p.read_bytes(), (secret, p)
+    assert (run / "h5" / "trident" / "patches" / "cmu-1-small-region_patches.h5").exists()  # named without the query
+    shards = {p.name: p.stat().st_mtime_ns for p in (run / "shards").glob("*.tar")}
+    table2 = tmp_path / "slides2.csv"  # the user refreshed the expiring URL: another signature, the same object
+    pl.DataFrame({"path": [sign("signed/cmu-1-small-region.svs", 7200), missing, userinfo],
+                  "slide_id": ["signed", "missing", "basic"]}).write_csv(table2)
+    assert main(["tile", "--slides", str(table2), "--out", str(run), "--tiles", "8", "--shard-size", "4"]) == 1
+    assert "changed" not in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "shards").glob("*.tar")} == shards  # nothing redone

@@ -11,6 +11,8 @@ import os
 import sys
 from typing import Callable
 
+from cytosyn_data.core.secrets import redact_text
+
 
 class CytosynError(Exception):
     """An error the user can act on; ``exit_code`` 1 (data) unless a subclass says otherwise."""
@@ -60,5 +62,6 @@ def run_cli(prog: str, fn: Callable[[list[str] | None], int], argv: list[str] | 
         text = " ".join(str(exc).split()) or type(exc).__name__
         if not isinstance(exc, CytosynError):
             text = f"{type(exc).__name__}: {text}"
-        print(f"{prog}: error: {text}" + ("" if code == 2 else "  (--debug for the traceback)"), file=sys.stderr)
+        print(f"{prog}: error: {redact_text(text)}" + ("" if code == 2 else "  (--debug for the traceback)"),
+              file=sys.stderr)
         return code

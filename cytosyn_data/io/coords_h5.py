@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import h5py
 import numpy as np
@@ -48,7 +49,8 @@ def nominal_magnification(mpp: float) -> int:
 
 def slide_name(path: str) -> str:
     """The name TRIDENT and CLAM give a slide: its file name without the last extension."""
-    return os.path.splitext(os.path.basename(str(path).rstrip("/")))[0]
+    path = urlsplit(str(path)).path if "://" in str(path) else str(path)  # a URL's query is not its name
+    return os.path.splitext(os.path.basename(path.rstrip("/")))[0]
 
 
 def coords_file(source: str | Path | None, slide_id: str, path: str | None = None) -> str | None:

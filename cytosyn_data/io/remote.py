@@ -24,6 +24,7 @@ from pathlib import Path
 from webdataset.gopen import gopen_schemes
 
 from cytosyn_data.core.errors import DataError, UsageError
+from cytosyn_data.core.secrets import redact_text, redact_url
 
 
 def is_url(path) -> bool:
@@ -55,9 +56,9 @@ def remote_identity(url: str) -> dict:
     try:
         info = fs.info(path)
     except FileNotFoundError:
-        raise DataError(f"{url}: no such object") from None
+        raise DataError(f"{redact_url(url)}: no such object") from None
     except Exception as exc:  # noqa: BLE001 - permissions, network: one line naming the URL
-        raise DataError(f"{url}: cannot stat: {type(exc).__name__}: {exc}") from None
+        raise DataError(redact_text(f"{url}: cannot stat: {type(exc).__name__}: {exc}")) from None
     tag = info.get("ETag") or info.get("etag") or info.get("LastModified") or info.get("mtime") or info.get("updated")
     return {"size": int(info.get("size") or 0), "etag": str(tag).strip('"') if tag is not None else None}
 
@@ -91,7 +92,9 @@ class SlideCache:
         self.downloaded = 0  # bytes fetched by this cache object
 
     def local_path(self, url: str) -> Path:
-        h = hashlib.sha256(url.encode()).hexdigest()[:16]
+        """The cached copy's name: from the URL without its credentials (a re-signed URL of the same
+        object finds its copy)."""
+        h = hashlib.sha256(redact_url(url).encode()).hexdigest()[:16]
         return self.folder / f"{h}-{Path(url.split('?')[0]).name}"
 
     def fetch(self, url: str) -> Path:
@@ -108,7 +111,7 @@ class SlideCache:
             fs.get_file(path, str(tmp))
         except Exception as exc:  # noqa: BLE001
             tmp.unlink(missing_ok=True)
-            raise DataError(f"{url}: download failed: {type(exc).__name__}: {exc}") from None
+            raise DataError(redact_text(f"{url}: download failed: {type(exc).__name__}: {exc}")) from None
         os.replace(tmp, local)
         meta.write_text(json.dumps(ident))
         with self._lock:

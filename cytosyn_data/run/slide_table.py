@@ -14,6 +14,7 @@ import polars as pl
 
 from cytosyn_data.core.checks import safe_slide_id
 from cytosyn_data.core.errors import DataError, UsageError
+from cytosyn_data.core.secrets import redact_url
 from cytosyn_data.io.remote import filesystem, is_url, list_remote, remote_is_dir
 from cytosyn_data.run.barcode import parse_slide_name, slide_id_from_path
 
@@ -28,6 +29,7 @@ SLIDE_TABLE_SCHEMA = {
     "patient": pl.String,
     "sample_type": pl.String,
     "slide_type": pl.String,
+    "fetch_url": pl.String,  # the URL with its credentials, only to fetch (null when it has none); never written
 }
 
 
@@ -140,7 +142,8 @@ def build_slide_table(inputs: list[str | Path], mpp_override: float | None = Non
         out.append(
             {
                 "slide_id": sid,
-                "path": r["path"] if is_url(r["path"]) else str(Path(r["path"]).resolve()),
+                "path": redact_url(r["path"]) if is_url(r["path"]) else str(Path(r["path"]).resolve()),
+                "fetch_url": r["path"] if is_url(r["path"]) and redact_url(r["path"]) != r["path"] else None,
                 "mpp_override": mpp_override if mpp_override is not None else r["mpp"],
                 "project": r["project"],
                 "tss": name.tss,

@@ -16,6 +16,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from cytosyn_data.core.errors import RunStateError
+from cytosyn_data.core.secrets import redact_text
 from cytosyn_data.io.atomic import atomic_write_bytes
 from cytosyn_data.io.remote import is_url, remote_identity
 
@@ -125,7 +126,8 @@ def record_run(out: Path, stage: str, settings: dict, inputs: list[str], recorde
 
 
 def _write(path: Path, obj: dict) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=1, sort_keys=True).encode())
+    """Write run.json; any credential in a recorded URL or message is redacted first."""
+    atomic_write_bytes(path, redact_text(json.dumps(obj, indent=1, sort_keys=True)).encode())
 
 
 class RunLock:

@@ -19,6 +19,7 @@ import polars as pl
 
 from cytosyn_data.core.errors import DataError
 from cytosyn_data.core.executors import rank_device
+from cytosyn_data.core.secrets import redact_text
 from cytosyn_data.io.atomic import atomic_write_bytes, write_parquet_atomic
 from cytosyn_data.io.coords_h5 import read_coords
 from cytosyn_data.io.png import encode_png
@@ -65,9 +66,9 @@ def detect_slide(slide: dict, cfg, work: Path) -> SlideFacts:
         facts, thumb, view, plan, level_dims, mask = _open(slide, src, cfg, facts)
         facts = _find_tiles(slide, cfg, files, facts, (thumb, view, mask), plan, level_dims)
     except SlideError as exc:
-        facts = facts.failed(str(exc).replace(str(src), slide["path"]))
+        facts = facts.failed(redact_text(str(exc).replace(str(src), slide["path"])))
     except Exception as exc:  # noqa: BLE001 - any failure of one slide is recorded, the run goes on
-        facts = facts.failed(f"{slide['path']}: {type(exc).__name__}: {str(exc).replace(str(src), slide['path'])}")
+        facts = facts.failed(redact_text(f"{slide['path']}: {type(exc).__name__}: {str(exc).replace(str(src), slide['path'])}"))
     facts = replace(facts, detect_seconds=time.perf_counter() - t0)
     facts.save(files.facts)
     return facts

@@ -137,13 +137,15 @@ def run_tile(
             f"\t{k}={file_identity(v) if k != 'region_class' and v and Path(v).exists() else v}"
             for k, v in regions[r["slide_id"]].items())
             for r in rows]
-        files = {r["slide_id"]: _identity_or_cause(r["path"]) for r in rows}
+        fetch = {r["path"]: r.get("fetch_url") or r["path"] for r in rows}  # recorded form -> the URL to fetch
+        files = {r["slide_id"]: _identity_or_cause(fetch[r["path"]]) for r in rows}
         check_run_file(out, "tile", {"config": cfg.fingerprint()}, inputs, overwrite, lambda: clear_tile_outputs(out),
                        recorded={"slide_files": files})
         remote = any(is_url(p) for p in slides["path"])
         cache = SlideCache(cache_dir or out / "work" / "slide-cache", cache_bytes) if remote else None
         with open_executor(spec, warm=("cytosyn_data.tile.write", "cytosyn_data.tile.detect")) as ex:
-            result = _run_tile(slides, out, cfg, _Runner(ex, cache, files, regions), shard_index, num_shards, stage)
+            result = _run_tile(slides, out, cfg, _Runner(ex, cache, files, regions, fetch), shard_index, num_shards,
+                               stage)
         if stage != "detect":  # the pages, once the workers are let go
             _write_reports(out, result, cfg, shard_index, num_shards)
         return result
@@ -167,14 +169,19 @@ class _Runner:
     cache: SlideCache | None
     files: dict
     regions: dict  # slide_id -> its include_regions / exclude_regions / coords file (or None)
+    fetch: dict  # a slide's recorded path (credentials redacted) -> the URL to fetch it with (in memory only)
 
     @property
     def name(self) -> str:
         return self.ex.name
 
+    def url(self, path: str) -> str:
+        """The URL to fetch the slide recorded as ``path`` with (its credentials included)."""
+        return self.fetch.get(path, path)
+
     def sizes(self, rows: list[dict]) -> dict[str, int]:
         """Bytes of each slide's file (0 when it could not be read), keyed by path."""
-        idents = {r["path"]: self.files.get(r["slide_id"]) for r in rows}
+        idents = {self.url(r["path"]): self.files.get(r["slide_id"]) for r in rows}
         return {path: ident.get("size", 0) if isinstance(ident, dict) else 0 for path, ident in idents.items()}
 
 
@@ -236,10 +243,10 @@ def _detect_phase(mine: list[dict], cfg: TileConfig, work: Path, ex: "_Runner") 
             if not detect_ok(work, r, ex.files[r["slide_id"]])]
 
     def localize(r: dict, local: dict) -> dict:
-        got = local.get(r["path"])
+        got = local.get(ex.url(r["path"]))
         return {**r, "local_path": str(got)} if isinstance(got, Path) else {**r, "fetch_error": got}
 
-    for batch in localized(todo, lambda r: [r["path"]], localize, ex.cache, ex.sizes(todo)):
+    for batch in localized(todo, lambda r: [ex.url(r["path"])], localize, ex.cache, ex.sizes(todo)):
         for facts in ex.ex.map(_detect_unit, [(r, cfg, work) for r in batch], "detect"):
             if not facts.ok:
                 tqdm.write(f"FAILED {facts.error}")
@@ -330,12 +337,12 @@ def _run_units(units: list, facts: dict, ex: "_Runner", sizes: dict[str, int]) -
     """Write ``units`` on the backend (remote slides fetched group by group into the cache); slides
     that failed are marked in ``facts`` and returned."""
     def localize(u, local: dict):
-        slides = {sid: i.located(str(local[i.path])) if isinstance(local.get(i.path), Path) else i
+        slides = {sid: i.located(str(local[ex.url(i.path)])) if isinstance(local.get(ex.url(i.path)), Path) else i
                   for sid, i in u.slides.items()}
         return dataclasses.replace(u, slides=slides)
 
     failed: set[str] = set()
-    urls_of = lambda u: [i.path for i in u.slides.values()]  # noqa: E731
+    urls_of = lambda u: [ex.url(i.path) for i in u.slides.values()]  # noqa: E731
     for batch in localized(units, urls_of, localize, ex.cache, sizes):
         for res in ex.ex.map(write_shard, batch, "shards"):
             for sid, err in res["failed"].items():

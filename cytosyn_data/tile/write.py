@@ -24,6 +24,7 @@ from pathlib import Path
 import cv2
 import polars as pl
 
+from cytosyn_data.core.secrets import redact_text
 from cytosyn_data.io.atomic import atomic_write_bytes, write_parquet_atomic
 from cytosyn_data.io.tar_write import TarAppender
 from cytosyn_data.run.records import SlideRead
@@ -74,7 +75,7 @@ def write_shard(unit: ShardUnit) -> dict:
                 tar.truncate(mark)
                 del written[n0:]
                 where = unit.slides[sid].url or unit.slides[sid].path
-                failed[sid] = f"{where}: extraction failed: {type(exc).__name__}: {exc}"
+                failed[sid] = redact_text(f"{where}: extraction failed: {type(exc).__name__}: {exc}")
         done = pl.DataFrame(written, schema=WRITTEN_SCHEMA, orient="row")
         table = rows.join(done, on="key", how="inner", maintain_order="left").select(list(TILES_SCHEMA))
         write_parquet_atomic(table.cast(TILES_SCHEMA), plans / f"{unit.name}.parquet")
