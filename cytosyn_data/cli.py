@@ -10,7 +10,7 @@ from pathlib import Path
 from cytosyn_data.core.checks import cli_type, fraction, non_negative, positive
 from cytosyn_data.core.config import SHIPPED, load_stage_config, shipped_config_text
 from cytosyn_data.core.errors import UsageError, run_cli
-from cytosyn_data.core.executors import ClusterSpec, launched_rank
+from cytosyn_data.core.executors import ClusterSpec, launched_rank, write_tls_files
 from cytosyn_data.io.remote import is_url, publish
 from cytosyn_data.reports.coords_export import FORMATS as H5_FORMATS
 from cytosyn_data.reports.coords_export import export_h5
@@ -45,6 +45,15 @@ def add_cluster_options(p) -> None:
     g.add_argument("--queue", help="SLURM partition")
     g.add_argument("--account", help="SLURM account")
     g.add_argument("--job-extra", action="append", default=[], help="extra #SBATCH directive (repeatable)")
+    g.add_argument("--tls-ca-file", help="CA certificate of a tls:// --scheduler (else Dask's config)")
+    g.add_argument("--tls-cert", help="client certificate for a tls:// --scheduler")
+    g.add_argument("--tls-key", help="client key for a tls:// --scheduler")
+    g.add_argument("--insecure", action="store_true",
+                   help="allow a plain tcp:// --scheduler outside this machine (unauthenticated: anyone who "
+                        "reaches it runs code as you)")
+    g.add_argument("--dashboard", help="serve the Dask dashboard at this address, e.g. 127.0.0.1:8787 (default: off)")
+    g.add_argument("--shared-temp-dir", help="folder on a filesystem the SLURM jobs see, for the run's temporary "
+                                             "TLS files (--cluster slurm; default: Dask's config, else the current one)")
 
 
 def cluster_spec(args):
@@ -52,19 +61,49 @@ def cluster_spec(args):
     if args.scheduler and args.cluster:
         raise UsageError("give --scheduler (an existing cluster) or --cluster (start one), not both")
     if args.scheduler:
-        if not re.fullmatch(r"(tcp|tls|inproc|ucx)://[^\s]+", args.scheduler):
-            raise UsageError(f"--scheduler: expected an address like tcp://HOST:PORT, got {args.scheduler!r}")
-        return ClusterSpec("scheduler", workers=args.workers, address=args.scheduler)
+        return ClusterSpec("scheduler", workers=args.workers, address=_scheduler_address(args),
+                           tls=_tls_files(args), dashboard=args.dashboard)
     if args.cluster == "local":
-        return ClusterSpec("dask-local", workers=args.workers)
+        return ClusterSpec("dask-local", workers=args.workers, dashboard=args.dashboard)
     if args.cluster == "slurm":
         if not re.fullmatch(r"\d+(\.\d+)?\s*[KMGT]i?B", args.memory):
             raise UsageError(f"--memory: expected a size like 32GiB, got {args.memory!r}")
         if not re.fullmatch(r"(\d+-)?\d{1,3}:\d{2}:\d{2}", args.walltime):
             raise UsageError(f"--walltime: expected HH:MM:SS, got {args.walltime!r}")
         return ClusterSpec("slurm", jobs=args.jobs, cores=args.cores, memory=args.memory, walltime=args.walltime,
-                           queue=args.queue, account=args.account, job_extra=tuple(args.job_extra))
+                           queue=args.queue, account=args.account, job_extra=tuple(args.job_extra),
+                           dashboard=args.dashboard, shared_temp_directory=args.shared_temp_dir)
     return ClusterSpec("local", workers=args.workers)
+
+
+def _scheduler_address(args) -> str:
+    """The --scheduler address, refused when it is plain tcp:// off this machine without --insecure."""
+    addr = args.scheduler
+    m = re.fullmatch(r"(tcp|tls|inproc|ucx)://(\[[^\]]+\]|[^:/\s]+)(:\d+)?", addr)
+    if not m:
+        raise UsageError(f"--scheduler: expected an address like tls://HOST:PORT, got {addr!r}")
+    local = m.group(2) in ("127.0.0.1", "localhost", "[::1]")
+    if m.group(1) == "tcp" and not local:
+        if not args.insecure:
+            raise UsageError(f"--scheduler {addr}: a plain tcp:// scheduler is unauthenticated and unencrypted "
+                             "(anyone who reaches it runs code as you on every worker); use tls:// with "
+                             "--tls-ca-file/--tls-cert/--tls-key (or Dask's TLS config), or pass --insecure")
+        print(f"warning: --insecure: {addr} is reached without TLS; keep it on a network only you use", file=sys.stderr)
+    return addr
+
+
+def _tls_files(args) -> tuple[str, str, str] | None:
+    files = (args.tls_ca_file, args.tls_cert, args.tls_key)
+    if not any(files):
+        return None
+    if not all(files):
+        raise UsageError("--tls-ca-file, --tls-cert and --tls-key go together")
+    for name, f in zip(("--tls-ca-file", "--tls-cert", "--tls-key"), files):
+        if not Path(f).is_file():
+            raise UsageError(f"{name} {f}: file not found")
+    if not args.scheduler.startswith("tls://"):
+        raise UsageError(f"--tls-* options need a tls:// --scheduler, got {args.scheduler}")
+    return files
 
 
 def _size_arg(value: str) -> int:
@@ -294,6 +333,14 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_dask_tls(args) -> int:
+    ca, cert, key = write_tls_files(args.folder)
+    print(f"dask-tls: {ca}, {cert}, {key} (this user only). Scheduler: dask scheduler --protocol tls "
+          f"--tls-ca-file {ca} --tls-cert {cert} --tls-key {key}; workers the same with tls://HOST:PORT; "
+          f"cytosyn-data: --scheduler tls://HOST:PORT --tls-ca-file {ca} --tls-cert {cert} --tls-key {key}")
+    return 0
+
+
 def cmd_report(args) -> int:
     res = write_report(args.run)
     print(f"report: {res.path} (open it in a browser; it works from disk); slide pictures: {res.drawn} drawn, "
@@ -334,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="trident: OUT/patches/{name}_patches.h5 (patch_size at the target magnification); "
                         "clam: OUT/patches/{name}.h5 (patch_size in pixels of patch_level)")
     h.add_argument("--out", type=Path, help="output folder (default RUN/h5/FORMAT)")
+    t = sub.add_parser("dask-tls", help="temporary TLS credentials (CA, certificate, key) for a Dask scheduler "
+                                        "and workers started by hand, e.g. in a SLURM allocation")
+    t.add_argument("folder", type=Path, help="a private folder on a filesystem the nodes share")
     c = sub.add_parser("config", help="the configs shipped with cytosyn: list them, or print one to start from")
     c.add_argument("action", choices=("list", "show"))
     c.add_argument("name", nargs="?", help="tile, tiny, xl, eval")
@@ -346,7 +396,8 @@ def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     commands = {"tile": cmd_tile, "merge": cmd_merge, "curate": cmd_curate, "split": cmd_split, "features": cmd_features,
                 "export-geojson": cmd_export_geojson, "report": cmd_report,
-                "export-h5": cmd_export_h5, "config": cmd_config}
+                "export-h5": cmd_export_h5, "config": cmd_config,
+                "dask-tls": cmd_dask_tls}
     return commands[args.command](args)
 
 

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 from cytosyn_data.core.errors import UsageError
+from cytosyn_data.core.secrets import redact_text
 
 from .generate import Generator
 from .vae_keys import ldm_to_diffusers_vae
@@ -72,7 +73,7 @@ def export_model(checkpoint: str | Path, out: str | Path, sampler: dict | None =
         "_class_name": "CytoSynPipeline", "_cytosyn_version": state.get("code_version"),
         "vae": ["diffusers", "AutoencoderKL"], "transformer": ["cytosyn_model.sit", "SiT"],
         "latent_stats": "latent_stats.safetensors", "sampler": "sampler.json"}, indent=1))
-    (out / "README.md").write_text(model_card(checkpoint, state, image, defaults, provenance(tile_run)))
+    (out / "README.md").write_text(redact_text(model_card(checkpoint, state, image, defaults, provenance(tile_run))))
     return out
 
 

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from cytosyn_data.core.checks import fraction, non_negative, one_of, positive
 from cytosyn_data.core.errors import RunStateError, UsageError
+from cytosyn_data.core.secrets import redact_text
 from cytosyn_data.run.state import code_version
 from cytosyn_encoders import weights_identity
 from cytosyn_encoders.h0mini import build_h0_mini, h0_mini_features
@@ -459,7 +460,7 @@ class Trainer:
             for k in ("vae_init", "sit_init", "latent_stats", "h0_mini_weights", "lpips_vgg_weights", "lpips_lin_weights")
             if getattr(self.cfg, k)
         }
-        (folder / "state.json").write_text(json.dumps(state, indent=1))
+        (folder / "state.json").write_text(redact_text(json.dumps(state, indent=1)))  # no credential in a URL
 
     def _prune_checkpoints(self, folder: Path) -> None:
         done = sorted(p for p in folder.glob("step_*") if not p.name.endswith(".tmp"))

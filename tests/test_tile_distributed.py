@@ -127,7 +127,7 @@ def test_cli_local_dask_cluster_gives_the_same_bytes(tmp_path, cmu_slide):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--scheduler", "10.0.0.1:8786"], "--scheduler: expected an address like tcp://HOST:PORT"),
+    (["--scheduler", "10.0.0.1:8786"], "--scheduler: expected an address like tls://HOST:PORT"),
     (["--scheduler", "tcp://127.0.0.1:1", "--cluster", "local"], "give --scheduler (an existing cluster) or --cluster"),
     (["--cluster", "slurm", "--memory", "lots"], "--memory: expected a size like 32GiB, got 'lots'"),
     (["--cluster", "slurm", "--walltime", "4h"], "--walltime: expected HH:MM:SS, got '4h'"),
@@ -145,6 +145,10 @@ def test_slurm_cluster_job_script(tmp_path):
     for line in ("#SBATCH -p cpu", "#SBATCH -A path", "#SBATCH -n 1", "#SBATCH --cpus-per-task=16",
                  "#SBATCH -t 08:00:00", "#SBATCH --constraint=avx2", "--nworkers 16", "--nthreads 1"):
         assert line in script, (line, script)
+    # TLS with this run's temporary credentials, handed to the jobs as files only the user reads
+    assert "--protocol tls://" in script and " tls://" in script and "tcp://" not in script
+    files = [script.split(f"{opt} ")[1].split()[0] for opt in ("--tls-ca-file", "--tls-cert", "--tls-key")]
+    assert all(os.stat(f).st_mode & 0o077 == 0 for f in files if os.path.exists(f))
     assert np.isclose(float(script.split("--memory-limit ")[1].split("GiB")[0]), 4.0)
 
 
@@ -183,3 +187,61 @@ def test_local_pool_runs_units_here_and_in_its_processes_each_once():
             list(pool.map(_unit_pid, list(range(10, 20)), "units"))
     finally:
         pool.close()
+
+
+def test_a_dask_cluster_started_here_refuses_clients_without_its_credentials(tmp_path):
+    """--cluster local (and slurm) run TLS with temporary credentials: the stage's client works, a
+    client with none (tcp or tls) or with other credentials is refused."""
+    from distributed import Client
+    from distributed.security import Security
+
+    from cytosyn_data.core.executors import open_executor
+
+    with open_executor(ClusterSpec("dask-local", workers=1)) as ex:
+        addr = ex.client.scheduler.address
+        assert addr.startswith("tls://127.0.0.1:") and sorted(ex.map(abs, [-2, -1], "t")) == [1, 2]
+        for other in (dict(address=addr.replace("tls://", "tcp://")), dict(address=addr, security=Security.temporary())):
+            with pytest.raises((OSError, TimeoutError)):
+                Client(timeout=3, **other).close()
+
+
+def test_a_plain_tcp_scheduler_off_this_machine_needs_insecure(tmp_path, cmu_slide, capsys):
+    from cytosyn_data.cli import build_parser, cluster_spec
+
+    base = ["tile", "--slides", str(cmu_slide), "--out", str(tmp_path / "o")]
+    assert main(base + ["--scheduler", "tcp://10.0.0.5:8786"]) == 2
+    assert "a plain tcp:// scheduler is unauthenticated and unencrypted" in capsys.readouterr().err
+    spec = cluster_spec(build_parser().parse_args(base + ["--scheduler", "tcp://10.0.0.5:8786", "--insecure"]))
+    assert spec.address == "tcp://10.0.0.5:8786" and "warning: --insecure" in capsys.readouterr().err
+    assert cluster_spec(build_parser().parse_args(base + ["--scheduler", "tcp://127.0.0.1:8786"])).tls is None
+    assert main(base + ["--scheduler", "tls://10.0.0.5:8786", "--tls-ca-file", str(tmp_path / "ca.pem")]) == 2
+    assert "--tls-ca-file, --tls-cert and --tls-key go together" in capsys.readouterr().err
+
+
+def test_a_tls_scheduler_started_by_hand_as_the_allocation_template_does(tmp_path, cmu_slide):
+    """pipelines/slurm/tile_dask_allocation.sbatch's commands: `cytosyn-data dask-tls`, a TLS
+    `dask scheduler` and `dask worker` with those files, then `tile --scheduler tls://... --tls-*`:
+    the shards equal the local pool's."""
+    import socket
+    import subprocess
+    import sys
+
+    bin_dir = Path(sys.executable).parent
+    assert main(["dask-tls", str(tmp_path / "tls")]) == 0
+    tls = ["--tls-ca-file", str(tmp_path / "tls" / "ca.pem"), "--tls-cert", str(tmp_path / "tls" / "cert.pem"),
+           "--tls-key", str(tmp_path / "tls" / "key.pem")]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    sched = subprocess.Popen([bin_dir / "dask", "scheduler", "--protocol", "tls", "--host", "127.0.0.1", "--port",
+                              str(port), "--no-dashboard", *tls], env=env, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen([bin_dir / "dask", "worker", f"tls://127.0.0.1:{port}", "--nworkers", "2",
+                               "--nthreads", "1", "--no-dashboard", *tls], env=env, stderr=subprocess.DEVNULL)
+    try:
+        args = ["tile", "--slides", str(cmu_slide), "--tiles", "12", "--shard-size", "4"]
+        assert main(args + ["--out", str(tmp_path / "ref")]) == 0
+        assert main(args + ["--out", str(tmp_path / "tls-run"), "--scheduler", f"tls://127.0.0.1:{port}", *tls]) == 0
+    finally:
+        worker.terminate(), sched.terminate(), worker.wait(30), sched.wait(30)
+    assert shard_bytes(tmp_path / "tls-run") == shard_bytes(tmp_path / "ref") and shard_bytes(tmp_path / "ref")

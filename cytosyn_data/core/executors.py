@@ -20,6 +20,7 @@ import os
 import pickle
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
@@ -42,6 +43,9 @@ class ClusterSpec:
     account: str | None = None
     job_extra: tuple[str, ...] = ()
     local_directory: str | None = None
+    tls: tuple[str, str, str] | None = None  # (CA, certificate, key) files for a tls:// --scheduler
+    dashboard: str | None = None  # the scheduler's dashboard address (None: off, or 127.0.0.1 only)
+    shared_temp_directory: str | None = None  # where --cluster slurm writes its temporary TLS files for the jobs
 
 
 class LocalPool:
@@ -143,15 +147,17 @@ def open_executor(spec: ClusterSpec, warm: tuple[str, ...] = ()):
     except ImportError:
         raise UsageError("--scheduler/--cluster need dask distributed: pip install 'cytosyn[dask]'") from None
     if spec.kind == "scheduler":
-        with Client(spec.address, timeout="30s") as client:
+        with Client(spec.address, timeout="30s", security=scheduler_security(spec)) as client:
             yield DaskCluster(client, f"Dask scheduler {spec.address}")
     elif spec.kind == "dask-local":
+        security = temporary_security()  # other users of this machine reach 127.0.0.1 too
         with LocalCluster(n_workers=spec.workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                          dashboard_address=None, local_directory=spec.local_directory) as cluster, \
-                Client(cluster) as client:
-            yield DaskCluster(client, f"Dask LocalCluster, {spec.workers} worker(s)")
+                          protocol="tls://", security=security, dashboard_address=spec.dashboard,
+                          local_directory=spec.local_directory) as cluster, \
+                Client(cluster, security=security) as client:
+            yield DaskCluster(client, f"Dask LocalCluster (TLS), {spec.workers} worker(s)")
     elif spec.kind == "slurm":
-        with slurm_cluster(spec) as cluster, Client(cluster) as client:
+        with slurm_cluster(spec) as cluster, Client(cluster, security=cluster.security) as client:
             cluster.scale(jobs=spec.jobs)
             yield DaskCluster(client, f"Dask on SLURM, {spec.jobs} job(s) x {spec.cores} cores")
     else:
@@ -164,6 +170,8 @@ def slurm_cluster(spec: ClusterSpec):
         from dask_jobqueue import SLURMCluster  # optional: the 'dask' extra
     except ImportError:
         raise UsageError("--cluster slurm needs dask-jobqueue: pip install 'cytosyn[dask]'") from None
+    if spec.shared_temp_directory:
+        Path(spec.shared_temp_directory).mkdir(mode=0o700, parents=True, exist_ok=True)
     return SLURMCluster(
         cores=spec.cores,
         processes=spec.cores,
@@ -173,7 +181,47 @@ def slurm_cluster(spec: ClusterSpec):
         account=spec.account,
         job_extra_directives=list(spec.job_extra),
         local_directory=spec.local_directory or "$TMPDIR",
+        security=temporary_security(),  # TLS with credentials made for this run, handed to the jobs as files
+        shared_temp_directory=spec.shared_temp_directory,
+        scheduler_options={"dashboard_address": spec.dashboard} if spec.dashboard else {"dashboard": False},
     )
+
+
+def temporary_security():
+    """Dask TLS with a certificate made for this run (``Security.temporary``): only processes given it
+    (this client, the workers it starts) can talk to the scheduler, and the traffic is encrypted."""
+    from distributed.security import Security  # optional: the 'dask' extra
+
+    return Security.temporary()
+
+
+def write_tls_files(folder: str | Path) -> tuple[Path, Path, Path]:
+    """Temporary TLS credentials as files for a scheduler, workers and clients started by hand (a
+    SLURM allocation): ``folder/ca.pem``, ``cert.pem``, ``key.pem``, readable by the user alone."""
+    from distributed.security import Security  # optional: the 'dask' extra
+
+    sec = Security.temporary()
+    folder = Path(folder)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    out = []
+    for name, pem in (("ca.pem", sec.tls_ca_file), ("cert.pem", sec.tls_client_cert), ("key.pem", sec.tls_client_key)):
+        fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(pem)
+        out.append(folder / name)
+    return tuple(out)
+
+
+def scheduler_security(spec: ClusterSpec):
+    """The TLS credentials for an existing ``--scheduler``: the given files, else Dask's own config
+    (``distributed.comm.tls.*``; None lets the client read it)."""
+    if spec.tls is None:
+        return None
+    from distributed.security import Security  # optional: the 'dask' extra
+
+    ca, cert, key = spec.tls
+    return Security(tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key, require_encryption=True)
 
 
 def launched_rank() -> tuple[int, int]:
