@@ -115,6 +115,9 @@ def build_network(name: str, weights) -> nn.Module:
     if "torchscript" in spec.layouts and not isinstance(w, RandomWeights):
         return _torchscript(name, w)
     random = isinstance(w, RandomWeights)
+    if not random and not Path(w).exists():  # before building a giant network for nothing
+        raise FileNotFoundError(f"{name}: weights file not found at {w}. Weights are never downloaded; give the "
+                                "local path of the file in the config")
     # a TorchScript-only network has no architecture here: its random stand-in is always the small one
     small = random and (w.small or "torchscript" in spec.layouts)
     with torch.random.fork_rng(devices=[]):
