@@ -305,6 +305,8 @@ def _add_features(sub) -> None:
     p.add_argument("--batch-size", type=cli_type(positive, int), default=256)
     p.add_argument("--device")
     p.add_argument("--workers", type=cli_type(positive, int), default=1, help="Dask worker processes (--cluster local)")
+    p.add_argument("--decode-workers", type=cli_type(positive, int),
+                   help="threads decoding PNG tiles while the model runs (default: the CPUs per GPU, at most 8; 2 on CPU)")
     add_cluster_options(p)
 
 
@@ -316,9 +318,11 @@ def cmd_features(args) -> int:
     cluster = None if spec.kind == "local" else spec
     if cluster is not None and (world > 1 or (args.device or "").startswith("cuda")):
         raise UsageError("--scheduler/--cluster run features on CPU workers; GPUs take RANK/WORLD_SIZE (torchrun)")
-    res = add_features(args.shards, args.h0_mini_weights, args.batch_size, args.device, rank, world, cluster)
+    res = add_features(args.shards, args.h0_mini_weights, args.batch_size, args.device, rank, world, cluster,
+                       args.decode_workers)
     print(f"features: {res.shards_done} shard(s) written, {res.shards_skipped} already done, {res.tiles} tiles, "
-          f"{res.tiles / res.seconds if res.seconds > 0 and res.tiles else 0:.1f} tiles/s")
+          f"{res.tiles / res.seconds if res.seconds > 0 and res.tiles else 0:.1f} tiles/s; the model waited "
+          f"{res.model_wait:.0%} of its time for decoded tiles" + (" (raise --decode-workers)" if res.model_wait > 0.2 else ""))
     return 0
 
 

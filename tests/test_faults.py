@@ -403,3 +403,28 @@ def test_bad_shard_members_stop_training_with_the_shard_and_key(tmp_path, tile_r
     assert proc.returncode == 1
     line = error_line(proc)
     assert "bad-000000.tar: " in line and message in line, line
+
+
+def test_features_pipeline_bytes_do_not_depend_on_the_decode_workers(tmp_path, cmu_slide):
+    """features: read ahead, decoding on W threads, the model, writing behind - the shard bytes are
+    the same for W = 1 and W = 3 (and a batch smaller than the shard's tiles)."""
+    import shutil
+
+    from cytosyn_data.cli import main
+    from cytosyn_data.core.pipeline import ordered_map, read_ahead
+
+    assert main(["tile", "--slides", str(cmu_slide), "--out", str(tmp_path / "t"), "--tiles", "10", "--shard-size", "10"]) == 0
+    for d in ("w1", "w3"):
+        shutil.copytree(tmp_path / "t" / "shards", tmp_path / d)
+    base = ["--h0-mini-weights", "random:small", "--batch-size", "3"]
+    assert main(["features", "--shards", str(tmp_path / "w1"), *base, "--decode-workers", "1"]) == 0
+    assert main(["features", "--shards", str(tmp_path / "w3"), *base, "--decode-workers", "3"]) == 0
+    a = {p.name: p.read_bytes() for p in (tmp_path / "w1").glob("*.tar")}
+    assert a and a == {p.name: p.read_bytes() for p in (tmp_path / "w3").glob("*.tar")}
+    assert list(ordered_map(lambda x: x * x, read_ahead(range(50), depth=2), workers=4, window=3)) == [x * x for x in range(50)]
+
+    def broken():
+        yield 1
+        raise OSError("disk gone")
+    with pytest.raises(OSError, match="disk gone"):
+        list(read_ahead(broken()))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from cytosyn_data.core.executors import ClusterSpec, open_executor, rank_device
+from cytosyn_data.core.pipeline import Writer, ordered_map, read_ahead
 from cytosyn_data.io.atomic import atomic_write_bytes, remove_stale_tmp
 from cytosyn_data.io.png import decode_tile
 from cytosyn_data.io.remote import filesystem, is_url, list_remote, remote_identity
@@ -51,6 +53,7 @@ class FeatureResult:
     shards_skipped: int
     tiles: int
     seconds: float
+    model_wait: float = 0.0  # the fraction of the model's time spent waiting for decoded tiles
 
 
 def _model_identity(weights) -> str:
@@ -68,23 +71,19 @@ def _is_done(mark, shard: Path, ident: str) -> bool:
     return mark.get("sha256") == file_sha256(shard)
 
 
-@torch.no_grad()
 def encode_tiles(model, pngs: list[bytes], device, batch_size: int, dtype, keys: list[str] | None = None,
                  where: str = "tiles", size: int = 224) -> tuple[np.ndarray, np.ndarray]:
     """PNG tiles (``size`` px; other modes converted, see png.decode_tile) -> (CLS float16 [N, D],
     tokens float16 [N, 196, D]); a bad tile stops with ``where`` and its key named."""
     keys = keys or [str(i) for i in range(len(pngs))]
-
     if not pngs:
         raise ValueError("no PNG tiles to encode")
     cls_out, tok_out = [], []
     for i in range(0, len(pngs), batch_size):
         imgs = np.stack([decode_tile(p, f"{where}: {k}", size) for k, p in zip(keys[i : i + batch_size], pngs[i : i + batch_size])])
-        x = torch.from_numpy(imgs).permute(0, 3, 1, 2).to(device).float() / 255.0
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            cls, tok = h0_mini_features(model, x)
-        cls_out.append(cls.float().cpu().numpy().astype(np.float16))
-        tok_out.append(tok.float().cpu().numpy().astype(np.float16))
+        cls, tok = encode_images(model, imgs, device, dtype)
+        cls_out.append(cls)
+        tok_out.append(tok)
     return np.concatenate(cls_out), np.concatenate(tok_out)
 
 
@@ -97,6 +96,7 @@ class FeatureUnit:
     ident: str
     batch_size: int
     device: str | None
+    decode_workers: int = 2  # threads decoding PNG tiles while the model runs
 
 
 def marker_path(shard: Path) -> Path:
@@ -112,9 +112,12 @@ def add_features(
     rank: int = 0,
     world: int = 1,
     cluster=None,
+    decode_workers: int | None = None,
 ) -> FeatureResult:
     """Add H0-mini features to every shard under ``shard_dir`` (this process's share ``i % world ==
-    rank``, or every shard as units on ``cluster``, a :class:`executors.ClusterSpec` for CPU workers)."""
+    rank``, or every shard as units on ``cluster``, a :class:`executors.ClusterSpec` for CPU workers).
+    ``decode_workers``: threads decoding PNG tiles beside the model (default: the CPUs per GPU, at most
+    8; 2 without a GPU)."""
     if is_url(shard_dir):  # s3://bucket/run/splits/train/: each shard fetched, rewritten, put back
         shards = list_remote(str(shard_dir), {".tar"})
     else:
@@ -127,12 +130,24 @@ def add_features(
                                 "random test network); weights are never downloaded")
     ident = _model_identity(weights)
     t0 = time.perf_counter()
-    units = [FeatureUnit(str(s), weights, ident, batch_size, device) for i, s in enumerate(shards) if i % world == rank]
+    workers = decode_workers or default_decode_workers()
+    units = [FeatureUnit(str(s), weights, ident, batch_size, device, workers) for i, s in enumerate(shards)
+             if i % world == rank]
     n_tiles = skipped = finished = 0
+    busy = {"model_s": 0.0, "wait_s": 0.0}
     with open_executor(cluster or ClusterSpec("local", workers=1), warm=("cytosyn_data.features.stage",)) as ex:
         for res in ex.map(feature_shard, units, "features"):  # in this process without a cluster
             n_tiles, skipped, finished = n_tiles + res["tiles"], skipped + res["skipped"], finished + res["written"]
-    return FeatureResult(finished, skipped, n_tiles, time.perf_counter() - t0)
+            for k in busy:
+                busy[k] += res.get(k, 0.0)
+    wait = busy["wait_s"] / max(busy["wait_s"] + busy["model_s"], 1e-9)
+    return FeatureResult(finished, skipped, n_tiles, time.perf_counter() - t0, wait)
+
+
+def default_decode_workers() -> int:
+    """Decoding threads per process: the CPUs per visible GPU (at most 8), or 2 on a CPU-only machine."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return min(8, max(1, (os.cpu_count() or 2) // gpus)) if gpus else 2
 
 
 @lru_cache(maxsize=2)
@@ -153,11 +168,12 @@ def feature_shard(unit: FeatureUnit) -> dict:
     old = json.loads(mark.read_text()) if mark.exists() else None
     if _is_done(old, shard, unit.ident):
         return {"skipped": 1, "written": 0, "tiles": 0}
-    n = _rewrite_with_features(shard, unit)
+    stats = _rewrite_with_features(shard, unit)
+    n = stats.tiles
     if n:
         record = {"model": unit.ident, **file_identity(shard), "sha256": file_sha256(shard), "code_version": code_version()}
         atomic_write_bytes(mark, json.dumps(record, indent=1, sort_keys=True).encode())
-    return {"skipped": int(n == 0), "written": int(n > 0), "tiles": n}
+    return {"skipped": int(n == 0), "written": int(n > 0), "tiles": n, "model_s": stats.model_s, "wait_s": stats.wait_s}
 
 
 def _feature_remote_shard(unit: FeatureUnit) -> dict:
@@ -173,7 +189,7 @@ def _feature_remote_shard(unit: FeatureUnit) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / name
         fs.get_file(path, str(local))
-        n = _rewrite_with_features(local, unit)
+        n = _rewrite_with_features(local, unit).tiles
         if n:
             fs.put_file(str(local), path)
             record = {"model": unit.ident, "object": remote_identity(unit.shard), "sha256": file_sha256(local),
@@ -182,40 +198,100 @@ def _feature_remote_shard(unit: FeatureUnit) -> dict:
     return {"skipped": int(n == 0), "written": int(n > 0), "tiles": n}
 
 
-def _rewrite_with_features(shard: Path, unit: FeatureUnit) -> int:
-    """Rewrite the local tar ``shard`` with the feature members, one batch of ``batch_size`` tiles at
-    a time (memory: one batch's members and tokens, not the shard's); returns the tiles encoded
-    (0: no PNG, the shard is left as it is)."""
+def _rewrite_with_features(shard: Path, unit: FeatureUnit) -> "FeedStats":
+    """Rewrite the local tar ``shard`` with the H0-mini feature members (see :func:`rewrite_with_features`)."""
     device = torch.device(rank_device(unit.device))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n, pending, n_png = 0, [], 0
+    model = _frozen_h0_mini(unit.weights, str(device))
+    stats = rewrite_with_features(shard, lambda imgs: encode_images(model, imgs, device, dtype), unit.batch_size,
+                                  unit.decode_workers)
+    return stats
+
+
+@dataclass(frozen=True)
+class FeedStats:
+    """Tiles encoded, and seconds the model computed and waited for decoded input."""
+
+    tiles: int
+    model_s: float
+    wait_s: float
+
+    @property
+    def wait_fraction(self) -> float:
+        return self.wait_s / max(self.model_s + self.wait_s, 1e-9)
+
+
+def member_batches(shard: Path, batch_size: int):
+    """The shard's members (feature members dropped) in batches of ``batch_size`` PNG tiles, each
+    tile with its other members; the last batch may hold fewer (or no) tiles."""
+    pending, n_png = [], 0
+    for name, data in stream_members(shard):
+        if name.endswith(FEATURE_EXTS):
+            continue
+        pending.append((name, data))
+        n_png += name.endswith(".png")
+        if n_png == batch_size:
+            yield pending
+            pending, n_png = [], 0
+    if pending:
+        yield pending
+
+
+def decode_batch(members: list, where: str, size: int = 224) -> np.ndarray | None:
+    """uint8 [B, size, size, 3] of a batch's PNG tiles (None without any); a bad tile names its key."""
+    pngs = [(n[: -len(".png")], d) for n, d in members if n.endswith(".png")]
+    return np.stack([decode_tile(d, f"{where}: {k}", size) for k, d in pngs]) if pngs else None
+
+
+def rewrite_with_features(shard: Path, encode, batch_size: int, workers: int = 1) -> FeedStats:
+    """Rewrite the local tar ``shard`` with ``{key}.cls.npy`` and ``{key}.tok.npy`` after each PNG, as a
+    pipeline: batches read ahead on a thread, decoded on ``workers`` threads (in order), encoded by
+    ``encode`` (uint8 [B, H, W, 3] -> (CLS float16 [B, D], tokens float16 [B, 196, D])) here, and
+    written behind on a thread, all overlapped; the bytes do not depend on ``workers``. Memory: a few
+    batches. A shard without PNG is left as it is (0 tiles)."""
+    n, model_s, wait_s = 0, 0.0, 0.0
+    decoded = ordered_map(lambda b: (b, decode_batch(b, str(shard))), read_ahead(member_batches(shard, batch_size)),
+                          workers)
     with TarAppender(shard) as tar:
-        for name, data in stream_members(shard):
-            if name.endswith(FEATURE_EXTS):
-                continue
-            pending.append((name, data))
-            n_png += name.endswith(".png")
-            if n_png == unit.batch_size:
-                n += _write_batch(tar, pending, unit, device, dtype, shard)
-                pending, n_png = [], 0
-        if n_png or n:
-            n += _write_batch(tar, pending, unit, device, dtype, shard)
+        writer = Writer(lambda item: _append_batch(tar, *item))
+        try:
+            while True:
+                t0 = time.perf_counter()
+                item = next(decoded, None)
+                t1 = time.perf_counter()
+                if item is None:
+                    break
+                members, imgs = item
+                feats = encode(imgs) if imgs is not None else None
+                model_s, wait_s = model_s + time.perf_counter() - t1, wait_s + t1 - t0
+                n += 0 if imgs is None else len(imgs)
+                writer.submit((members, feats))
+        finally:
+            writer.close()
+        if n:
             tar.commit()
-    return n
+    return FeedStats(n, model_s, wait_s)
 
 
-def _write_batch(tar: TarAppender, members: list, unit: FeatureUnit, device, dtype, shard: Path) -> int:
+@torch.no_grad()
+def encode_images(model, imgs: np.ndarray, device, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 [B, H, W, 3] -> (CLS float16 [B, D], tokens float16 [B, 196, D]); on CUDA the batch goes
+    through pinned memory with a non-blocking copy."""
+    x = torch.from_numpy(imgs)
+    x = x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+    x = x.permute(0, 3, 1, 2).float() / 255.0
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        cls, tok = h0_mini_features(model, x)
+    return cls.float().cpu().numpy().astype(np.float16), tok.float().cpu().numpy().astype(np.float16)
+
+
+def _append_batch(tar: TarAppender, members: list, feats) -> None:
     """Append ``members``, each PNG followed by its ``{key}.cls.npy`` and ``{key}.tok.npy``."""
-    keys = [n[: -len(".png")] for n, _ in members if n.endswith(".png")]
-    if keys:
-        model = _frozen_h0_mini(unit.weights, str(device))
-        pngs = [b for n, b in members if n.endswith(".png")]
-        cls, tok = encode_tiles(model, pngs, device, unit.batch_size, dtype, keys, str(shard))
-        feats = dict(zip(keys, zip(cls, tok)))
+    cls, tok = feats if feats is not None else ((), ())
+    i = 0
     for name, data in members:  # the feature members follow each key's own members
         tar.add(name, data)
         if name.endswith(".png"):
-            c, t = feats[name[: -len(".png")]]
-            tar.add(f"{name[: -len('.png')]}.cls.npy", npy_bytes(c))
-            tar.add(f"{name[: -len('.png')]}.tok.npy", npy_bytes(t))
-    return len(keys)
+            tar.add(f"{name[: -len('.png')]}.cls.npy", npy_bytes(cls[i]))
+            tar.add(f"{name[: -len('.png')]}.tok.npy", npy_bytes(tok[i]))
+            i += 1
