@@ -255,3 +255,17 @@ def test_probes_are_saved_without_pickle_and_reload(tmp_path):
     assert np.array_equal(read_rows(back, 7, 19), back[7:19]) and np.array_equal(read_rows(back[5:], 0, 4), back[5:9])
     assert list(tmp_path.glob("*.raw")) == [] and list(tmp_path.glob(".*tmp*")) == []
     assert np.mean([m["auc"] for m in res["metrics"]]) > 0.9
+
+
+def test_curation_features_pipeline_equals_the_direct_path_for_any_decode_workers(image_run, tmp_path):
+    """curate's features: read ahead, decoded on W threads, the backbone, written behind - the same
+    bytes for W = 1 and 3, and the same rows as the direct per-batch path (tile_features)."""
+    from cytosyn_data.curate import backbone
+    from cytosyn_data.io.tar_read import stream_members
+
+    a = backbone.feature_cache(image_run / "shards", tmp_path / "w1", "random:small", batch_size=5, decode_workers=1)
+    b = backbone.feature_cache(image_run / "shards", tmp_path / "w3", "random:small", batch_size=5, decode_workers=3)
+    assert (tmp_path / "w1" / "features.npy").read_bytes() == (tmp_path / "w3" / "features.npy").read_bytes()
+    pngs = [d for n, d in stream_members(image_run / "shards" / "tiles-000000.tar") if n.endswith(".png")]
+    want = backbone.tile_features(backbone.build_backbone("random:small"), pngs, batch_size=5)
+    assert a.shape == b.shape == want.shape and np.array_equal(np.asarray(a), want)

@@ -10,12 +10,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import torch
-import webdataset as wds
 from tqdm.auto import tqdm
 
+from cytosyn_data.core.pipeline import Writer, ordered_map, read_ahead
 from cytosyn_data.io.atomic import atomic_write_bytes
 from cytosyn_data.io.feature_file import FeatureFileWriter
 from cytosyn_data.io.png import decode_png
+from cytosyn_data.io.tar_read import stream_members
 from cytosyn_data.run.state import files_digest
 from cytosyn_encoders import build_encoder, weights_identity
 
@@ -29,19 +30,41 @@ def build_backbone(weights):
 @torch.no_grad()
 def tile_features(encoder, pngs: list[bytes], mean_patch: bool = False, device="cpu", batch_size: int = 128) -> np.ndarray:
     """float32 [N, D] (or [N, 2D] with the mean patch token) for PNG tiles."""
+    outs = [image_features(encoder, np.stack([decode_png(p) for p in pngs[i : i + batch_size]]), mean_patch, device)
+            for i in range(0, len(pngs), batch_size)]
+    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+
+
+@torch.no_grad()
+def image_features(encoder, imgs: np.ndarray, mean_patch: bool = False, device="cpu") -> np.ndarray:
+    """float32 [B, D] (or [B, 2D]) for decoded tiles uint8 [B, H, W, 3]; on CUDA through pinned memory
+    with a non-blocking copy, in bf16."""
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    outs = []
-    for i in range(0, len(pngs), batch_size):
-        x = torch.from_numpy(np.stack([decode_png(p) for p in pngs[i : i + batch_size]])).to(dev)
-        x = x.permute(0, 3, 1, 2).float() / 255
-        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
-            tokens = encoder.tokens(x)
-        f = tokens[:, 0]
-        if mean_patch:
-            f = torch.cat([f, tokens[:, encoder.network.num_prefix_tokens:].mean(1)], dim=-1)
-        outs.append(f.float().cpu().numpy())
-    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
+    x = torch.from_numpy(imgs)
+    x = x.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else x.to(dev)
+    x = x.permute(0, 3, 1, 2).float() / 255
+    with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+        tokens = encoder.tokens(x)
+    f = tokens[:, 0]
+    if mean_patch:
+        f = torch.cat([f, tokens[:, encoder.network.num_prefix_tokens:].mean(1)], dim=-1)
+    return f.float().cpu().numpy()
+
+
+def _png_batches(urls: list[str], batch_size: int):
+    """(keys, PNG bytes) of the shards' tiles in shard and member order, ``batch_size`` at a time."""
+    keys, pngs = [], []
+    for url in urls:
+        for name, data in stream_members(url):
+            if name.endswith(".png"):
+                keys.append(name[: -len(".png")])
+                pngs.append(data)
+                if len(pngs) == batch_size:
+                    yield keys, pngs
+                    keys, pngs = [], []
+    if pngs:
+        yield keys, pngs
 
 
 def compute_features(shard_dir: Path, out_dir: Path, weights=None, mean_patch=False, device=None,
@@ -53,10 +76,12 @@ def compute_features(shard_dir: Path, out_dir: Path, weights=None, mean_patch=Fa
 
 
 def feature_cache(shard_dir: Path, out_dir: Path, weights=None, mean_patch=False, device=None,
-                  batch_size: int = 128) -> np.ndarray:
+                  batch_size: int = 128, decode_workers: int = 2) -> np.ndarray:
     """float32 [N, D] features (memory-mapped) of every tile in the shards, cached in ``out_dir``
     (reused when the backbone weights and the shard files (name, size, mtime) are the same):
-    ``out_dir/features.npy``, and the keys of its rows in ``out_dir/features_keys.parquet``."""
+    ``out_dir/features.npy``, and the keys of its rows in ``out_dir/features_keys.parquet``. A
+    pipeline: shards read ahead, PNG decoded on ``decode_workers`` threads (in order), the backbone,
+    rows written behind; the bytes do not depend on ``decode_workers``."""
     urls = sorted(str(p) for p in Path(shard_dir).glob("*.tar"))
     if not urls:
         raise FileNotFoundError(f"{shard_dir}: no .tar shards")
@@ -68,18 +93,18 @@ def feature_cache(shard_dir: Path, out_dir: Path, weights=None, mean_patch=False
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = build_backbone(weights).to(device)
     out_dir.mkdir(parents=True, exist_ok=True)
-    keys, buf_k, buf_p = [], [], []
-    with FeatureFileWriter(out_dir / "features.npy") as fw:
-        for sample in tqdm(wds.WebDataset(urls, shardshuffle=False), desc="curate features", unit="tile"):
-            buf_k.append(sample["__key__"])
-            buf_p.append(sample["png"])
-            if len(buf_p) == batch_size:
-                fw.append(tile_features(model, buf_p, mean_patch, device, batch_size))
-                keys.append(pl.Series(buf_k, dtype=pl.String))
-                buf_k, buf_p = [], []
-        if buf_p:
-            fw.append(tile_features(model, buf_p, mean_patch, device, batch_size))
-            keys.append(pl.Series(buf_k, dtype=pl.String))
+    keys = []
+    batches = read_ahead(_png_batches(urls, batch_size))  # read ahead; decode on threads; write behind
+    decoded = ordered_map(lambda b: (b[0], np.stack([decode_png(p) for p in b[1]])), batches, decode_workers)
+    with FeatureFileWriter(out_dir / "features.npy") as fw, tqdm(desc="curate features", unit="tile") as bar:
+        writer = Writer(fw.append)
+        try:
+            for batch_keys, imgs in decoded:
+                writer.submit(image_features(model, imgs, mean_patch, device))
+                keys.append(pl.Series(batch_keys, dtype=pl.String))
+                bar.update(len(batch_keys))
+        finally:
+            writer.close()
     keys = pl.concat(keys) if keys else pl.Series("key", [], dtype=pl.String)
     pl.DataFrame({"key": keys}).write_parquet(out_dir / "features_keys.parquet")
     atomic_write_bytes(meta_path, json.dumps({"backbone": ident, "n": len(keys)}).encode())
