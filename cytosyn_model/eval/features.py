@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from cytosyn_data.core.errors import DataError
+from cytosyn_data.core.pipeline import Writer, ordered_map, read_ahead
 from cytosyn_data.io.feature_file import FeatureFileWriter, read_rows, take_rows
 from cytosyn_data.io.png import to_rgb8
 from cytosyn_data.io.remote import is_url
@@ -129,31 +130,47 @@ def set_features(extractor, name: str, source, preprocess: list[str], cache: Pat
 
 
 def _extract_part(extractor, what: str, source, preprocess: list[str], folder: Path, batch_size: int, device,
-                  limit: int | None, rank: int, world: int) -> int:
+                  limit: int | None, rank: int, world: int, decode_workers: int = 2) -> int:
     """``part-{rank}.npy`` and ``part-{rank}.keys.parquet``: the features of batches b % world == rank
-    (images of the other batches are read, not decoded); returns the set's image count."""
+    (images of the other batches are read, not decoded); returns the set's image count. A pipeline:
+    images read ahead, decoded and preprocessed on ``decode_workers`` threads (in order), the
+    extractor on the device (pinned, non-blocking copies), rows written behind."""
     fns = [preprocessor(p) for p in preprocess]
-    items = iter_encoded(source, limit)
-    keys, total = [], 0
-    with FeatureFileWriter(folder / f"part-{rank}.npy") as fw:
-        for b in tqdm(itertools.count(), desc=what, unit="batch", leave=False, disable=rank != 0):
+    seen = [0]
+
+    def mine():  # this process's batches; every batch is counted, so all processes agree on the total
+        items = iter_encoded(source, limit)
+        for b in itertools.count():
             batch = list(itertools.islice(items, batch_size))
-            total += len(batch)
+            seen[0] += len(batch)
             if not batch:
-                break
-            if b % world != rank:
-                continue
-            images = []
-            for key, data, where in batch:
-                img = _decode(data, where, to_rgb8)
-                for fn in fns:
-                    img = fn(img)
-                images.append(np.ascontiguousarray(img))
-            x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(255).to(device)
-            fw.append(extractor(x).cpu().numpy())
-            keys.extend(k for k, _, _ in batch)
+                return
+            if b % world == rank:
+                yield batch
+
+    def decode(batch):
+        images = []
+        for key, data, where in batch:
+            img = _decode(data, where, to_rgb8)
+            for fn in fns:
+                img = fn(img)
+            images.append(np.ascontiguousarray(img))
+        return [k for k, _, _ in batch], np.stack(images)
+
+    keys = []
+    with FeatureFileWriter(folder / f"part-{rank}.npy") as fw:
+        writer = Writer(fw.append)
+        try:
+            for batch_keys, imgs in tqdm(ordered_map(decode, read_ahead(mine()), decode_workers), desc=what,
+                                         unit="batch", leave=False, disable=rank != 0):
+                x = torch.from_numpy(imgs)
+                x = x.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda" else x.to(device)
+                writer.submit(extractor(x.permute(0, 3, 1, 2).float().div(255)).cpu().numpy())
+                keys.extend(batch_keys)
+        finally:
+            writer.close()
     pl.DataFrame({"key": keys}, schema={"key": pl.String}).write_parquet(folder / f"part-{rank}.keys.parquet")
-    return total
+    return seen[0]
 
 
 def _join_parts(folder: Path, batch_size: int, world: int) -> int:
