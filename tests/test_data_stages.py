@@ -259,13 +259,16 @@ def test_probes_are_saved_without_pickle_and_reload(tmp_path):
 
 def test_curation_features_pipeline_equals_the_direct_path_for_any_decode_workers(image_run, tmp_path):
     """curate's features: read ahead, decoded on W threads, the backbone, written behind - the same
-    bytes for W = 1 and 3, and the same rows as the direct per-batch path (tile_features)."""
+    bytes for W = 1 and 3, and the same rows as the direct path (decode a batch, then the backbone)."""
     from cytosyn_data.curate import backbone
+    from cytosyn_data.io.png import decode_png
     from cytosyn_data.io.tar_read import stream_members
 
     a = backbone.feature_cache(image_run / "shards", tmp_path / "w1", "random:small", batch_size=5, decode_workers=1)
     b = backbone.feature_cache(image_run / "shards", tmp_path / "w3", "random:small", batch_size=5, decode_workers=3)
     assert (tmp_path / "w1" / "features.npy").read_bytes() == (tmp_path / "w3" / "features.npy").read_bytes()
     pngs = [d for n, d in stream_members(image_run / "shards" / "tiles-000000.tar") if n.endswith(".png")]
-    want = backbone.tile_features(backbone.build_backbone("random:small"), pngs, batch_size=5)
+    model = backbone.build_backbone("random:small")
+    want = np.concatenate([backbone.image_features(model, np.stack([decode_png(p) for p in pngs[i:i + 5]]))
+                           for i in range(0, len(pngs), 5)])
     assert a.shape == b.shape == want.shape and np.array_equal(np.asarray(a), want)

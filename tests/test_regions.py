@@ -75,7 +75,7 @@ def _square(x0, y0, side, holes=(), object_type="annotation", cls=None, legacy=F
 
 def test_regions_are_the_union_whatever_the_order():
     """An island drawn inside another polygon's hole stays, listed first or last."""
-    from cytosyn_data.wsi.regions import read_polygons, region_mask
+    from cytosyn_data.wsi.regions import read_regions, region_mask
 
     frame = _square(0, 0, 1000, holes=[(200, 200, 600)])
     island = _square(400, 400, 200)
@@ -83,7 +83,7 @@ def test_regions_are_the_union_whatever_the_order():
     for order in ([frame, island], [island, frame]):
         path = __import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "r.geojson"
         path.write_text(json.dumps({"type": "FeatureCollection", "features": order}))
-        masks.append(region_mask(read_polygons(path), (100, 100), 1000))
+        masks.append(region_mask(read_regions(path).polygons, (100, 100), 1000))
     assert np.array_equal(masks[0], masks[1])
     m = masks[0]
     assert m[5, 5] and not m[30, 30] and m[50, 50]  # frame, hole, island

@@ -28,14 +28,6 @@ def build_backbone(weights):
 
 
 @torch.no_grad()
-def tile_features(encoder, pngs: list[bytes], mean_patch: bool = False, device="cpu", batch_size: int = 128) -> np.ndarray:
-    """float32 [N, D] (or [N, 2D] with the mean patch token) for PNG tiles."""
-    outs = [image_features(encoder, np.stack([decode_png(p) for p in pngs[i : i + batch_size]]), mean_patch, device)
-            for i in range(0, len(pngs), batch_size)]
-    return np.concatenate(outs) if outs else np.zeros((0, 0), np.float32)
-
-
-@torch.no_grad()
 def image_features(encoder, imgs: np.ndarray, mean_patch: bool = False, device="cpu") -> np.ndarray:
     """float32 [B, D] (or [B, 2D]) for decoded tiles uint8 [B, H, W, 3]; on CUDA through pinned memory
     with a non-blocking copy, in bf16."""

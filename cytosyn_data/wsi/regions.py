@@ -138,11 +138,6 @@ def _polygon_rings(g: dict, path) -> list[list[np.ndarray]]:
     return out
 
 
-def read_polygons(path: str | Path, region_class: str | None = None) -> list[list[np.ndarray]]:
-    """The polygons of :func:`read_regions`."""
-    return read_regions(path, region_class).polygons
-
-
 def region_mask(polygons: list[list[np.ndarray]], shape: tuple[int, int], level0_width: int) -> np.ndarray:
     """Boolean mask [h, w] (a raster over the whole slide) of the union of the polygons, each one's
     holes cleared inside that polygon only: the order of the polygons does not matter (an island
