@@ -10,6 +10,11 @@ decode and write of ``cytosyn-data features``' pipeline, and a stand-in model th
 - the whole pipeline with the stand-in model for each W: tiles/s against min(model-only, input side),
   and the fraction of the time the model waited for input.
 
+The training loader (``cytosyn_model.data.make_loader``, what ``cytosyn-train`` reads with): the same
+tiles with H0-mini feature members of the real size (CLS [768] and tokens [196, 768], float16), read,
+decoded and batched by 0 (this process: the baseline), 1, 2 ... DataLoader workers: images/s, images/s
+per worker, and the workers one GPU needs to feed a training step of ``--step-rate`` images/s.
+
 On a GPU (``--gpu``, when one is at hand): the real H0-mini with random weights of its full size
 (or ``--h0-mini-weights FILE``), bf16: model-only tiles/s (decoded tiles already on the device), the
 pipeline's tiles/s and the model's wait, and the storage write rate of the rewritten shard.
@@ -83,6 +88,42 @@ def pipeline(shard: Path, encode, workers: int, batch: int, tmp: Path):
     return stats, wall, work.stat().st_size
 
 
+def loader_rate(shard_dir: Path, workers: int, batch: int, batches: int) -> float:
+    """images/s of the training loader with ``workers`` DataLoader workers (0: this process), after
+    the workers' first batch (their start-up is not counted)."""
+    from cytosyn_model.data import make_loader
+
+    it = iter(make_loader(shard_dir, batch, seed=0, num_workers=workers, shuffle_buffer=256))
+    for _ in range(max(workers, 1)):
+        next(it)
+    t = time.perf_counter()
+    for _ in range(batches):
+        next(it)
+    rate = batches * batch / (time.perf_counter() - t)
+    del it
+    return rate
+
+
+def training_loader(shard: Path, args, tmp: Path) -> None:
+    """The loader's images/s for each worker count, on the shard with feature members of the real size."""
+    folder = tmp / "train"
+    folder.mkdir()
+    work = folder / "train-000000.tar"
+    shutil.copyfile(shard, work)
+    from cytosyn_data.features.stage import rewrite_with_features
+
+    rewrite_with_features(work, stand_in(1e9), args.batch, 2)  # cls [768] + tok [196, 768] float16 members
+    base = None
+    for w in args.loader_workers:
+        rate = loader_rate(folder, w, args.loader_batch, args.loader_batches)
+        base = base or rate
+        per = rate / max(w, 1)
+        need = -(-args.step_rate // per)
+        print(f"training loader, {w} worker(s){' (this process)' if w == 0 else ''}: {rate:,.0f} images/s "
+              f"({rate / base:.2f}x 0 workers), {per:,.0f} per worker; a step of {args.step_rate:,.0f} images/s "
+              f"per GPU needs >= {need:.0f} worker(s)")
+
+
 def gpu(shard: Path, args, tmp: Path) -> None:
     import torch
 
@@ -114,6 +155,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--model-rate", type=float, default=3000.0, help="stand-in model speed, tiles/s")
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data")
+    ap.add_argument("--loader-workers", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--loader-batch", type=int, default=32)
+    ap.add_argument("--loader-batches", type=int, default=24)
+    ap.add_argument("--step-rate", type=float, default=1000.0,
+                    help="images/s one GPU's training step consumes (an assumption to state, not measured here)")
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--h0-mini-weights", default="random")
     args = ap.parse_args()
@@ -127,6 +173,7 @@ def main() -> None:
             rate = input_side(shard, w, args.batch)
             base = base or rate
             print(f"input side (read + decode), W={w}: {rate:,.0f} tiles/s ({rate / base:.2f}x W=1)")
+        training_loader(shard, args, tmp)
         if args.gpu:
             return gpu(shard, args, tmp)
         encode = stand_in(args.model_rate)

@@ -52,10 +52,11 @@ def tile_and_split(out: Path, shared: Path) -> tuple[Path, Path]:
 @torch.no_grad()
 def evaluate(tr, heldout: dict, noise: torch.Tensor, t: torch.Tensor) -> dict[str, float]:
     """Held-out PSNR (dB, images in [0, 1]) of the live and EMA VAE, REPA cosine and diffusion loss."""
+    from cytosyn_model.data import model_images
     from cytosyn_model.losses import diffusion_loss, repa_loss
     from cytosyn_model.path import interpolate
 
-    x = heldout["image"]
+    x = model_images(heldout["image"], "cpu")
     cls, tok = tr._features(heldout)
     out = {}
     for name, vae in (("psnr", tr.vae), ("psnr_ema", tr.ema_vae)):

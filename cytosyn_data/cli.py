@@ -10,7 +10,7 @@ from pathlib import Path
 from cytosyn_data.core.checks import cli_type, fraction, non_negative, positive
 from cytosyn_data.core.config import SHIPPED, load_stage_config, shipped_config_text
 from cytosyn_data.core.errors import UsageError, run_cli
-from cytosyn_data.core.executors import ClusterSpec, launched_rank, write_tls_files
+from cytosyn_data.core.executors import ClusterSpec, default_decode_workers, launched_rank, write_tls_files
 from cytosyn_data.io.remote import is_url, publish
 from cytosyn_data.reports.coords_export import FORMATS as H5_FORMATS
 from cytosyn_data.reports.coords_export import export_h5
@@ -219,11 +219,19 @@ def _add_curate(sub) -> None:
     p = sub.add_parser("curate", help="artifact scoring: frozen iBOT ViT-S + 5-fold linear probe")
     cs = p.add_subparsers(dest="curate_cmd", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--run", required=True, type=Path, help="tile run folder (shards/, tiles.parquet)")
+    common.add_argument("--run", "--run-dir", dest="run", required=True, type=Path,
+                        help="tile run folder (shards/, tiles.parquet); under torchrun write --run-dir: torchrun's "
+                             "parser takes --run for its own --run-path")
     common.add_argument("--backbone-weights", required=True,
                         help="local iBOT/DINO ViT-S/16 checkpoint ('random:small': a random test network)")
     common.add_argument("--mean-patch", action="store_true", help="concatenate the mean patch token to CLS")
-    common.add_argument("--device")
+    common.add_argument("--device", help="default: cuda when present (cuda:LOCAL_RANK under torchrun), else cpu")
+    common.add_argument("--batch-size", type=cli_type(positive, int), default=128)
+    common.add_argument("--decode-workers", type=cli_type(positive, int),
+                        help="threads decoding PNG tiles while the backbone runs (default: the CPUs per GPU, at most 8; "
+                             "2 on CPU; the bytes do not depend on it)")
+    common.add_argument("--workers", type=cli_type(positive, int), default=1, help="Dask worker processes (--cluster local)")
+    add_cluster_options(common)
     f = cs.add_parser("fit", parents=[common], help="grouped stratified 5-fold CV of the linear probe")
     f.add_argument("--annotations", required=True, type=Path, help="CSV/parquet with key, label")
     f.add_argument("--seed", type=int, default=0)
@@ -242,9 +250,15 @@ def cmd_curate(args) -> int:
     from cytosyn_data.curate import stage as C  # lazy: torch + timm, 2 s
 
     if args.curate_cmd in ("fit", "apply"):
-        x = C.curate_features(args.run, args.curate_cmd, vars(args), args.backbone_weights, args.mean_patch, args.device,
-                              getattr(args, "annotations", None))
-        if args.curate_cmd == "fit":
+        rank, world = launched_rank()
+        cluster = _cpu_cluster(args, world)
+        spec = C.CacheSpec(args.backbone_weights, args.mean_patch, args.device, args.batch_size,
+                           args.decode_workers or default_decode_workers())
+        x = C.curate_features(args.run, args.curate_cmd, vars(args), spec, getattr(args, "annotations", None), cluster,
+                              rank, world)
+        if x is None:
+            print(f"curate: rank {rank} of {world} computed its shards' features; rank 0 goes on to {args.curate_cmd}")
+        elif args.curate_cmd == "fit":
             m = C.curate_fit(args.run, args.annotations, x, args.seed)
             print(m)
             print(f"mean AUC {m['auc'].mean():.3f}, mean balanced accuracy {m['balanced_accuracy'].mean():.3f}")
@@ -310,14 +324,20 @@ def _add_features(sub) -> None:
     add_cluster_options(p)
 
 
+def _cpu_cluster(args, world: int):
+    """The Dask cluster of the options (None: this process), refused with GPUs or torchrun's ranks."""
+    spec = cluster_spec(args)
+    cluster = None if spec.kind == "local" else spec
+    if cluster is not None and (world > 1 or (args.device or "").startswith("cuda")):
+        raise UsageError(f"--scheduler/--cluster run {args.command} on CPU workers; GPUs take RANK/WORLD_SIZE (torchrun)")
+    return cluster
+
+
 def cmd_features(args) -> int:
     from cytosyn_data.features.stage import add_features  # lazy: torch + timm
 
     rank, world = launched_rank()
-    spec = cluster_spec(args)
-    cluster = None if spec.kind == "local" else spec
-    if cluster is not None and (world > 1 or (args.device or "").startswith("cuda")):
-        raise UsageError("--scheduler/--cluster run features on CPU workers; GPUs take RANK/WORLD_SIZE (torchrun)")
+    cluster = _cpu_cluster(args, world)
     res = add_features(args.shards, args.h0_mini_weights, args.batch_size, args.device, rank, world, cluster,
                        args.decode_workers)
     print(f"features: {res.shards_done} shard(s) written, {res.shards_skipped} already done, {res.tiles} tiles, "

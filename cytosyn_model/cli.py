@@ -121,10 +121,15 @@ def _eval(argv: list[str] | None) -> int:
     p = argparse.ArgumentParser(prog="cytosyn-eval", description="FD / FLD / precision-recall / cosine of generated vs real tiles")
     p.add_argument("--config", required=True, help="YAML file (section 'eval'), or 'eval', the shipped example")
     p.add_argument("--out", help="output folder (overrides the config)")
+    p.add_argument("--decode-workers", type=cli_type(positive, int),
+                   help="threads decoding images beside each extractor (overrides the config; default: the CPUs per GPU, "
+                        "at most 8; 2 on CPU; the features do not depend on it)")
     args = p.parse_args(argv)
     conf = load_stage_config(args.config, "eval")
     if args.out:
         conf["out"] = args.out
+    if args.decode_workers:
+        conf["decode_workers"] = args.decode_workers
     cfg = EvalConfig.from_dict(conf, where=f"{args.config} (section eval)")
     rank, world = start_cpu_group()  # torchrun / accelerate launch: each process extracts its share
     df = evaluate(cfg, rank, world)

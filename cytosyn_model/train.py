@@ -47,7 +47,7 @@ from cytosyn_encoders import weights_identity
 from cytosyn_encoders.h0mini import build_h0_mini, h0_mini_features
 
 from . import checkpoint
-from .data import make_loader
+from .data import make_loader, model_images
 from .discriminator import PatchDiscriminator
 from .distributed import (
     DEFAULT_TIMEOUT_S,
@@ -280,7 +280,8 @@ class Trainer:
         """(cls [B, D], tokens [B, 196, D]) in the SiT's dtype, from the shards, else from a frozen H0-mini."""
         dtype = next(self.sit.parameters()).dtype
         if "cls" in batch and "tok" in batch:
-            return batch["cls"].to(self.device, dtype), batch["tok"].to(self.device, dtype)
+            return (batch["cls"].to(self.device, dtype, non_blocking=True),
+                    batch["tok"].to(self.device, dtype, non_blocking=True))
         if self.h0 is None:
             if not self.cfg.h0_mini_weights:
                 raise FileNotFoundError(
@@ -288,7 +289,7 @@ class Trainer:
                     "run `cytosyn-data features` or give the local H0-mini weights"
                 )
             self.h0 = build_h0_mini(self.cfg.h0_mini_weights).to(self.device)
-        images01 = (batch["image"].to(self.device) + 1) / 2
+        images01 = (model_images(batch["image"], self.device) + 1) / 2
         with self.acc.autocast():
             cls, tok = h0_mini_features(self.h0, images01)
         return cls.to(dtype), tok.to(dtype)
@@ -401,7 +402,7 @@ class Trainer:
         """One REPA-E step (see the module docstring); returns the loss terms and grad norms.
 
         ``noise``: the step's randomness (else drawn from ``generator`` / the global RNG)."""
-        x = batch["image"].to(self.device)
+        x = model_images(batch["image"], self.device)  # uint8 from the loader (pinned on CUDA), or floats
         cls, tok = self._features(batch)
         noise = noise or self.draw_noise(x.shape[0], generator)
         logs: dict[str, float] = {}
@@ -547,7 +548,7 @@ def train(cfg: TrainConfig, shards, resume: str | Path | None = "auto", stop_aft
     loader = make_loader(
         shards, cfg.batch_size, seed=cfg.seed, rank=trainer.acc.process_index,
         num_workers=cfg.num_workers, shuffle_buffer=cfg.shuffle_buffer, batches_done=trainer.step,
-        count_cache=Path(cfg.out) / "shard_samples.json",
+        count_cache=Path(cfg.out) / "shard_samples.json", pin_memory=trainer.device.type == "cuda",
     )
     end = cfg.max_steps if stop_after is None else min(cfg.max_steps, trainer.step + stop_after)
     # the bar is closed before an error propagates, so the error line is the last thing printed
@@ -559,27 +560,44 @@ def train(cfg: TrainConfig, shards, resume: str | Path | None = "auto", stop_aft
 
 
 def _run_steps(trainer: Trainer, it, end: int, out: Path, bar) -> None:
-    """Steps until ``end``: log every ``log_every`` (loss terms, grad norms, images/s), checkpoint every
-    ``ckpt_every`` and write an EMA sample grid every ``sample_every`` steps (and at the end)."""
+    """Steps until ``end``: log every ``log_every`` (:func:`_log_interval`), checkpoint every
+    ``ckpt_every`` and write an EMA sample grid every ``sample_every`` steps (and at the end); a run
+    that waited for data more than 10% of its time says so at the end."""
     cfg = trainer.cfg
-    t0, seen = time.perf_counter(), 0
+    interval = {"t0": time.perf_counter(), "seen": 0, "wait": 0.0}
+    waits = [0.0, 0.0]  # seconds waiting for batches, seconds in all, over the logged intervals
     sample_cls = None
     while trainer.step < end:
+        tw = time.perf_counter()
         batch = next(it)
+        interval["wait"] += time.perf_counter() - tw
         logs = trainer.train_step(batch)
         if sample_cls is None:
             sample_cls = trainer._features(batch)[0][:8]
-        seen += batch["image"].shape[0] * trainer.acc.num_processes
+        interval["seen"] += batch["image"].shape[0] * trainer.acc.num_processes
         bar.update(1)
         if trainer.step % cfg.log_every == 0 or trainer.step == end:
-            dt = time.perf_counter() - t0
-            logs.update(step=trainer.step, images_per_s=seen / dt if dt > 0 else math.nan)
-            t0, seen = time.perf_counter(), 0
-            if trainer.acc.is_main_process:
-                with open(out / "log.jsonl", "a") as f:
-                    f.write(json.dumps(logs) + "\n")
-                bar.set_postfix(denoise=f"{logs['denoise']:.4f}", l1=f"{logs['l1']:.4f}", ips=f"{logs['images_per_s']:.1f}")
+            waits = [w + d for w, d in zip(waits, _log_interval(trainer, logs, interval, out, bar))]
         if trainer.step % cfg.ckpt_every == 0 or trainer.step == end:
             trainer.save_checkpoint()
         if (trainer.step % cfg.sample_every == 0 or trainer.step == end) and trainer.acc.is_main_process:
             trainer.sample_grid(sample_cls, out / "samples" / f"step_{trainer.step:07d}.png")
+    if waits[1] > 0 and waits[0] / waits[1] > 0.1 and trainer.acc.is_main_process:
+        tqdm.write(f"train: waited for data {waits[0] / waits[1]:.0%} of the time: raise num_workers (now "
+                   f"{cfg.num_workers}) or see benchmarks/gpu_feed.py for the images/s of one loader worker")
+
+
+def _log_interval(trainer: Trainer, logs: dict, interval: dict, out: Path, bar) -> tuple[float, float]:
+    """Append the step's ``logs`` with ``images_per_s`` and ``data_wait`` (the fraction of the interval
+    spent waiting for the loader) to ``log.jsonl``; restart the interval; returns (wait, interval) s."""
+    dt = time.perf_counter() - interval["t0"]
+    wait = interval["wait"]
+    logs.update(step=trainer.step, images_per_s=interval["seen"] / dt if dt > 0 else math.nan,
+                data_wait=wait / dt if dt > 0 else 0.0)
+    interval.update(t0=time.perf_counter(), seen=0, wait=0.0)
+    if trainer.acc.is_main_process:
+        with open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(logs) + "\n")
+        bar.set_postfix(denoise=f"{logs['denoise']:.4f}", l1=f"{logs['l1']:.4f}", ips=f"{logs['images_per_s']:.1f}",
+                        data=f"{logs['data_wait']:.0%}")
+    return wait, dt

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import polars as pl
 import pytest
 import torch
 
@@ -100,7 +101,7 @@ def _tiny_config(path: Path, **over) -> Path:
 def _log(run: Path) -> list[dict]:
     import json
 
-    return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"}
+    return [{k: v for k, v in json.loads(line).items() if k not in ("images_per_s", "data_wait")}
             for line in (run / "log.jsonl").read_text().splitlines()]
 
 
@@ -185,11 +186,73 @@ def test_features_of_two_processes_are_byte_identical_to_one(tmp_path, tiles):
     assert not stale.exists() and not list(two.glob(".*.tmp-*"))
 
 
+def test_curation_over_two_ranks_and_on_dask_equals_one_process(tmp_path, tiles):
+    """curate apply launched as 2 torchrun ranks by pipelines/slurm/curate.sbatch (each computes its
+    shards' features, a gloo barrier, rank 0 merges and applies) and on a Dask cluster of 2 CPU workers writes the features and
+    curation.parquet byte-identical to one process; the per-shard parts are merged, then removed."""
+    import shutil
+
+    import numpy as np
+
+    from cytosyn_data.cli import main
+    from cytosyn_data.curate import probes
+    from cytosyn_data.io.tar_read import stream_members
+
+    def tar_names(shard):
+        return [name for name, _ in stream_members(shard)]
+
+    runs = {name: tmp_path / name for name in ("one", "two", "dask")}
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 64))  # probes of the random:small backbone's 64-d CLS
+    fitted = probes.fit_probes(x, (x[:, 0] > 0).astype(int), [f"s{i % 10}" for i in range(60)])["probes"]
+    for run in runs.values():
+        shutil.copytree(tiles.parent, run, ignore=shutil.ignore_patterns("report", "curate"))
+        (run / "curate").mkdir()
+        probes.save_probes(run / "curate" / "probes.npz", fitted)
+    cmd = ["curate", "apply", "--backbone-weights", "random:small", "--batch-size", "3", "--threshold", "0.5"]  # the template's
+    assert main([*cmd, "--run", str(runs["one"])]) == 0
+    res = _sbatch("curate.sbatch", tmp_path, {  # the SLURM template: one node's torchrun agent, 2 ranks
+        "SLURM_JOB_ID": str(_free_port() - 20000), "SLURM_NTASKS": "1", "GPUS_PER_NODE": "2", "RUN": str(runs["two"]),
+        "WEIGHTS": "random:small", "BATCH_SIZE": "3", "MODE": "apply"})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "rank 1 of 2 computed its shards' features" in res.stdout and "tiles scored: 12" in res.stdout
+    assert main([*cmd, "--run", str(runs["dask"]), "--cluster", "local", "--workers", "2"]) == 0
+    for name in ("two", "dask"):
+        for f in ("curation.parquet", "curate/features.npy", "curate/features_keys.parquet"):
+            assert (runs[name] / f).read_bytes() == (runs["one"] / f).read_bytes(), (name, f)
+        assert not (runs[name] / "curate" / "parts").exists()
+    assert pl.read_parquet(runs["one"] / "curation.parquet")["key"].to_list() == [  # shard, then member order
+        k[: -len(".png")] for shard in sorted(tiles.glob("*.tar")) for k in tar_names(shard) if k.endswith(".png")]
+
+
+def test_curation_parts_resume_where_a_rank_stopped(tmp_path, tiles):
+    """A rank's finished shards are kept (markers) and skipped on a re-run; the merge refuses while a
+    shard's part is missing, naming the shard; a changed shard's part is computed again."""
+    import os
+
+    from cytosyn_data.core.errors import DataError
+    from cytosyn_data.curate import backbone, feature_parts
+
+    spec = backbone.CacheSpec("random:small", batch_size=3, decode_workers=2)
+    units, ident = backbone.cache_units(tiles, tmp_path, spec)
+    assert feature_parts.compute_parts(units, rank=0, world=2) == {"tiles": 8, "written": 2, "skipped": 0}
+    with pytest.raises(DataError, match=f"^{units[1].shard}: its curation features are missing or stale"):
+        backbone.merge_cache(units, tmp_path, ident)
+    for left in (".npy.tmp-1", ".raw.tmp-1", ".keys.parquet.tmp-1"):  # a killed rank's temporaries
+        (tmp_path / "parts" / f".{Path(units[1].shard).name}{left}").write_bytes(b"partial")
+    assert feature_parts.compute_parts(units) == {"tiles": 4, "written": 1, "skipped": 2}
+    assert not list((tmp_path / "parts").glob(".*tmp*"))
+    os.utime(units[2].shard)  # the shard changed: its part is stale
+    assert feature_parts.compute_parts(units) == {"tiles": 4, "written": 1, "skipped": 2}
+    x = backbone.merge_cache(units, tmp_path, ident)
+    assert x.shape == (12, 64) and backbone.cached(tmp_path, ident) is not None and not (tmp_path / "parts").exists()
+
+
 def test_sampling_over_two_processes_is_byte_identical_to_one(tmp_path, tiles, capsys):
+    import yaml
+
     from cytosyn_model.cli import sample_main
     from cytosyn_model.train import TrainConfig, Trainer
-
-    import yaml
 
     d = yaml.safe_load((HERE.parent / "cytosyn_data" / "configs" / "train_tiny.yaml").read_text())["train"]
     ckpt = Trainer(TrainConfig.from_dict({**d, "out": str(tmp_path / "run")})).save_checkpoint()
@@ -238,7 +301,8 @@ def test_evaluation_features_over_two_processes_equal_one(tmp_path, tiles):
             "out": str(out), "real": {"cmu": str(tiles)}, "generated": {"flip": str(gen)},
             "extractors": {"inception_v3": "random:small"}, "metrics": ["fd", "pr", "cosine"], "pr_k": 2,
             "bootstrap": {"draws": 0}, "batch_size": 5}}))  # 12 images: batches of 5, 5, 2
-        res = torchrun(["--no-python", "cytosyn-eval", "--config", str(cfg)], nproc=nproc)
+        threads = ["--decode-workers", "3"] if nproc == 2 else []  # 2 by default on CPU: neither changes a byte
+        res = torchrun(["--no-python", "cytosyn-eval", "--config", str(cfg), *threads], nproc=nproc)
         assert res.returncode == 0, res.stderr[-3000:]
         assert res.stdout.count("cytosyn-eval: ") == 1  # process 0 computes and reports
         outs[nproc] = out

@@ -10,12 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-
 from conftest import tile_two_slides
+
+from cytosyn_encoders.h0mini import build_h0_mini, resize_tokens
 from cytosyn_model.checkpoint import load_into, map_state_dict
 from cytosyn_model.cli import sample_main, train_main
-from cytosyn_model.data import make_loader
-from cytosyn_encoders.h0mini import build_h0_mini, resize_tokens
+from cytosyn_model.data import make_loader, model_images
 from cytosyn_model.lpips import LPIPS
 from cytosyn_model.train import NaNLossError, TrainConfig, Trainer, train
 from cytosyn_model.vae import AutoencoderKL, VAEConfig
@@ -45,7 +45,7 @@ def _grads(module):
 def test_gradient_flow_of_the_three_passes(tmp_path, shards):
     tr = Trainer(tiny_conf(tmp_path, gan_start_step=0))
     batch = _batch(shards)
-    x = batch["image"]
+    x = model_images(batch["image"], "cpu")
     cls, tok = tr._features(batch)
     noise = tr.draw_noise(4)
     rec, post, z = tr.encode(x, noise)
@@ -82,6 +82,7 @@ def test_smoke_training_losses_fall_resume_is_exact_and_samples_are_written(tmp_
     for term in ("l1", "denoise"):
         assert np.mean([r[term] for r in last]) < np.mean([r[term] for r in first]), term
     assert "gan_d" in log[-1] and "gan_d" not in log[0]
+    assert all(0 <= r["data_wait"] <= 1 for r in log)  # the fraction of each interval spent waiting for batches
     assert (tmp_path / "full" / "samples" / "step_0000020.png").exists()
     assert full.step == 20
 
@@ -99,7 +100,7 @@ def test_smoke_training_losses_fall_resume_is_exact_and_samples_are_written(tmp_
 def test_nan_loss_stops_with_the_step_and_term(tmp_path, shards):
     tr = Trainer(tiny_conf(tmp_path))
     batch = _batch(shards)
-    batch["image"] = batch["image"].clone()
+    batch["image"] = model_images(batch["image"], "cpu")  # the loader's uint8 as the model's floats
     batch["image"][0, 0, 0, 0] = float("nan")
     batch["cls"], batch["tok"] = tr._features(_batch(shards))
     with pytest.raises(NaNLossError, match=r"step 1: loss term 'l1' is nan"):

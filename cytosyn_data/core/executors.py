@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import datetime
 import importlib
 import multiprocessing
 import os
@@ -241,3 +242,31 @@ def rank_device(requested: str | None = None) -> str:
     if device == "cuda" and local is not None and torch.cuda.device_count() > 1:
         device = f"cuda:{int(local) % torch.cuda.device_count()}"
     return device
+
+
+def default_decode_workers() -> int:
+    """PNG-decoding threads per process of a GPU stage: the CPUs per visible GPU (at most 8), or 2 on a
+    CPU-only machine."""
+    import torch  # heavy: only the GPU stages call this
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return min(8, max(1, (os.cpu_count() or 2) // gpus)) if gpus else 2
+
+
+def rank_barrier(timeout_s: float = 7 * 24 * 3600) -> None:
+    """Wait until every rank of a torchrun / accelerate job gets here (a gloo barrier: CPU tensors,
+    across nodes, on torchrun's MASTER_ADDR/PORT). A process group already started is used as it is;
+    one started here is closed again. ``timeout_s``: how long a rank that finished its share may wait
+    for the slowest (a failed rank ends the job through torchrun). Without a launch, nothing."""
+    if launched_rank()[1] <= 1:
+        return
+    import torch.distributed as dist  # heavy: only the GPU stages call this
+
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    try:
+        dist.barrier()
+    finally:
+        if own:
+            dist.destroy_process_group()

@@ -21,7 +21,8 @@ import polars as pl
 import webdataset as wds
 
 from cytosyn_data.core.errors import DataError
-from cytosyn_data.curate.backbone import feature_cache
+from cytosyn_data.core.executors import ClusterSpec
+from cytosyn_data.curate.backbone import CacheSpec, feature_cache, feature_cache_ranked
 from cytosyn_data.curate.probes import (
     apply_probes_to_file,
     fit_probes,
@@ -45,15 +46,21 @@ def _tile_run(run: Path) -> Path:
     return run / "curate"
 
 
-def curate_features(run: Path, command: str, settings: dict, weights, mean_patch: bool = False, device=None,
-                    annotations: Path | None = None):
+def curate_features(run: Path, command: str, settings: dict, spec: CacheSpec, annotations: Path | None = None,
+                    cluster: ClusterSpec | None = None, rank: int = 0, world: int = 1):
     """The backbone features of every tile of ``run`` (memory-mapped, cached in ``RUN/curate``), after
-    recording what made this command's outputs in ``RUN/curate/run.json``."""
+    recording what made this command's outputs in ``RUN/curate/run.json`` (rank 0). Shards run on the
+    Dask ``cluster`` (CPU workers) or, under torchrun (``world`` > 1), over the ranks; rank 0 gets the
+    merged features, the other ranks None."""
     work = _tile_run(run)
-    inputs = [f"backbone_weights: {weights}"] + ([f"annotations: {annotations}"] if annotations else [])
-    record_run(work, f"curate {command}", {k: str(v) for k, v in settings.items()}, inputs,
-               recorded={"backbone_weights_sha256_16": weights_identity(weights)})
-    return feature_cache(run / "shards", work, weights, mean_patch, device)
+    if rank == 0:
+        inputs = [f"backbone_weights: {spec.weights}"] + ([f"annotations: {annotations}"] if annotations else [])
+        record_run(work, f"curate {command}", {k: str(v) for k, v in settings.items()}, inputs,
+                   recorded={"backbone_weights_sha256_16": weights_identity(spec.weights)})
+    if world > 1:
+        return feature_cache_ranked(run / "shards", work, spec, rank, world)
+    return feature_cache(run / "shards", work, spec.weights, spec.mean_patch, spec.device, spec.batch_size,
+                         spec.decode_workers, cluster)
 
 
 def curate_fit(run: Path, annotations: Path, x, seed: int = 0) -> pl.DataFrame:
@@ -80,8 +87,11 @@ def curate_apply(run: Path, x, threshold: float) -> list[str]:
     (removed: highest scores; kept: highest scores below the threshold) and the HTML page; returns
     the report's lines."""
     work = _tile_run(run)
-    n = apply_probes_to_file(work / "features_keys.parquet", x, load_probes(work / "probes.npz"), threshold,
-                             run / "curation.parquet")
+    probes = load_probes(work / "probes.npz")
+    if probes and probes[0][2].shape[0] != x.shape[1]:
+        raise DataError(f"{work / 'probes.npz'}: fitted on {probes[0][2].shape[0]}-d features, but the backbone gives "
+                        f"{x.shape[1]}-d ones (other weights, or --mean-patch not as at fit time?); fit again")
+    n = apply_probes_to_file(work / "features_keys.parquet", x, probes, threshold, run / "curation.parquet")
     cur = pl.scan_parquet(run / "curation.parquet")
     tiles = pl.scan_parquet(run / "tiles.parquet").select("key", "shard") if (run / "tiles.parquet").exists() else None
     rep = removal_report(cur, pl.read_parquet(run / "slides.parquet") if (run / "slides.parquet").exists() else None)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cytosyn_data.core.executors import ClusterSpec, open_executor, rank_device
+from cytosyn_data.core.executors import ClusterSpec, default_decode_workers, open_executor, rank_device
 from cytosyn_data.core.pipeline import Writer, ordered_map, read_ahead
 from cytosyn_data.io.atomic import atomic_write_bytes, remove_stale_tmp
 from cytosyn_data.io.png import decode_tile
@@ -142,12 +141,6 @@ def add_features(
                 busy[k] += res.get(k, 0.0)
     wait = busy["wait_s"] / max(busy["wait_s"] + busy["model_s"], 1e-9)
     return FeatureResult(finished, skipped, n_tiles, time.perf_counter() - t0, wait)
-
-
-def default_decode_workers() -> int:
-    """Decoding threads per process: the CPUs per visible GPU (at most 8), or 2 on a CPU-only machine."""
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return min(8, max(1, (os.cpu_count() or 2) // gpus)) if gpus else 2
 
 
 @lru_cache(maxsize=2)

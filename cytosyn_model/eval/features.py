@@ -104,19 +104,20 @@ def set_identity(source, limit: int | None) -> str:
 
 
 def set_features(extractor, name: str, source, preprocess: list[str], cache: Path, batch_size: int, device,
-                 weights: str | None, limit: int | None = None, rank: int = 0,
-                 world: int = 1) -> tuple[list[str], np.ndarray, tuple[np.ndarray, np.ndarray]]:
+                 weights: str | None, limit: int | None = None, rank: int = 0, world: int = 1,
+                 decode_workers: int = 2) -> tuple[list[str], np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Features [N, D] float32 of one set (cached; returned memory-mapped), its keys, and its float64
     (mean, cov). Every process of a job calls it: process r extracts batches b % world == r into
     ``part-{r}``, then process 0 joins the parts in batch order (the bytes of one process's cache,
-    whatever ``world``) and accumulates the moments while doing so."""
+    whatever ``world``) and accumulates the moments while doing so. ``decode_workers``: threads decoding
+    and preprocessing images beside the extractor (the bytes do not depend on it)."""
     spec = extractor.spec
     tag = f"{name}-{spec.name}-{spec.identity(weights)}-{'+'.join(preprocess) or 'png'}-{set_identity(source, limit)}"
     folder = cache / tag
     if not (folder / "done.json").exists():
         folder.mkdir(parents=True, exist_ok=True)
         if not _extract_part(extractor, f"{name}/{spec.name}", source, preprocess, folder, batch_size, device, limit,
-                             rank, world):  # every process counts the images: all stop together
+                             rank, world, decode_workers):  # every process counts the images: all stop together
             raise ValueError(f"set {name}: no images in {source}")
         barrier()
         if rank == 0:

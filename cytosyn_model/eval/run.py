@@ -11,6 +11,7 @@ Config (a YAML file, section ``eval``; ``cytosyn-data config show eval`` prints 
     bootstrap: {draws: 50, n: 50000}                         # of the FD of each generated set
     preprocess: {real: [], generated: []}                    # jpeg70, centercrop224, ...
     batch_size: 64
+    decode_workers: 4                # threads decoding images beside the extractor (default: CPUs per GPU, max 8)
     seed: 0
 
 Features are cached per (set, extractor identity incl. weights, preprocessing) under
@@ -31,7 +32,7 @@ import torch
 
 from cytosyn_data.core.checks import non_negative, one_of, positive
 from cytosyn_data.core.errors import DataError, UsageError
-from cytosyn_data.core.executors import rank_device
+from cytosyn_data.core.executors import default_decode_workers, rank_device
 from cytosyn_data.io.feature_file import take_rows
 
 from .extractors import REGISTRY, build_extractor
@@ -60,6 +61,7 @@ class EvalConfig:
     bootstrap: dict = field(default_factory=lambda: {"draws": 50, "n": 50000})
     preprocess: dict = field(default_factory=lambda: {"real": [], "generated": []})
     batch_size: int = 64
+    decode_workers: int | None = None  # threads decoding images beside the extractor (None: the CPUs per GPU, max 8)
     device: str | None = None
     seed: int = 0
     max_images: int | None = None
@@ -88,7 +90,7 @@ class EvalConfig:
             one_of(k, f"{where}: kid", ("subsets", "subset_size", "seed"))
             if k != "seed":
                 positive(v, f"{where}: kid.{k}", int)
-        for k in ("max_images", "max_points"):
+        for k in ("max_images", "max_points", "decode_workers"):
             if getattr(cfg, k) is not None:
                 positive(getattr(cfg, k), f"{where}: {k}", int)
         for side, names in (cfg.preprocess or {}).items():
@@ -169,7 +171,7 @@ def evaluate(cfg: EvalConfig, rank: int = 0, world: int = 1) -> pl.DataFrame | N
 
         def feats(name, source, pre):
             return set_features(extractor, name, source, pre, cache, cfg.batch_size, dev, weights, cfg.max_images,
-                                rank, world)
+                                rank, world, cfg.decode_workers or default_decode_workers())
 
         real = {n: feats(n, p, pre_r) for n, p in cfg.real.items()}
         train = None
