@@ -15,21 +15,28 @@ tiles with H0-mini feature members of the real size (CLS [768] and tokens [196, 
 decoded and batched by 0 (this process: the baseline), 1, 2 ... DataLoader workers: images/s, images/s
 per worker, and the workers one GPU needs to feed a training step of ``--step-rate`` images/s.
 
-On a GPU (``--gpu``, when one is at hand): the real H0-mini with random weights of its full size
-(or ``--h0-mini-weights FILE``), bf16: model-only tiles/s (decoded tiles already on the device), the
-pipeline's tiles/s and the model's wait, and the storage write rate of the rewritten shard.
+On a GPU (``--gpu``, when one is at hand): the real stages, bf16, with random weights of the full
+networks (or ``--h0-mini-weights FILE`` / ``--ibot-weights FILE``), each W against baselines measured
+in the same run: the storage write rate (a plain fsynced write), H0-mini's model-only tiles/s (decoded
+tiles in memory, copies included), then the ``features`` rewrite's tiles/s as a fraction of
+min(model-only, storage write), the model's wait, the write rate and the GPU's utilisation; then
+iBOT's model-only tiles/s and curation's part (``compute_part``) as a fraction of it. ``--real cpu``
+runs the same code on the CPU (with ``random:small`` weights: a check that the path works).
 
     python benchmarks/gpu_feed.py                          # CPU, stand-in model at 3,000 tiles/s
     python benchmarks/gpu_feed.py --model-rate 6000 --tiles 2048
     python benchmarks/gpu_feed.py --gpu                    # on a GPU machine
+    python benchmarks/gpu_feed.py --real cpu --h0-mini-weights random:small --ibot-weights random:small --tiles 256
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -124,28 +131,113 @@ def training_loader(shard: Path, args, tmp: Path) -> None:
               f"per GPU needs >= {need:.0f} worker(s)")
 
 
-def gpu(shard: Path, args, tmp: Path) -> None:
+def storage_write_rate(folder: Path, nbytes: int) -> float:
+    """bytes/s of a plain sequential write of ``nbytes`` into ``folder``, fsynced: the storage's own rate
+    (the baseline of a stage whose output is its write)."""
+    block = os.urandom(1 << 22)
+    path = folder / "write-probe.bin"
+    t = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(max(1, nbytes // len(block))):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    rate = max(1, nbytes // len(block)) * len(block) / (time.perf_counter() - t)
+    path.unlink()
+    return rate
+
+
+class GpuUse:
+    """The GPU's mean utilisation while a stage runs (``torch.cuda.utilization``, sampled every 50 ms
+    on a thread); None where it cannot be read (no NVML, or not CUDA)."""
+
+    def __init__(self, device: str):
+        import torch
+
+        self.samples: list[int] = []
+        self.ok = device.startswith("cuda")
+        if self.ok:
+            try:
+                torch.cuda.utilization(torch.device(device))
+            except Exception:  # noqa: BLE001 - no pynvml: the figure is left out, not faked
+                self.ok = False
+        self.device, self._stop = device, threading.Event()
+
+    def __enter__(self):
+        import torch
+
+        def sample():
+            while not self._stop.wait(0.05):
+                self.samples.append(torch.cuda.utilization(torch.device(self.device)))
+        self._t = threading.Thread(target=sample, daemon=True) if self.ok else None
+        if self._t:
+            self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._t:
+            self._t.join()
+
+    def text(self) -> str:
+        return f"GPU busy {np.mean(self.samples):.0f}%" if self.samples else "GPU utilisation not readable"
+
+
+def timed(fn, reps: int, device: str) -> float:
+    """Seconds per call of ``fn`` after one warm-up call, synchronised on CUDA."""
     import torch
 
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / reps
+
+
+def real_models(shard: Path, args, tmp: Path) -> None:
+    """The real stages on ``args.real``: H0-mini features (shard rewritten with CLS and tokens) and
+    curation's iBOT features (a part), each against model-only and storage-write baselines."""
+    import torch
+
+    from cytosyn_data.curate.feature_parts import PartUnit, build_backbone, compute_part, image_features
     from cytosyn_data.features.stage import encode_images
     from cytosyn_encoders.h0mini import build_h0_mini
 
-    device = torch.device("cuda")
-    model = build_h0_mini(args.h0_mini_weights).to(device).eval()
-    encode = lambda imgs: encode_images(model, imgs, device, torch.bfloat16)  # noqa: E731
+    device = args.real
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    name = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "CPU"
     imgs = np.random.default_rng(0).integers(0, 256, (args.batch, 224, 224, 3), dtype=np.uint8)
-    encode(imgs)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(20):
-        encode(imgs)
-    torch.cuda.synchronize()
-    only = 20 * args.batch / (time.perf_counter() - t)
-    print(f"GPU {torch.cuda.get_device_name()}: H0-mini model-only {only:,.0f} tiles/s (batch {args.batch}, bf16)")
+    h0 = build_h0_mini(args.h0_mini_weights).to(device).eval()
+    h0_only = args.batch / timed(lambda: encode_images(h0, imgs, torch.device(device), dtype), 10, device)
+    probe = tmp / "rewritten"
+    probe.mkdir()
+    write = storage_write_rate(probe, max(shard.stat().st_size * 3, 1 << 26))
+    print(f"{name}: storage write {write / 2**20:,.0f} MiB/s (fsynced, {probe})")
+    print(f"H0-mini ({args.h0_mini_weights}, {dtype}): model-only {h0_only:,.0f} tiles/s (batch {args.batch}, copies included)")
     for w in args.workers:
-        stats, wall, size = pipeline(shard, encode, w, args.batch, tmp)
-        print(f"  W={w}: pipeline {stats.tiles / wall:,.0f} tiles/s = {stats.tiles / wall / only:.2f} of model-only; "
-              f"model waited {stats.wait_fraction:.0%}; wrote {size / wall / 2**20:,.0f} MiB/s")
+        with GpuUse(device) as use:
+            stats, wall, size = pipeline(shard, lambda x: encode_images(h0, x, torch.device(device), dtype), w,
+                                         args.batch, tmp)
+        bound = min(h0_only, write / (size / stats.tiles))
+        print(f"  features W={w}: {stats.tiles / wall:,.0f} tiles/s = {stats.tiles / wall / bound:.2f} of min(model-only, "
+              f"storage write {write / (size / stats.tiles):,.0f} tiles/s); model waited {stats.wait_fraction:.0%}; "
+              f"wrote {size / wall / 2**20:,.0f} MiB/s; {use.text()}")
+    del h0
+    ibot = build_backbone(args.ibot_weights).to(device)
+    ibot_only = args.batch / timed(lambda: image_features(ibot, imgs, False, device), 10, device)
+    print(f"iBOT ViT-S/16 ({args.ibot_weights}): model-only {ibot_only:,.0f} tiles/s")
+    for w in args.workers:
+        parts = tmp / f"parts-{w}"
+        unit = PartUnit(str(shard), str(parts), args.ibot_weights, False, "bench", args.batch, device, w)
+        parts.mkdir()
+        with GpuUse(device) as use:
+            t = time.perf_counter()
+            n = compute_part(unit)["tiles"]
+            wall = time.perf_counter() - t
+        print(f"  curation W={w}: {n / wall:,.0f} tiles/s = {n / wall / ibot_only:.2f} of model-only; {use.text()}")
 
 
 def main() -> None:
@@ -160,8 +252,11 @@ def main() -> None:
     ap.add_argument("--loader-batches", type=int, default=24)
     ap.add_argument("--step-rate", type=float, default=1000.0,
                     help="images/s one GPU's training step consumes (an assumption to state, not measured here)")
-    ap.add_argument("--gpu", action="store_true")
-    ap.add_argument("--h0-mini-weights", default="random")
+    ap.add_argument("--gpu", action="store_const", const="cuda", dest="real",
+                    help="the real H0-mini and iBOT stages on the GPU (same as --real cuda)")
+    ap.add_argument("--real", metavar="DEVICE", help="the real model stages on DEVICE (cpu: a check of the code path)")
+    ap.add_argument("--h0-mini-weights", default="random", help="'random' (full size), random:small, or a file")
+    ap.add_argument("--ibot-weights", default="random", help="'random' (full size), random:small, or a file")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
@@ -174,8 +269,8 @@ def main() -> None:
             base = base or rate
             print(f"input side (read + decode), W={w}: {rate:,.0f} tiles/s ({rate / base:.2f}x W=1)")
         training_loader(shard, args, tmp)
-        if args.gpu:
-            return gpu(shard, args, tmp)
+        if args.real:
+            return real_models(shard, args, tmp)
         encode = stand_in(args.model_rate)
         for w in args.workers:
             stats, wall, size = pipeline(shard, encode, w, args.batch, tmp)

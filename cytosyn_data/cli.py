@@ -257,7 +257,7 @@ def cmd_curate(args) -> int:
         x = C.curate_features(args.run, args.curate_cmd, vars(args), spec, getattr(args, "annotations", None), cluster,
                               rank, world)
         if x is None:
-            print(f"curate: rank {rank} of {world} computed its shards' features; rank 0 goes on to {args.curate_cmd}")
+            print(f"curate: rank {rank} of {world}: its shards' features are done; rank 0 goes on to {args.curate_cmd}")
         elif args.curate_cmd == "fit":
             m = C.curate_fit(args.run, args.annotations, x, args.seed)
             print(m)

@@ -215,7 +215,7 @@ def test_curation_over_two_ranks_and_on_dask_equals_one_process(tmp_path, tiles)
         "SLURM_JOB_ID": str(_free_port() - 20000), "SLURM_NTASKS": "1", "GPUS_PER_NODE": "2", "RUN": str(runs["two"]),
         "WEIGHTS": "random:small", "BATCH_SIZE": "3", "MODE": "apply"})
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "rank 1 of 2 computed its shards' features" in res.stdout and "tiles scored: 12" in res.stdout
+    assert "rank 1 of 2: its shards' features are done" in res.stdout and "tiles scored: 12" in res.stdout
     assert main([*cmd, "--run", str(runs["dask"]), "--cluster", "local", "--workers", "2"]) == 0
     for name in ("two", "dask"):
         for f in ("curation.parquet", "curate/features.npy", "curate/features_keys.parquet"):
