@@ -136,13 +136,14 @@ def storage_write_rate(folder: Path, nbytes: int) -> float:
     (the baseline of a stage whose output is its write)."""
     block = os.urandom(1 << 22)
     path = folder / "write-probe.bin"
+    blocks = max(1, nbytes // len(block))
     t = time.perf_counter()
     with open(path, "wb") as f:
-        for _ in range(max(1, nbytes // len(block))):
+        for _ in range(blocks):
             f.write(block)
         f.flush()
         os.fsync(f.fileno())
-    rate = max(1, nbytes // len(block)) * len(block) / (time.perf_counter() - t)
+    rate = blocks * len(block) / (time.perf_counter() - t)
     path.unlink()
     return rate
 
@@ -225,7 +226,7 @@ def real_models(shard: Path, args, tmp: Path) -> None:
         print(f"  features W={w}: {stats.tiles / wall:,.0f} tiles/s = {stats.tiles / wall / bound:.2f} of min(model-only, "
               f"storage write {write / (size / stats.tiles):,.0f} tiles/s); model waited {stats.wait_fraction:.0%}; "
               f"wrote {size / wall / 2**20:,.0f} MiB/s; {use.text()}")
-    del h0
+    h0 = None  # its GPU memory freed before iBOT
     ibot = build_backbone(args.ibot_weights).to(device)
     ibot_only = args.batch / timed(lambda: image_features(ibot, imgs, False, device), 10, device)
     print(f"iBOT ViT-S/16 ({args.ibot_weights}): model-only {ibot_only:,.0f} tiles/s")

@@ -10,7 +10,7 @@ from pathlib import Path
 from cytosyn_data.core.checks import cli_type, fraction, non_negative, positive
 from cytosyn_data.core.config import SHIPPED, load_stage_config, shipped_config_text
 from cytosyn_data.core.errors import UsageError, run_cli
-from cytosyn_data.core.executors import ClusterSpec, default_decode_workers, launched_rank, write_tls_files
+from cytosyn_data.core.executors import ClusterSpec, launched_rank, write_tls_files
 from cytosyn_data.io.remote import is_url, publish
 from cytosyn_data.reports.coords_export import FORMATS as H5_FORMATS
 from cytosyn_data.reports.coords_export import export_h5
@@ -253,7 +253,7 @@ def cmd_curate(args) -> int:
         rank, world = launched_rank()
         cluster = _cpu_cluster(args, world)
         spec = C.CacheSpec(args.backbone_weights, args.mean_patch, args.device, args.batch_size,
-                           args.decode_workers or default_decode_workers())
+                           args.decode_workers)
         x = C.curate_features(args.run, args.curate_cmd, vars(args), spec, getattr(args, "annotations", None), cluster,
                               rank, world)
         if x is None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from cytosyn_data.core.executors import ClusterSpec, rank_barrier
+from cytosyn_data.core.executors import ClusterSpec, default_decode_workers, rank_barrier
 from cytosyn_data.curate.feature_parts import (  # noqa: F401 - the backbone's forward, re-exported
     PartUnit,
     build_backbone,
@@ -41,7 +41,9 @@ class CacheSpec:
     mean_patch: bool = False
     device: str | None = None
     batch_size: int = 128
-    decode_workers: int = 2  # threads decoding PNG tiles beside the backbone (the bytes do not depend on it)
+    #: PNG-decoding threads beside the backbone (None: the CPUs per GPU, at most 8; 2 on CPU); the bytes
+    #: do not depend on it
+    decode_workers: int | None = None
 
 
 def cache_units(shard_dir: Path, out_dir: Path, spec: CacheSpec) -> tuple[list[PartUnit], str]:
@@ -50,8 +52,9 @@ def cache_units(shard_dir: Path, out_dir: Path, spec: CacheSpec) -> tuple[list[P
     if not urls:
         raise FileNotFoundError(f"{shard_dir}: no .tar shards")
     backbone = f"ibot_vits16:{weights_identity(spec.weights)}" + ("+meanpatch" if spec.mean_patch else "")
+    threads = spec.decode_workers or default_decode_workers()
     units = [PartUnit(u, str(out_dir / "parts"), spec.weights, spec.mean_patch, backbone, spec.batch_size,
-                      spec.device, spec.decode_workers) for u in urls]
+                      spec.device, threads) for u in urls]
     return units, f"{backbone}+shards:{files_digest(urls)}"
 
 
@@ -73,7 +76,7 @@ def merge_cache(units: list[PartUnit], out_dir: Path, ident: str) -> np.ndarray:
 
 
 def feature_cache(shard_dir: Path, out_dir: Path, weights=None, mean_patch=False, device=None,
-                  batch_size: int = 128, decode_workers: int = 2, cluster: ClusterSpec | None = None) -> np.ndarray:
+                  batch_size: int = 128, decode_workers: int | None = None, cluster: ClusterSpec | None = None) -> np.ndarray:
     """float32 [N, D] features (memory-mapped) of every tile in the shards, cached in ``out_dir``
     (reused when the backbone weights and the shard files (name, size, mtime) are the same):
     ``out_dir/features.npy``, and the keys of its rows in ``out_dir/features_keys.parquet``. Computed
