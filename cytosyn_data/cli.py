@@ -250,6 +250,8 @@ def cmd_curate(args) -> int:
     from cytosyn_data.curate import stage as C  # lazy: torch + timm, 2 s
 
     if args.curate_cmd in ("fit", "apply"):
+        if args.curate_cmd == "apply":
+            C.fitted_probes(args.run)  # before hours of features, not after
         rank, world = launched_rank()
         cluster = _cpu_cluster(args, world)
         spec = C.CacheSpec(args.backbone_weights, args.mean_patch, args.device, args.batch_size,

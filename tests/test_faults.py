@@ -284,6 +284,19 @@ def test_bad_train_config_names_the_file_and_key(tmp_path, over, message, capsys
     assert line.startswith(f"cytosyn-train: error: {conf}") and message in line
 
 
+def test_curate_apply_without_fitted_probes_stops_before_any_feature(tmp_path, capsys):
+    from cytosyn_data.cli import main
+    from cytosyn_data.io.png import encode_png
+    from cytosyn_data.io.tar_write import write_tar_atomic
+
+    write_tar_atomic(tmp_path / "shards" / "tiles-000000.tar", [("k.png", encode_png(np.zeros((224, 224, 3), np.uint8)))])
+    assert main(["curate", "apply", "--run", str(tmp_path), "--backbone-weights", "random:small"]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"cytosyn-data: error: {tmp_path / 'curate' / 'probes.npz'}: no fitted probes; run "
+                           "`cytosyn-data curate fit` on this run first")
+    assert not (tmp_path / "curate").exists()  # nothing computed, nothing recorded
+
+
 def test_eval_unknown_metric_lists_the_valid_ones_and_cache_follows_the_images(tmp_path, tile_run):
     import yaml
 

@@ -46,6 +46,14 @@ def _tile_run(run: Path) -> Path:
     return run / "curate"
 
 
+def fitted_probes(run: Path) -> Path:
+    """``RUN/curate/probes.npz``, or a :class:`DataError` when ``curate fit`` has not written it."""
+    path = _tile_run(run) / "probes.npz"
+    if not path.exists():
+        raise DataError(f"{path}: no fitted probes; run `cytosyn-data curate fit` on this run first")
+    return path
+
+
 def curate_features(run: Path, command: str, settings: dict, spec: CacheSpec, annotations: Path | None = None,
                     cluster: ClusterSpec | None = None, rank: int = 0, world: int = 1):
     """The backbone features of every tile of ``run`` (memory-mapped, cached in ``RUN/curate``), after
@@ -87,9 +95,10 @@ def curate_apply(run: Path, x, threshold: float) -> list[str]:
     (removed: highest scores; kept: highest scores below the threshold) and the HTML page; returns
     the report's lines."""
     work = _tile_run(run)
-    probes = load_probes(work / "probes.npz")
+    path = fitted_probes(run)
+    probes = load_probes(path)
     if probes and probes[0][2].shape[0] != x.shape[1]:
-        raise DataError(f"{work / 'probes.npz'}: fitted on {probes[0][2].shape[0]}-d features, but the backbone gives "
+        raise DataError(f"{path}: fitted on {probes[0][2].shape[0]}-d features, but the backbone gives "
                         f"{x.shape[1]}-d ones (other weights, or --mean-patch not as at fit time?); fit again")
     n = apply_probes_to_file(work / "features_keys.parquet", x, probes, threshold, run / "curation.parquet")
     cur = pl.scan_parquet(run / "curation.parquet")
